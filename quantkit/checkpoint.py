@@ -1,0 +1,255 @@
+"""Read a Hugging Face Gemma checkpoint lazily: config.json, (sharded) safetensors, tokenizer.model.
+
+Tensors are memory-mapped through ``safe_open`` and read one at a time; nothing here loads the whole model.
+Every check that can be made from the headers alone (missing shards, corrupt or truncated files, names
+and shapes against the config) runs when the checkpoint is opened, so bad input fails before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig, load_config
+from .errors import QuantkitError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.model"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Multimodal Gemma 3 checkpoints keep the text model under this prefix; vision tensors are dropped.
+_PREFIX_MAP = (("language_model.model.", "model."), ("model.language_model.", "model."))
+_DROP_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+
+DTYPE_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for every tensor a Gemma 2/3 text checkpoint must hold."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.norm.weight": (h,)}
+    norms = [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ]
+    for i in range(cfg.num_hidden_layers):
+        p = layer_prefix(i)
+        shapes.update({f"{p}{n}.weight": (h,) for n in norms})
+        shapes.update({f"{p}{n}.weight": s for n, s in cfg.linear_shapes().items()})
+        if cfg.has_qk_norm:
+            shapes[f"{p}self_attn.q_norm.weight"] = (d,)
+            shapes[f"{p}self_attn.k_norm.weight"] = (d,)
+    return shapes
+
+
+def _canonical(name: str) -> str | None:
+    if name.startswith(_DROP_PREFIXES):
+        return None
+    for old, new in _PREFIX_MAP:
+        if name.startswith(old):
+            return new + name[len(old) :]
+    return name
+
+
+def _read_header(path: Path) -> dict:
+    """Parse a safetensors header ourselves so that a corrupt or truncated file gets a precise message."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise QuantkitError(f"{path}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise QuantkitError(f"{path}: corrupt safetensors header (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantkitError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise QuantkitError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + data_len > size:
+        raise QuantkitError(
+            f"{path}: truncated safetensors file (needs {8 + n + data_len} bytes, has {size})"
+        )
+    return header
+
+
+def _refuse_pickles(model_dir: Path) -> None:
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QuantkitError(
+            f"{model_dir}: only safetensors checkpoints are read ({pickles[0]} is a pickle-based format, "
+            "which quantkit never unpickles); convert it to safetensors first"
+        )
+    raise QuantkitError(f"{model_dir}: no {SINGLE_NAME} or {INDEX_NAME} found")
+
+
+def _shard_map(model_dir: Path) -> dict[str, str]:
+    """Tensor name (as stored) -> shard file name."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise QuantkitError(f"{index}: not a valid shard index (no weight_map)") from None
+        return dict(weight_map)
+    single = model_dir / SINGLE_NAME
+    if single.is_file():
+        return {name: SINGLE_NAME for name in _read_header(single) if name != "__metadata__"}
+    _refuse_pickles(model_dir)
+    return {}  # unreachable
+
+
+@dataclass
+class Checkpoint:
+    """A validated, lazily read HF checkpoint directory."""
+
+    path: Path
+    config: ModelConfig
+    raw_config: dict
+    # canonical tensor name -> (shard file, name inside the shard)
+    locations: dict[str, tuple[str, str]]
+    headers: dict[str, dict] = field(repr=False)
+    _handles: dict[str, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_NAME
+
+    def names(self) -> list[str]:
+        return list(self.locations)
+
+    def dtype_of(self, name: str) -> str:
+        shard, key = self.locations[name]
+        return self.headers[shard][key]["dtype"]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        shard, key = self.locations[name]
+        return tuple(self.headers[shard][key]["shape"])
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
+        return self._handles[shard]
+
+    def get(self, name: str, dtype: torch.dtype | None = None, check_finite: bool = False) -> torch.Tensor:
+        """Read one tensor (a copy, optionally cast). ``check_finite`` refuses NaN/inf values."""
+        if name not in self.locations:
+            raise QuantkitError(f"{self.path}: tensor {name!r} not in checkpoint")
+        shard, key = self.locations[name]
+        t = self._handle(shard).get_tensor(key)
+        if dtype is not None:
+            t = t.to(dtype)
+        if check_finite and not torch.isfinite(t).all():
+            raise QuantkitError(f"{self.path / shard}: tensor {name!r} contains NaN or inf values")
+        return t
+
+    def layer_tensors(
+        self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset()
+    ) -> dict[str, torch.Tensor]:
+        """Tensors of decoder layer ``i`` keyed by their name inside the layer (e.g. 'mlp.up_proj.weight'),
+        except those named in ``exclude``."""
+        p = layer_prefix(i)
+        names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
+        return {n[len(p) :]: self.get(n, dtype) for n in names}
+
+    def on_disk_bytes(self) -> int:
+        return sum((self.path / s).stat().st_size for s in self.headers)
+
+    def num_parameters(self) -> int:
+        total = 0
+        for name in self.locations:
+            n = 1
+            for s in self.shape_of(name):
+                n *= s
+            total += n
+        return total
+
+    def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.locations:
+            yield name, self.get(name, dtype)
+
+
+def _validate(ckpt: Checkpoint) -> None:
+    cfg = ckpt.config
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in ckpt.locations:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} missing from the checkpoint")
+        got = ckpt.shape_of(name)
+        if got != shape:
+            shard = ckpt.locations[name][0]
+            raise QuantkitError(
+                f"{ckpt.path / shard}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}"
+            )
+    emb = "model.embed_tokens.weight"
+    if emb not in ckpt.locations:
+        raise QuantkitError(f"{ckpt.path}: tensor {emb!r} missing from the checkpoint")
+    rows, cols = ckpt.shape_of(emb)
+    if cols != cfg.hidden_size or rows < cfg.vocab_size:
+        raise QuantkitError(
+            f"{ckpt.path}: {emb} has shape {[rows, cols]}, config.json implies [{cfg.vocab_size}, {cfg.hidden_size}]"
+        )
+    for name in ckpt.locations:
+        dt = ckpt.dtype_of(name)
+        if dt not in DTYPE_NAMES:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} has dtype {dt}; expected BF16, F16 or F32")
+
+
+def open_checkpoint(model_dir: str | Path, require_tokenizer: bool = True) -> Checkpoint:
+    """Open and validate a Gemma 2/3 HF checkpoint directory (headers only; no tensor data is read)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise QuantkitError(f"{model_dir}: not a directory")
+    cfg = load_config(model_dir)
+    raw_config = json.loads((model_dir / "config.json").read_text())
+    shard_of = _shard_map(model_dir)
+    headers: dict[str, dict] = {}
+    for shard in sorted(set(shard_of.values())):
+        shard_path = model_dir / shard
+        if not shard_path.is_file():
+            raise QuantkitError(f"{shard_path}: shard named in {INDEX_NAME} is missing")
+        headers[shard] = _read_header(shard_path)
+    locations: dict[str, tuple[str, str]] = {}
+    for stored, shard in shard_of.items():
+        if stored not in headers[shard]:
+            raise QuantkitError(
+                f"{model_dir / shard}: tensor {stored!r} listed in the index is not in this shard"
+            )
+        name = _canonical(stored)
+        if name is not None and name != "lm_head.weight":  # the head is tied to the embedding
+            locations[name] = (shard, stored)
+    ckpt = Checkpoint(model_dir, cfg, raw_config, locations, headers)
+    _validate(ckpt)
+    if require_tokenizer and not ckpt.tokenizer_path.is_file():
+        raise QuantkitError(
+            f"{ckpt.tokenizer_path}: tokenizer.model not found (quantkit needs the SentencePiece model)"
+        )
+    return ckpt
+
+
+def dir_size(path: Path) -> int:
+    return (
+        sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        if path.is_dir()
+        else os.path.getsize(path)
+    )

@@ -1,0 +1,223 @@
+"""Model configuration read from a checkpoint's config.json (Gemma 2 and Gemma 3 text).
+
+Values come from the file, with transformers' defaults for absent keys. Both the transformers 4.x style
+(flat ``rope_theta``, ``rope_local_base_freq``, ``sliding_window_pattern``) and the 5.x style
+(``rope_parameters`` per layer type, ``layer_types``) are read. Field names follow config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import QuantkitError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+# model_type -> (architecture name, defaults that differ between the two families)
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "gemma2": {
+        "arch": "Gemma2ForCausalLM",
+        "vocab_size": 256000,
+        "max_position_embeddings": 8192,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
+        "sliding_window_pattern": 2,
+        "rope_global": 10000.0,
+        "rope_local": 10000.0,
+    },
+    "gemma3_text": {
+        "arch": "Gemma3ForCausalLM",
+        "vocab_size": 262208,
+        "max_position_embeddings": 131072,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "sliding_window_pattern": 6,
+        "rope_global": 1_000_000.0,
+        "rope_local": 10000.0,
+    },
+}
+_SUPPORTED_ACTIVATIONS = {"gelu_pytorch_tanh", "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The hyper-parameters the forward pass, quantizers and exporters need."""
+
+    model_type: str  # "gemma2" | "gemma3_text"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope_theta: float  # global (full-attention) layers
+    rope_local_base_freq: float  # sliding layers
+    rope_scaling_factor: float  # linear scaling on global layers (1.0 = none)
+    attn_logit_softcapping: float | None
+    final_logit_softcapping: float | None
+    rms_norm_eps: float
+    max_position_embeddings: int
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    torch_dtype: str = "bfloat16"
+
+    @property
+    def architecture(self) -> str:
+        return _FAMILIES[self.model_type]["arch"]
+
+    @property
+    def has_qk_norm(self) -> bool:
+        return self.model_type == "gemma3_text"
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def rope(self, layer: int) -> tuple[float, float]:
+        """(base, linear scaling factor) of the rotary embedding used by ``layer``."""
+        if self.is_sliding(layer):
+            return self.rope_local_base_freq, 1.0
+        return self.rope_theta, self.rope_scaling_factor
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of each linear projection in a decoder layer, keyed by its HF module suffix."""
+        h, f, q, kv = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+        )
+        d = self.head_dim
+        return {
+            "self_attn.q_proj": (q * d, h),
+            "self_attn.k_proj": (kv * d, h),
+            "self_attn.v_proj": (kv * d, h),
+            "self_attn.o_proj": (h, q * d),
+            "mlp.gate_proj": (f, h),
+            "mlp.up_proj": (f, h),
+            "mlp.down_proj": (h, f),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _first_int(value: Any, default: int) -> int:
+    if isinstance(value, list):
+        return int(value[0]) if value else default
+    return default if value is None else int(value)
+
+
+def _rope(raw: dict[str, Any], fam: dict[str, Any]) -> tuple[float, float, float]:
+    """(global base, local base, global linear factor) from either config style."""
+    global_base, local_base = fam["rope_global"], fam["rope_local"]
+    scaling = raw.get("rope_scaling")
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict):
+        if FULL in params or SLIDING in params:  # 5.x, per layer type
+            full, slide = params.get(FULL) or {}, params.get(SLIDING) or {}
+            global_base = full.get("rope_theta", raw.get("rope_theta", global_base))
+            local_base = slide.get("rope_theta", raw.get("rope_local_base_freq", local_base))
+            scaling = full if full.get("rope_type", "default") != "default" else scaling
+        else:  # 5.x, one set for every layer (Gemma 2)
+            global_base = params.get("rope_theta", global_base)
+            local_base = global_base
+            scaling = params if params.get("rope_type", "default") != "default" else scaling
+    else:
+        global_base = raw.get("rope_theta", global_base)
+        local_base = raw.get(
+            "rope_local_base_freq", global_base if raw["model_type"] == "gemma2" else local_base
+        )
+    factor = 1.0
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "default"):
+            raise QuantkitError(f"rope scaling type {kind!r} is not supported (only linear)")
+        factor = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
+    return float(global_base), float(local_base), factor
+
+
+def _text_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Select the text part of a config and check it describes a Gemma 2 / Gemma 3 causal LM."""
+    if raw.get("model_type") == "gemma3" and isinstance(raw.get("text_config"), dict):
+        raw = {"model_type": "gemma3_text", **raw["text_config"]}
+        raw["model_type"] = "gemma3_text"
+    model_type = raw.get("model_type")
+    if model_type not in _FAMILIES:
+        archs = raw.get("architectures")
+        raise QuantkitError(
+            f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
+            "quantkit handles Gemma2ForCausalLM and Gemma3ForCausalLM"
+        )
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in _SUPPORTED_ACTIVATIONS:
+        raise QuantkitError(f"{source}: hidden activation {act!r} is not Gemma's tanh-GELU")
+    if raw.get("attention_bias"):
+        raise QuantkitError(f"{source}: attention_bias=true is not a Gemma 2/3 layout")
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    raw = _text_config(raw, source)
+    fam = _FAMILIES[raw["model_type"]]
+    try:
+        n_layers = int(raw["num_hidden_layers"])
+        hidden = int(raw["hidden_size"])
+        n_heads = int(raw["num_attention_heads"])
+        layer_types = raw.get("layer_types")
+        if layer_types is None:
+            pattern = int(raw.get("sliding_window_pattern") or fam["sliding_window_pattern"])
+            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        if len(layer_types) != n_layers or set(layer_types) - {SLIDING, FULL}:
+            raise QuantkitError(f"{source}: layer_types must list {n_layers} sliding/full entries")
+        head_dim = int(raw.get("head_dim") or 256)
+        global_base, local_base, factor = _rope(raw, fam)
+        window = raw.get("sliding_window", raw.get("sliding_window_size", 4096))
+        return ModelConfig(
+            model_type=raw["model_type"],
+            vocab_size=int(raw.get("vocab_size", fam["vocab_size"])),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads", n_heads)),
+            head_dim=head_dim,
+            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
+            sliding_window=int(window) if window is not None else 1 << 30,
+            layer_types=tuple(layer_types),
+            rope_theta=global_base,
+            rope_local_base_freq=local_base,
+            rope_scaling_factor=factor,
+            attn_logit_softcapping=raw.get("attn_logit_softcapping", fam["attn_logit_softcapping"]),
+            final_logit_softcapping=raw.get("final_logit_softcapping", fam["final_logit_softcapping"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", fam["max_position_embeddings"])),
+            bos_token_id=_first_int(raw.get("bos_token_id"), 2),
+            eos_token_id=_first_int(raw.get("eos_token_id"), 1),
+            pad_token_id=_first_int(raw.get("pad_token_id"), 0),
+            torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+        )
+    except KeyError as e:
+        raise QuantkitError(f"{source}: missing required key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise QuantkitError(f"{source}: bad value ({e})") from None
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise QuantkitError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise QuantkitError(f"{path}: expected a JSON object")
+    return config_from_dict(raw, str(path))
