@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from .config import ModelConfig, load_config
 from .errors import QuantkitError
+from .primitives import QuantizedWeight, QuantSpec, unpack_int32
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -60,6 +61,24 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def quant_spec_from_config(raw: dict, source: str) -> QuantSpec | None:
+    """The weight grid of a compressed-tensors pack-quantized checkpoint, or None for a dense one."""
+    qc = raw.get("quantization_config")
+    if not qc:
+        return None
+    if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
+        raise QuantkitError(
+            f"{source}: quantization_config {qc.get('quant_method')!r}/{qc.get('format')!r} is not read; "
+            "quantkit reads compressed-tensors pack-quantized checkpoints"
+        )
+    groups = list(qc.get("config_groups", {}).values())
+    if len(groups) != 1 or groups[0].get("weights", {}).get("type") != "int":
+        raise QuantkitError(f"{source}: expected one int weight scheme in quantization_config.config_groups")
+    w = groups[0]["weights"]
+    group = -1 if w.get("strategy") == "channel" else int(w["group_size"])
+    return QuantSpec(bits=int(w["num_bits"]), group_size=group, sym=bool(w["symmetric"]))
+
+
 def _canonical(name: str) -> str | None:
     if name.startswith(_DROP_PREFIXES):
         return None
@@ -87,9 +106,7 @@ def _read_header(path: Path) -> dict:
         raise QuantkitError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + data_len > size:
-        raise QuantkitError(
-            f"{path}: truncated safetensors file (needs {8 + n + data_len} bytes, has {size})"
-        )
+        raise QuantkitError(f"{path}: truncated safetensors file (needs {8 + n + data_len} bytes, has {size})")
     return header
 
 
@@ -129,6 +146,7 @@ class Checkpoint:
     # canonical tensor name -> (shard file, name inside the shard)
     locations: dict[str, tuple[str, str]]
     headers: dict[str, dict] = field(repr=False)
+    quant_spec: QuantSpec | None = None  # set for a quantized (pack-quantized) checkpoint
     _handles: dict[str, object] = field(default_factory=dict, repr=False)
 
     @property
@@ -172,6 +190,24 @@ class Checkpoint:
         names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
         return {n[len(p) :]: self.get(n, dtype) for n in names}
 
+    def is_linear_quantized(self, name: str) -> bool:
+        """``name``: a linear's module path, e.g. 'model.layers.0.mlp.up_proj'."""
+        return f"{name}.weight_packed" in self.locations
+
+    def quantized_weight(self, name: str) -> QuantizedWeight:
+        """Unpack one pack-quantized linear (module path ``name``) into codes, scale and zero point."""
+        spec = self.quant_spec
+        o, i = (int(v) for v in self.get(f"{name}.weight_shape"))
+        codes = unpack_int32(self.get(f"{name}.weight_packed"), spec.bits, i)
+        scale = self.get(f"{name}.weight_scale")
+        zero = None
+        if not spec.sym:
+            zp = self.get(f"{name}.weight_zero_point")  # [ceil(O*b/32), G], packed along O
+            zero = unpack_int32(zp.T.contiguous(), spec.bits, o).T.contiguous()
+        if codes.shape != (o, i) or scale.shape != (o, spec.groups(i)):
+            raise QuantkitError(f"{self.path}: {name} has inconsistent packed/scale shapes")
+        return QuantizedWeight(codes, scale, zero, spec)
+
     def on_disk_bytes(self) -> int:
         return sum((self.path / s).stat().st_size for s in self.headers)
 
@@ -193,6 +229,14 @@ def _validate(ckpt: Checkpoint) -> None:
     cfg = ckpt.config
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
+        module = name.removesuffix(".weight")
+        if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
+            got = tuple(int(v) for v in ckpt.get(f"{module}.weight_shape"))
+            if got != shape:
+                raise QuantkitError(
+                    f"{ckpt.path}: {module}.weight_shape is {list(got)}, config.json implies {list(shape)}"
+                )
+            continue
         if name not in ckpt.locations:
             raise QuantkitError(f"{ckpt.path}: tensor {name!r} missing from the checkpoint")
         got = ckpt.shape_of(name)
@@ -211,7 +255,7 @@ def _validate(ckpt: Checkpoint) -> None:
         )
     for name in ckpt.locations:
         dt = ckpt.dtype_of(name)
-        if dt not in DTYPE_NAMES:
+        if dt not in DTYPE_NAMES and not (ckpt.quant_spec and name.rsplit(".", 1)[-1].startswith("weight_")):
             raise QuantkitError(f"{ckpt.path}: tensor {name!r} has dtype {dt}; expected BF16, F16 or F32")
 
 
@@ -232,13 +276,12 @@ def open_checkpoint(model_dir: str | Path, require_tokenizer: bool = True) -> Ch
     locations: dict[str, tuple[str, str]] = {}
     for stored, shard in shard_of.items():
         if stored not in headers[shard]:
-            raise QuantkitError(
-                f"{model_dir / shard}: tensor {stored!r} listed in the index is not in this shard"
-            )
+            raise QuantkitError(f"{model_dir / shard}: tensor {stored!r} listed in the index is not in this shard")
         name = _canonical(stored)
         if name is not None and name != "lm_head.weight":  # the head is tied to the embedding
             locations[name] = (shard, stored)
-    ckpt = Checkpoint(model_dir, cfg, raw_config, locations, headers)
+    spec = quant_spec_from_config(raw_config, str(model_dir / "config.json"))
+    ckpt = Checkpoint(model_dir, cfg, raw_config, locations, headers, spec)
     _validate(ckpt)
     if require_tokenizer and not ckpt.tokenizer_path.is_file():
         raise QuantkitError(
@@ -249,7 +292,5 @@ def open_checkpoint(model_dir: str | Path, require_tokenizer: bool = True) -> Ch
 
 def dir_size(path: Path) -> int:
     return (
-        sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-        if path.is_dir()
-        else os.path.getsize(path)
+        sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if path.is_dir() else os.path.getsize(path)
     )

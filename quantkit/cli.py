@@ -46,6 +46,131 @@ def inspect(model_dir: str, as_json: bool) -> None:
     _emit(d, as_json, format_summary(d))
 
 
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output directory (or .gguf file).")
+@click.option("--recipe", help="A recipes/NAME.toml (or path); flags override it.")
+@click.option("--bits", type=int, help="Weight bits: 8, 4 (also 3, 2).  [default: 4]")
+@click.option(
+    "--group", "group_size", type=int, help="Group size along the input dim; -1 = per channel. [default: 128]"
+)
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), help="[default: gptq]")
+@click.option("--sym/--asym", default=None, help="Symmetric (default) or asymmetric grid.")
+@click.option("--calib", type=click.Path(), help="Calibration text (default: WikiText-2 validation).")
+@click.option("--nsamples", type=int, help="Calibration windows. [default: 128]")
+@click.option("--seqlen", type=int, help="Tokens per calibration window. [default: 512]")
+@click.option("--seed", type=int, help="Seed for drawing calibration windows. [default: 0]")
+@click.option("--act-order/--no-act-order", default=None, help="GPTQ columns by decreasing Hessian diagonal.")
+@click.option("--damp", type=float, help="GPTQ damping, fraction of mean diag(H). [default: 0.01]")
+@click.option("--scale-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
+@click.option("--type", "gguf_type", default="q4_0", show_default=True, help="GGUF type with --format gguf.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -> None:
+    """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint.
+
+    Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 --method gptq -o ./gemma-2-9b-w4g128
+    """
+    from .quantize import quantize_checkpoint
+    from .recipes import resolve_options
+
+    opts = resolve_options(recipe, **flags)
+    if fmt == "gguf":
+        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device)
+    else:
+        report = quantize_checkpoint(model_dir, out, opts, device=device)
+    summary = (
+        f"{out}: {opts.method} int{opts.bits} g{opts.group_size} {'sym' if opts.sym else 'asym'}, "
+        f"{report['bits_per_weight']:.3f} bits/weight, mean weight rel. error {report['mean_weight_rel_err']:.3e}, "
+        f"{report['seconds']:.1f} s, peak {report['peak_memory_bytes'] / 2**30:.2f} GiB"
+    )
+    _emit(report, as_json, summary)
+
+
+def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
+    """Quantize with fp16 scales into a temporary artifact, then write its codes into GGUF blocks."""
+    import tempfile
+    from pathlib import Path
+
+    from .export_gguf import export_gguf
+    from .quantize import quantize_checkpoint
+
+    if opts.scale_dtype == "auto":
+        opts = opts.replace(scale_dtype="float16")
+    with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
+        report = quantize_checkpoint(model_dir, Path(tmp) / "artifact", opts, device=device)
+        report["gguf"] = export_gguf(Path(tmp) / "artifact", out, gguf_type)
+    return report
+
+
+@cli.command("eval-ppl")
+@click.argument("model_dir", type=click.Path())
+@click.option("--quantized", type=click.Path(), help="A quantized artifact of MODEL_DIR to compare against it.")
+@click.option("--dataset", type=click.Path(), help="Evaluation text (default: WikiText-2 test, raw).")
+@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, help="Evaluate only the first N chunks.")
+@click.option("--batch-size", default=1, show_default=True, help="Chunks per forward.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--stream/--no-stream", default=None, help="Layer-streamed evaluation (default: when needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, as_json) -> None:
+    """Perplexity of MODEL_DIR (llama-perplexity's method), and with --quantized the drift: Δppl, KL
+    divergence, top-1 agreement, on the same tokens.
+
+    Example: quantkit eval-ppl ./gemma-2-9b --quantized ./gemma-2-9b-w4g128 --chunks 40
+    """
+    import torch
+
+    from .checkpoint import open_checkpoint
+    from .data import default_evaluation_text, perplexity_chunks
+    from .evaluate import evaluate
+    from .tokenizer import Tokenizer
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda: no CUDA device is available")
+    ref = open_checkpoint(model_dir)
+    quant = open_checkpoint(quantized) if quantized else None
+    if quant is not None and quant.config != ref.config:
+        raise QuantkitError(f"{quantized}: its config.json describes a different model than {model_dir}")
+    data = dataset or default_evaluation_text()
+    ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    res = evaluate(ref, ids, quant, dt, device, stream, batch_size)
+    res["dataset"] = str(data)
+    _emit(res, as_json, _format_eval(res))
+
+
+def _format_eval(r: dict) -> str:
+    ref = r["reference"]
+    lines = [f"chunks {r['chunks']} x ctx {r['ctx']}, {r['tokens_scored']} tokens scored, "
+             f"{r['tokens_per_s']:.1f} tokens/s ({r['mode']})",
+             f"reference  ppl {ref['ppl']:.4f} +/- {ref['ppl_se']:.4f}"]  # fmt: skip
+    if "quantized" in r:
+        q = r["quantized"]
+        lines += [
+            f"quantized  ppl {q['ppl']:.4f} +/- {q['ppl_se']:.4f}",
+            f"delta ppl  {r['delta_ppl']:+.4f} ({r['delta_ppl_pct']:+.3f}%)",
+            f"KL div.    mean {r['kld_mean']:.6f}, p99 {r['kld_p99']:.6f}, p99.9 {r['kld_p999']:.6f}",
+            f"same top-1 {100 * r['top1_agreement']:.2f}%",
+        ]
+    return "\n".join(lines)
+
+
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=click.Path())
+@click.argument("out_dir", type=click.Path())
+def import_gguf_cmd(gguf_file: str, out_dir: str) -> None:
+    """Turn a Gemma 2 / Gemma 3 GGUF into a Hugging Face checkpoint (dequantized, fp32).
+
+    Example: quantkit import-gguf gemma-3-270m-q4_k_m.gguf ./gemma-3-270m
+    """
+    from .gguf_import import import_gguf
+
+    click.echo(import_gguf(gguf_file, out_dir))
+
+
 def main() -> None:
     sys.exit(cli.main(prog_name="quantkit", standalone_mode=True))
 

@@ -132,9 +132,7 @@ def _rope(raw: dict[str, Any], fam: dict[str, Any]) -> tuple[float, float, float
             scaling = params if params.get("rope_type", "default") != "default" else scaling
     else:
         global_base = raw.get("rope_theta", global_base)
-        local_base = raw.get(
-            "rope_local_base_freq", global_base if raw["model_type"] == "gemma2" else local_base
-        )
+        local_base = raw.get("rope_local_base_freq", global_base if raw["model_type"] == "gemma2" else local_base)
     factor = 1.0
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .model import LINEAR_NAMES
 
 # Bits per weight of each format's storage, scales included (fp16/bf16 scale per group).
 _BPW = {
@@ -27,11 +26,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config
     n_params = ckpt.num_parameters()
-    linear = sum(
-        _numel(ckpt.shape_of(f"model.layers.{i}.{n}.weight"))
-        for i in range(cfg.num_hidden_layers)
-        for n in LINEAR_NAMES
-    )
+    linear = cfg.num_hidden_layers * sum(o * i for o, i in cfg.linear_shapes().values())
     emb = _numel(ckpt.shape_of("model.embed_tokens.weight"))
     other = n_params - linear - emb
     src_bits = {"BF16": 16, "F16": 16, "F32": 32}[ckpt.dtype_of("model.embed_tokens.weight")]

@@ -89,9 +89,7 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     def norm(n: int) -> torch.Tensor:
         return (torch.randn(n, generator=g) * 0.5).to(torch.bfloat16)
 
-    w = {
-        "model.embed_tokens.weight": (torch.randn(cfg["vocab_size"], h, generator=g) * 0.5).to(torch.bfloat16)
-    }
+    w = {"model.embed_tokens.weight": (torch.randn(cfg["vocab_size"], h, generator=g) * 0.5).to(torch.bfloat16)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w.update(

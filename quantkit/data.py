@@ -1,0 +1,68 @@
+"""Token streams for calibration (random windows of a calibration text) and evaluation (llama-perplexity
+chunks of an evaluation text). Calibrate on WikiText-2 validation, evaluate on WikiText-2 test: never both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import QuantkitError
+from .tokenizer import Tokenizer
+
+
+def read_text(path: str | Path, what: str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise QuantkitError(f"{path}: {what} file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{path}: {what} file is not UTF-8 text") from None
+    if not text.strip():
+        raise QuantkitError(f"{path}: {what} file is empty")
+    return text
+
+
+def calibration_windows(tok: Tokenizer, path: str | Path, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``nsamples`` random windows [N, seqlen] of the tokenized text, each starting with BOS (seeded)."""
+    ids = torch.tensor(tok.encode(read_text(path, "calibration"), bos=False), dtype=torch.long)
+    span = seqlen - 1
+    if len(ids) <= span:
+        raise QuantkitError(f"{path}: calibration text has {len(ids)} tokens, need more than {span}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - span, (nsamples,), generator=g)
+    windows = torch.stack([ids[s : s + span] for s in starts.tolist()])
+    bos = torch.full((nsamples, 1), tok.bos_id, dtype=torch.long)
+    return torch.cat([bos, windows], dim=1)
+
+
+def perplexity_chunks(tok: Tokenizer, path: str | Path, ctx: int, max_chunks: int | None = None) -> torch.Tensor:
+    """llama-perplexity's chunks [n_chunk, ctx]: tokenize the whole text once with BOS (after removing one
+    trailing newline), cut into ctx-token chunks, replace each chunk's first token by BOS."""
+    text = read_text(path, "evaluation")
+    if text.endswith("\n"):
+        text = text[:-1]
+    ids = torch.tensor(tok.encode(text, bos=True), dtype=torch.long)
+    if len(ids) < 2 * ctx:
+        raise QuantkitError(f"{path}: {len(ids)} tokens; need at least 2*ctx = {2 * ctx}")
+    n = len(ids) // ctx if max_chunks is None else min(max_chunks, len(ids) // ctx)
+    chunks = ids[: n * ctx].reshape(n, ctx).clone()
+    chunks[:, 0] = tok.bos_id
+    return chunks
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+_SHARED = _ROOT.parent / "shared" / "data"
+
+
+def default_calibration_text() -> Path:
+    """WikiText-2 validation from ../shared/data, else the excerpt shipped in data/."""
+    full = _SHARED / "wikitext-2" / "valid.txt"
+    return full if full.is_file() else _ROOT / "data" / "wiki.valid.excerpt.txt"
+
+
+def default_evaluation_text() -> Path:
+    """WikiText-2 test (raw) from ../shared/data, else the excerpt shipped in data/."""
+    full = _SHARED / "wikitext-2-raw" / "wiki.test.raw"
+    return full if full.is_file() else _ROOT / "data" / "wiki.test.excerpt.raw"

@@ -1,0 +1,419 @@
+"""Export a Gemma 2 / Gemma 3 checkpoint (dense or pack-quantized) as a llama.cpp GGUF (formats.md §3, §4.8).
+
+Metadata and tensor names follow llama.cpp's converter (§3.2-§3.5); the weight types follow llama-quantize
+(§3.7): one type for every 2-D weight, the tied ``token_embd`` as Q6_K in 4/5-bit files, the row-length
+fallbacks (Q4_K -> Q5_0, Q6_K -> Q8_0, F16), or the Q4_K_M mix. Norms are stored F32 as 1 + w.
+
+Quantized artifacts go into blocks losslessly where the block grid holds their integer grid (§4.8): every
+32-run of a group becomes one block with d = fp16(scale) and the codes copied, when the group size is a
+multiple of 32 and every scale is an fp16 value. Q4_0 takes symmetric codes in [-8, 7]; Q8_0 any codes with
+c - zero in [-128, 127]; Q4_1 any 4-bit codes, with m = fp16(-d * zero) its only rounding. Any other weight is
+dequantized to fp32 and quantized with ggml's reference quantizer.
+
+The file is written in two passes and streamed: tensor infos come from the config alone, then each tensor is
+read, encoded and written in turn, so peak memory is about one tensor. It appears at ``out_path`` only
+when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import sentencepiece as spm
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import LlamaFileType as FT
+
+from .atomic import atomic_file
+from .checkpoint import Checkpoint, open_checkpoint
+from .config import SLIDING, ModelConfig
+from .errors import QuantkitError
+from .ggml_blocks import (
+    dequantize_rows,
+    fallback_type,
+    q4_0_from_codes,
+    q4_1_from_codes,
+    q4_k_m_type,
+    q8_0_from_codes,
+    quantize_rows,
+    row_bytes,
+)
+from .primitives import QuantizedWeight
+
+# --qtype -> (type of the 2-D weights, general.file_type) (formats.md §3.6)
+FILE_TYPES: dict[str, tuple[QT, FT]] = {
+    "f32": (QT.F32, FT.ALL_F32),
+    "f16": (QT.F16, FT.MOSTLY_F16),
+    "bf16": (QT.BF16, FT.MOSTLY_BF16),
+    "q8_0": (QT.Q8_0, FT.MOSTLY_Q8_0),
+    "q4_0": (QT.Q4_0, FT.MOSTLY_Q4_0),
+    "q4_1": (QT.Q4_1, FT.MOSTLY_Q4_1),
+    "q5_0": (QT.Q5_0, FT.MOSTLY_Q5_0),
+    "q4_k": (QT.Q4_K, FT.MOSTLY_Q4_K_S),  # pure Q4_K: llama-quantize --pure Q4_K_S
+    "q6_k": (QT.Q6_K, FT.MOSTLY_Q6_K),
+    "q4_k_m": (QT.Q4_K, FT.MOSTLY_Q4_K_M),
+}
+FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+GGUF_ARCH = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
+LAYERS_27B = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp scales attention by (H/nH)^-0.5 for these
+SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # llama.cpp: layer i slides iff i % P < P - 1
+CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the fp32 temporaries to ~64 MB
+
+# HF name inside a decoder layer -> GGUF name (§3.4; ffn_norm is the *pre*-feedforward norm)
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    gguf_name: str
+    hf_name: str  # e.g. model.layers.0.self_attn.q_proj.weight
+    shape: tuple[int, ...]  # numpy order: [O, I] for weights, [n] for norms
+    qtype: QT
+
+    @property
+    def is_norm(self) -> bool:
+        return self.hf_name.endswith("norm.weight")
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * row_bytes(self.qtype, self.shape[1]) if len(self.shape) == 2 else 4 * self.shape[0]
+
+
+# ------------------------------------------------------------------------------------------ type choice
+
+
+def weight_type(qtype: str, kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
+    """llama-quantize's type for one 2-D weight of a ``qtype`` file (kind: GGUF kind, e.g. 'attn_v')."""
+    if qtype == "q4_k_m":
+        return q4_k_m_type(kind, layer, n_layers, row_len)
+    main = FILE_TYPES[qtype][0]
+    if kind == "token_embd" and main not in (*FLOAT_TYPES, QT.Q8_0):
+        main = QT.Q6_K  # the tied embedding is the output tensor
+    return fallback_type(main, row_len)
+
+
+def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
+    """Every GGUF tensor in file order, with its HF source name, shape and ggml type."""
+    if qtype not in FILE_TYPES:
+        raise QuantkitError(f"GGUF type {qtype!r} is not supported (choose from {', '.join(FILE_TYPES)})")
+    n, h = cfg.num_hidden_layers, cfg.hidden_size
+    shapes = {k: (s,) for k, s in (("input_layernorm", h), ("post_attention_layernorm", h))}
+    shapes |= {"pre_feedforward_layernorm": (h,), "post_feedforward_layernorm": (h,)}
+    shapes |= cfg.linear_shapes()
+    if cfg.has_qk_norm:
+        shapes |= {"self_attn.q_norm": (cfg.head_dim,), "self_attn.k_norm": (cfg.head_dim,)}
+
+    def planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], layer: int | None) -> PlannedTensor:
+        kind = gguf_name.split(".")[-2]
+        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1])
+        return PlannedTensor(gguf_name, hf_name, shape, t)
+
+    plan = [planned("token_embd.weight", "model.embed_tokens.weight", (cfg.vocab_size, h), None)]
+    for i in range(n):
+        for hf, kind in LAYER_TENSORS.items():
+            if hf in shapes:
+                plan.append(planned(f"blk.{i}.{kind}.weight", f"model.layers.{i}.{hf}.weight", shapes[hf], i))
+    plan.append(planned("output_norm.weight", "model.norm.weight", (h,), None))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- metadata
+
+
+def check_llamacpp_compatible(cfg: ModelConfig) -> None:
+    """Refuse configs llama.cpp would silently run differently: it derives the attention scale and the
+    sliding pattern from the architecture, and always soft-caps Gemma 2 (§1.3, §8 item 28)."""
+    p = SWA_PATTERN[cfg.model_type]
+    expected = tuple(SLIDING if i % p < p - 1 else "full_attention" for i in range(cfg.num_hidden_layers))
+    if cfg.layer_types != expected:
+        raise QuantkitError(
+            f"llama.cpp assumes {cfg.model_type} layer i slides iff i % {p} < {p - 1}; this config's "
+            "layer_types differ, so a GGUF would not run as this model"
+        )
+    big = cfg.num_hidden_layers == LAYERS_27B[cfg.model_type]
+    scalar = cfg.hidden_size // cfg.num_attention_heads if big else cfg.head_dim
+    if cfg.query_pre_attn_scalar != scalar:
+        raise QuantkitError(
+            f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} differs from the {scalar} llama.cpp derives "
+            "for this layer count; the attention scale cannot be stored in a GGUF"
+        )
+    if cfg.model_type == "gemma2" and None in (cfg.attn_logit_softcapping, cfg.final_logit_softcapping):
+        raise QuantkitError("llama.cpp always soft-caps gemma2; a config without soft-caps cannot be exported")
+    if cfg.model_type == "gemma3_text" and cfg.attn_logit_softcapping is not None:
+        raise QuantkitError("llama.cpp's gemma3 has no attention soft-cap; this config sets one")
+
+
+def add_model_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: FT) -> None:
+    """general.* and the architecture keys, as convert_hf_to_gguf.py writes them (§3.2, §3.3)."""
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(int(file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_sliding_window(cfg.sliding_window)
+    if cfg.model_type == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        return
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base_swa(cfg.rope_local_base_freq)
+    if cfg.rope_scaling_factor != 1.0:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(cfg.rope_scaling_factor)
+    if cfg.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+
+
+# ----------------------------------------------------------------------------------------------- vocab
+
+TT = gguf.TokenType
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    scores: list[float]
+    types: list[int]  # gguf.TokenType values
+    special: dict[str, int]  # bos / eos / unk / pad -> id
+
+
+def _looks_special(text: str) -> bool:
+    """The converter's list of added tokens that are control tokens even when not flagged special."""
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
+
+
+def _piece_type(sp: spm.SentencePieceProcessor, i: int) -> int:
+    if sp.IsUnknown(i):
+        return TT.UNKNOWN
+    if sp.IsControl(i):
+        return TT.CONTROL
+    if sp.IsUnused(i):
+        return TT.UNUSED
+    return TT.BYTE if sp.IsByte(i) else TT.NORMAL
+
+
+def _token_text(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def build_vocab(ckpt: Checkpoint, tok_config: dict[str, Any]) -> Vocab:
+    """tokens / scores / types of length vocab_size as ``_create_vocab_sentencepiece`` builds them (§3.2)."""
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(ckpt.tokenizer_path))
+    v = ckpt.config.vocab_size
+    tokens, scores, types = [f"[PAD{i}]" for i in range(v)], [-10000.0] * v, [int(TT.UNUSED)] * v
+    for i in range(min(v, sp.GetPieceSize())):
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i), sp.GetScore(i), int(_piece_type(sp, i))
+    added = ckpt.path / "added_tokens.json"
+    for text, i in (json.loads(added.read_text()) if added.is_file() else {}).items():
+        if i < v:
+            tokens[i], scores[i], types[i] = text, -1000.0, int(TT.USER_DEFINED)
+    for key, data in tok_config.get("added_tokens_decoder", {}).items():
+        i, text = int(key), data["content"]
+        if i >= v:
+            continue
+        if data.get("special") or _looks_special(text):
+            types[i] = int(TT.CONTROL)
+        else:  # llama.cpp matches user-defined tokens in raw text
+            text, types[i] = text.replace("\u2581", " "), int(TT.USER_DEFINED)
+        tokens[i], scores[i] = text, -1000.0
+    ids = {t: i for i, t in reversed(list(enumerate(tokens)))}
+    cfg = ckpt.config
+    fallback = {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "unk": sp.unk_id(), "pad": cfg.pad_token_id}
+    special = {}
+    for role, default in fallback.items():
+        i = ids.get(_token_text(tok_config.get(f"{role}_token")), default)
+        if i is not None and 0 <= i < v:
+            special[role] = i
+    return Vocab(tokens, scores, types, special)
+
+
+def add_tokenizer_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
+    """SentencePiece vocab ("llama"), special ids, BOS/EOS flags, no space prefix (§3.2, §8 items 11-12)."""
+    path = ckpt.path / "tokenizer_config.json"
+    tok_config = json.loads(path.read_text()) if path.is_file() else {}
+    vocab = build_vocab(ckpt, tok_config)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id}
+    for role, i in vocab.special.items():
+        (adders.get(role) or w.add_pad_token_id)(i)
+    w.add_add_bos_token(bool(tok_config.get("add_bos_token", True)))
+    w.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
+    template = tok_config.get("chat_template")
+    jinja = ckpt.path / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    if template:
+        w.add_chat_template(template)
+    w.add_add_space_prefix(False)
+
+
+# --------------------------------------------------------------------------------------------- tensors
+
+
+def _fp16_exact(scale: torch.Tensor) -> bool:
+    return bool((scale.to(torch.float16).to(scale.dtype) == scale).all())
+
+
+def blocks_from_codes(qw: QuantizedWeight, qtype: QT) -> np.ndarray | None:
+    """``qw``'s codes and scales written straight into ``qtype`` blocks, uint8 [O, row_bytes]; None when
+    the blocks cannot hold them exactly (group not a multiple of 32, scale not fp16, codes out of range)."""
+    i = qw.shape[1]
+    g = i // qw.scale.shape[1]  # group size
+    if g % 32 or not _fp16_exact(qw.scale) or qtype not in (QT.Q4_0, QT.Q8_0, QT.Q4_1):
+        return None
+    runs = g // 32
+    scale = qw.scale.float().numpy().repeat(runs, axis=1)  # [O, I/32]
+    codes = qw.codes.numpy().astype(np.int16)  # [O, I]
+    zero = None if qw.zero is None else qw.zero.numpy().astype(np.int16).repeat(runs, axis=1)
+    if qtype == QT.Q4_0 and zero is None and codes.min() >= -8 and codes.max() <= 7:
+        return q4_0_from_codes(codes, scale)
+    if qtype == QT.Q8_0:
+        values = codes if zero is None else codes - zero.repeat(32, axis=1)
+        if values.min() >= -128 and values.max() <= 127:
+            return q8_0_from_codes(values, scale)
+    if qtype == QT.Q4_1 and codes.min() >= -8 and codes.max() <= 7:
+        z = np.full_like(scale, 8.0) if zero is None else zero + 8  # unsigned zero of u = c + 8
+        return q4_1_from_codes(codes + 8, scale, z)
+    return None
+
+
+def quantize_weight(w: np.ndarray, qtype: QT) -> tuple[np.ndarray, bool]:
+    """float32 [O, I] -> (uint8 [O, row_bytes], whether it dequantizes to exactly ``w``), in row chunks."""
+    o, i = w.shape
+    out = np.empty((o, row_bytes(qtype, i)), dtype=np.uint8)
+    exact = qtype in FLOAT_TYPES
+    step = max(1, CHUNK_ELEMENTS // i)
+    for r in range(0, o, step):
+        x = np.ascontiguousarray(w[r : r + step], dtype=np.float32)
+        out[r : r + step] = quantize_rows(x, qtype)
+        if exact and qtype != QT.F32:
+            exact = bool(np.array_equal(dequantize_rows(out[r : r + step], qtype), x))
+    return out, exact
+
+
+def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[str, Any]]:
+    """The bytes of one planned tensor and its report entry."""
+    entry: dict[str, Any] = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
+    if t.is_norm:  # 1 + w in fp32, stored F32 (§3.5)
+        data = (ckpt.get(t.hf_name, torch.float32) + 1.0).numpy()
+        return data.view(np.uint8), entry | {"method": "norm", "exact": True}
+    module = t.hf_name.removesuffix(".weight")
+    if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
+        qw = ckpt.quantized_weight(module)
+        blocks = blocks_from_codes(qw, t.qtype)
+        if blocks is not None:
+            exact = t.qtype != QT.Q4_1 or _q4_1_exact(qw)
+            return blocks, entry | {"method": "lossless", "exact": exact}
+        w = qw.dequantize(torch.float32).numpy()
+    else:
+        w = ckpt.get(t.hf_name, torch.float32)[: t.shape[0]].numpy()  # drop embedding padding rows
+    data, exact = quantize_weight(w, t.qtype)
+    return data, entry | {"method": "lossless" if exact else "requantized", "exact": exact}
+
+
+def _q4_1_exact(qw: QuantizedWeight) -> bool:
+    """Whether every Q4_1 m = -d * zero is an fp16 value (then the blocks dequantize exactly)."""
+    z = 8.0 if qw.zero is None else qw.zero.numpy().astype(np.float32) + 8
+    m = -(qw.scale.float().numpy() * z)
+    return bool(np.array_equal(m.astype(np.float16).astype(np.float32), m))
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def export_gguf(src: Checkpoint | str | Path, out_path: str | Path, qtype: str, *, progress: bool = True) -> dict:
+    """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict."""
+    start = time.perf_counter()
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    cfg, out_path = ckpt.config, Path(out_path)
+    check_llamacpp_compatible(cfg)
+    plan = plan_tensors(cfg, qtype)
+    entries = []
+    with atomic_file(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, GGUF_ARCH[cfg.model_type])
+        try:
+            add_model_metadata(writer, cfg, ckpt.path.name, FILE_TYPES[qtype][1])
+            add_tokenizer_metadata(writer, ckpt)
+            for t in plan:
+                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            bar = _progress(sum(t.nbytes for t in plan), progress)
+            for t in plan:
+                data, entry = encode_tensor(ckpt, t)
+                writer.write_tensor_data(np.ascontiguousarray(data).reshape(-1))
+                entries.append(entry)
+                bar.update(t.nbytes)
+            bar.close()
+        finally:
+            writer.close()
+    return _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="Writing GGUF", disable=not enabled)
+
+
+def _report(
+    ckpt: Checkpoint, path: Path, qtype: str, plan: list[PlannedTensor], entries: list[dict], seconds: float
+) -> dict[str, Any]:
+    counts = {m: sum(e["method"] == m for e in entries) for m in ("lossless", "requantized", "norm")}
+    types: dict[str, int] = {}
+    for t in plan:
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    n_params = sum(int(np.prod(t.shape)) for t in plan)
+    spec = ckpt.quant_spec
+    return {
+        "path": str(path),
+        "qtype": qtype,
+        "file_type": int(FILE_TYPES[qtype][1]),
+        "arch": GGUF_ARCH[ckpt.config.model_type],
+        "source": "dense" if spec is None else f"int{spec.bits} g{spec.group_size} {'sym' if spec.sym else 'asym'}",
+        "file_size": path.stat().st_size,
+        "n_params": n_params,
+        "bits_per_weight": 8 * sum(t.nbytes for t in plan) / n_params,
+        "counts": counts,
+        "types": types,
+        "seconds": seconds,
+        "tensors": entries,
+    }

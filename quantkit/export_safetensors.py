@@ -1,0 +1,147 @@
+"""Write quantized checkpoints in compressed-tensors' ``pack-quantized`` layout (transformers, vLLM).
+
+Per quantized linear P (formats.md §5.1):
+    P.weight_packed      int32 [O, ceil(I*b/32)]   unsigned codes c + 2^(b-1), packed along I
+    P.weight_scale       scale dtype [O, G]
+    P.weight_zero_point  int32 [ceil(O*b/32), G]   asymmetric only, packed along O
+    P.weight_shape       int64 [2] = [O, I]
+Everything else (embedding, norms) stays dense under its HF name. Tensors are streamed into shards of
+bounded size inside a temporary directory that is renamed into place when the writer closes cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .atomic import atomic_dir
+from .primitives import QuantizedWeight, QuantSpec, pack_int32
+
+CT_VERSION = "0.20.0"
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def ct_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The pack-quantized tensors of one linear, ``prefix`` being its module path."""
+    bits = qw.spec.bits
+    out = {
+        f"{prefix}.weight_packed": pack_int32(qw.codes, bits),
+        f"{prefix}.weight_scale": qw.scale.contiguous(),
+        f"{prefix}.weight_shape": torch.tensor(qw.shape, dtype=torch.int64),
+    }
+    if qw.zero is not None:
+        out[f"{prefix}.weight_zero_point"] = pack_int32(qw.zero.T.contiguous(), bits).T.contiguous()
+    return out
+
+
+def quantization_config(spec: QuantSpec, actorder: bool = False, observer: str = "minmax") -> dict[str, Any]:
+    """config.json ``quantization_config`` for compressed-tensors 0.20 (W4A16 / W8A16 style schemes)."""
+    strategy = "channel" if spec.group_size == -1 else "group"
+    weights: dict[str, Any] = {
+        "num_bits": spec.bits,
+        "type": "int",
+        "symmetric": spec.sym,
+        "strategy": strategy,
+        "group_size": None if spec.group_size == -1 else spec.group_size,
+        "dynamic": False,
+        "actorder": "static" if actorder else None,
+        "observer": observer,
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "version": CT_VERSION,
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+    }
+
+
+class ArtifactWriter:
+    """Streams tensors into ``model-XXXXX.safetensors`` shards inside a temporary directory.
+
+    Use as a context manager; on a clean exit the index, config and tokenizer files are written and the
+    directory is renamed to ``out_dir``. On any error nothing appears at ``out_dir``.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_bytes: int = 2 << 30):
+        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self._stack = ExitStack()
+        self.tmp: Path | None = None
+        self.total_bytes = 0
+
+    def __enter__(self) -> ArtifactWriter:
+        self.tmp = self._stack.enter_context(atomic_dir(self.out_dir))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None:
+            self._flush()
+            self._write_index()
+        return self._stack.__exit__(*exc)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        self._pending[name] = t
+        self._pending_bytes += t.numel() * t.element_size()
+        if self._pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def add_quantized(self, prefix: str, qw: QuantizedWeight) -> None:
+        for name, t in ct_tensors(prefix, qw).items():
+            self.add(name, t)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        i = len(self._shards) + 1
+        path = self.tmp / f"model-{i:05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self.total_bytes += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+    def _write_index(self) -> None:
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.tmp / f"model-{i:05d}.safetensors").rename(self.tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+    def copy_tokenizer(self, src_dir: Path) -> None:
+        for name in TOKENIZER_FILES:
+            if (src_dir / name).is_file():
+                shutil.copyfile(src_dir / name, self.tmp / name)

@@ -1,0 +1,225 @@
+"""ggml block formats: quantize float rows to the bytes ggml stores, and map integer codes onto blocks.
+
+formats.md §3.6, §3.7, §4. Legacy types (Q8_0, Q4_0, Q4_1, Q5_0) and F32/F16/BF16 go through gguf-py, which
+is bit-exact with ggml's `*_ref` quantizers; Q4_K and Q6_K come from `quantkit.kquants`.
+Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from gguf import quants as gq
+
+from quantkit.kquants import quantize_q4_k, quantize_q6_k
+
+GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0)
+K_QUANTIZERS = {QT.Q4_K: quantize_q4_k, QT.Q6_K: quantize_q6_k}
+CHUNK_BLOCKS = 2048  # K-quant super-blocks per numpy pass (512K weights): temporaries stay cache-sized
+
+
+def block_size(qtype: QT) -> int:
+    return GGML_QUANT_SIZES[qtype][0]
+
+
+def row_bytes(qtype: QT, n: int) -> int:
+    """Bytes ggml uses for one row of n elements."""
+    blk, size = GGML_QUANT_SIZES[qtype]
+    return n // blk * size
+
+
+def _check_rows(x: np.ndarray, qtype: QT) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"expected 2-D rows [R, n], got shape {x.shape}")
+    if x.shape[1] % (blk := block_size(qtype)):
+        raise ValueError(f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block {blk}")
+
+
+def _quantize_k(x: np.ndarray, qtype: QT) -> np.ndarray:
+    R, n = x.shape
+    blocks = x.reshape(-1, 256)  # [R * n/256, 256]: super-blocks in row order
+    out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    for s in range(0, blocks.shape[0], CHUNK_BLOCKS):
+        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](blocks[s : s + CHUNK_BLOCKS])
+    return out.reshape(R, row_bytes(qtype, n))
+
+
+def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
+    """float32 [R, n] (n a multiple of the block size) -> uint8 [R, n/block*type_bytes], as ggml stores it."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    _check_rows(x, qtype)
+    if qtype in K_QUANTIZERS:
+        return _quantize_k(x, qtype)
+    if qtype not in GGUF_PY_TYPES:
+        raise NotImplementedError(f"no quantizer for {qtype.name}")
+    out = np.ascontiguousarray(gq.quantize(x, qtype))
+    return out.view(np.uint8).reshape(x.shape[0], row_bytes(qtype, x.shape[1]))
+
+
+def dequantize_rows(data: np.ndarray, qtype: QT) -> np.ndarray:
+    """uint8 [R, row_bytes] -> float32 [R, n] (gguf-py's dequantizer, any type it knows)."""
+    if data.dtype != np.uint8:
+        raise TypeError(f"expected the raw uint8 bytes of {qtype.name} rows, got {data.dtype}")
+    return gq.dequantize(np.ascontiguousarray(data), qtype).astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------- integer codes -> blocks (formats.md §4.8)
+
+
+def _blocks_of(codes: np.ndarray, *scales: np.ndarray) -> tuple[np.ndarray, ...]:
+    """codes [R, n] and per-32-run params [R, n/32] -> codes [R*n/32, 32] and params [R*n/32, 1]."""
+    R, n = codes.shape
+    if n % 32:
+        raise ValueError(f"row length {n} is not a multiple of 32")
+    for s in scales:
+        if s.shape != (R, n // 32):
+            raise ValueError(f"expected one parameter per 32-run, shape {(R, n // 32)}, got {s.shape}")
+    return (codes.reshape(-1, 32), *(np.asarray(s).reshape(-1, 1) for s in scales))
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """[B, 1] -> uint8 [B, 2]: little-endian IEEE half (values are rounded to fp16 here)."""
+    return np.ascontiguousarray(v.astype("<f2")).view(np.uint8)
+
+
+def _pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """uint8 [B, 32] in 0..15 -> uint8 [B, 16]: byte j = element j (low) | element j+16 (high)."""
+    return u[:, :16] | (u[:, 16:] << 4)
+
+
+def _check_range(codes: np.ndarray, lo: int, hi: int) -> None:
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"codes must lie in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]")
+
+
+def q4_0_from_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Symmetric 4-bit codes int [R, n] in [-8, 7], scale [R, n/32] -> Q4_0 uint8 [R, n/32*18].
+
+    d = fp16(scale), nibble = code + 8: lossless, dequant == code * fp16(scale) exactly.
+    A group of 128 is four runs: repeat its scale 4x along the last axis.
+    """
+    _check_range(codes, -8, 7)
+    c, s = _blocks_of(codes, scale)
+    u = (c.astype(np.int16) + 8).astype(np.uint8)
+    out = np.concatenate([_fp16_bytes(s), _pack_nibbles(u)], axis=1)
+    return out.reshape(codes.shape[0], -1)
+
+
+def q8_0_from_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Symmetric 8-bit codes int [R, n] in [-128, 127], scale [R, n/32] -> Q8_0 uint8 [R, n/32*34].
+
+    d = fp16(scale), qs = code: dequant == code * fp16(scale) exactly.
+    """
+    _check_range(codes, -128, 127)
+    c, s = _blocks_of(codes, scale)
+    out = np.concatenate([_fp16_bytes(s), c.astype(np.int8).view(np.uint8)], axis=1)
+    return out.reshape(codes.shape[0], -1)
+
+
+def q4_1_from_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Asymmetric codes u [R, n] in [0, 15] with value scale*(u - zero); scale, zero [R, n/32] -> Q4_1.
+
+    d = fp16(scale), m = fp16(-scale*zero) (product in float32; m's rounding is the only loss), nibble = u.
+    """
+    _check_range(codes, 0, 15)
+    c, s, z = _blocks_of(codes, scale, zero)
+    d = s.astype(np.float16)
+    m = -(d.astype(np.float32) * z.astype(np.float32))
+    out = np.concatenate([_fp16_bytes(d), _fp16_bytes(m), _pack_nibbles(c.astype(np.uint8))], axis=1)
+    return out.reshape(codes.shape[0], -1)
+
+
+# ------------------------------------------------------- llama-quantize type choice (formats.md §3.7)
+
+HF_KINDS = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+    "embed_tokens": "token_embd",
+}
+FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+
+
+def tensor_kind(name: str) -> str:
+    """'blk.3.attn_v.weight', 'model.layers.3.self_attn.v_proj.weight' or 'v_proj' -> 'attn_v'."""
+    parts = name.removesuffix(".weight").split(".")
+    return HF_KINDS.get(parts[-1], parts[-1])
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama-quant.cpp: the first and last eighth of the layers, and every third layer in between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def fallback_type(qtype: QT, row_len: int) -> QT:
+    """llama-quantize's substitute when row_len is not a multiple of qtype's block (F16 as a last resort)."""
+    if row_len % block_size(qtype) == 0:
+        return qtype
+    alt = FALLBACK.get(qtype, QT.F16)
+    return alt if row_len % block_size(alt) == 0 else QT.F16
+
+
+def q4_k_m_type(hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
+    """Type llama-quantize gives a 2-D weight in a Q4_K_M file without imatrix (tied embeddings, Gemma).
+
+    token_embd (the tied output) -> Q6_K; attn_v and ffn_down on use_more_bits layers -> Q6_K; any other
+    weight -> Q4_K; norms stay F32. Then the row-length fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, else F16).
+    """
+    kind = tensor_kind(hf_or_gguf_kind)
+    if kind.endswith("norm"):
+        return QT.F32
+    qtype = QT.Q4_K
+    if kind == "token_embd":
+        qtype = QT.Q6_K
+    elif kind in ("attn_v", "ffn_down"):
+        if layer is None:
+            raise ValueError(f"{kind} needs a layer index")
+        qtype = QT.Q6_K if use_more_bits(layer, n_layers) else QT.Q4_K
+    return fallback_type(qtype, row_len)
+
+
+# ------------------------------------------------- libggml's C reference, for tests and benchmarks only
+
+REF_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q6_K)
+
+
+def libggml_path() -> Path | None:
+    """libggml-base inside an installed llama-cpp-python (found without importing it), or None."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    hits = sorted((Path(spec.origin).parent / "lib").glob("*ggml-base.*"))
+    return hits[0] if hits else None
+
+
+@functools.cache
+def _ref_fn(lib_path: str, qtype: QT) -> Callable[[int, int, int], None]:
+    name = qtype.name[0].lower() + qtype.name[1:]  # Q4_K -> q4_K
+    fn = getattr(ctypes.CDLL(lib_path), f"quantize_row_{name}_ref")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    return fn
+
+
+def quantize_rows_ref(x: np.ndarray, qtype: QT, lib_path: Path | None = None) -> np.ndarray:
+    """quantize_rows computed by libggml's `quantize_row_*_ref(const float *x, void *y, int64_t k)`."""
+    lib_path = lib_path or libggml_path()
+    if lib_path is None:
+        raise FileNotFoundError("libggml-base not found: install llama-cpp-python")
+    if qtype not in REF_TYPES:
+        raise NotImplementedError(f"no C reference wired up for {qtype.name}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    _check_rows(x, qtype)
+    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    _ref_fn(str(lib_path), qtype)(x.ctypes.data, out.ctypes.data, x.size)
+    return out

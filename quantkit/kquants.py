@@ -1,0 +1,195 @@
+"""Q4_K and Q6_K quantizers in numpy, following ggml's `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref`.
+
+formats.md §4.5, §4.6, §4.6a. gguf-py can dequantize these types but has no quantizer for them.
+
+Byte equality with libggml needs float32 arithmetic in C order (§4.6a). Both quantizers therefore lay a
+sub-block's elements out along axis 0 -- arrays are [n, S] for S sub-blocks of n elements -- and every sum
+runs as an explicit loop over axis 0 (`_csum`), vectorised over all S sub-blocks at once. Each product is
+formed in the C order too, e.g. `(w * l) * x`. Rounding is ggml's `nearest_int`, round half to even.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256  # elements per super-block
+Q4_K_BYTES = 2 + 2 + 12 + QK_K // 2  # d | dmin | scales[12] | qs[128]
+Q6_K_BYTES = QK_K // 2 + QK_K // 4 + QK_K // 16 + 2  # ql[128] | qh[64] | scales[16] | d
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)  # ggml's threshold for an all-zero group
+
+
+def _csum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 in index order, in float32: a C `for` loop, vectorised over the other axes."""
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
+    return acc
+
+
+def _nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """ggml `nearest_int` (round half to even) clamped to [lo, hi], in place on the float32 temporary v."""
+    return np.clip(np.rint(v, out=v), lo, hi, out=v)
+
+
+def _fp16_bytes(v: np.ndarray) -> np.ndarray:
+    """float32 [B] -> uint8 [B, 2]: little-endian IEEE half, round to nearest even."""
+    return v.astype(np.float16).astype("<f2").view(np.uint8).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- Q4_K
+
+
+def _qkx2(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml make_qkx2_quants(nmax=15, rmin=-1, rdelta=0.1, nstep=20, squared error).
+
+    x, w: [32, S] -> scale [S], min [S] (>= 0; value = scale*L - min), codes L [32, S] in 0..15.
+    Fits x ~ a*L + b by weighted least squares for 21 trial inverse scales and keeps the best.
+    """
+    lo = np.minimum(x.min(axis=0), 0)  # [S]
+    hi = x.max(axis=0)
+    flat = hi == lo  # all codes 0, scale 0, min -lo
+    lo = np.where(flat, hi - 1, lo)  # keeps hi - lo non-zero; flat results are overwritten at the end
+    sum_w, sum_x = _csum(w), _csum(w * x)
+
+    iscale = F32(15) / (hi - lo)
+    scale = F32(1) / iscale
+    L = _nearest(iscale * (x - lo), 0, 15)
+    diff = scale * L + lo - x
+    best = _csum(w * (diff * diff))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for step in range(21):
+            # as in C, later steps measure from the best min found so far
+            iscale = (F32(-1) + F32(0.1) * F32(step) + F32(15)) / (hi - lo)
+            La = _nearest(iscale * (x - lo), 0, 15)
+            wl = w * La
+            sum_l, sum_l2, sum_xl = _csum(wl), _csum(wl * La), _csum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            a = (sum_w * sum_xl - sum_x * sum_l) / D
+            b = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            clamp = b > 0  # the min may not be positive: refit the scale with b = 0
+            a = np.where(clamp, sum_xl / sum_l2, a)
+            b = np.where(clamp, F32(0), b)
+            diff = a * La + b - x
+            err = _csum(w * (diff * diff))
+            better = (D > 0) & (err < best)
+            np.copyto(L, La, where=better)
+            np.copyto(best, err, where=better)
+            np.copyto(scale, a, where=better)
+            np.copyto(lo, b, where=better)
+    scale = np.where(flat, F32(0), scale)
+    lo = np.where(flat, np.minimum(hi, 0), lo)
+    L = np.where(flat, F32(0), L)
+    return scale, -lo, L
+
+
+def _pack_q4_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """6-bit scales and mins, uint8 [B, 8] each -> uint8 [B, 12] (formats.md §4.5)."""
+    lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
+    return np.concatenate(
+        [lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], axis=1
+    )
+
+
+def _to_6bit(v: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """min(63, (uint8) nearest_int(inv*v)); the uint8 cast wraps as in C. [B, 8] -> uint8 [B, 8]."""
+    q = np.rint(inv[:, None] * v).astype(np.int64) & 0xFF
+    return np.minimum(q, 63).astype(np.uint8)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """float32 [B, 256] super-blocks -> uint8 [B, 144] Q4_K blocks."""
+    B = x.shape[0]
+    xs = np.ascontiguousarray(x.reshape(B * 8, 32).T)  # [32, 8B]: sub-block elements on axis 0
+    av_x = np.sqrt(_csum(xs * xs) / F32(32))  # [8B]
+    scale, mn, L = _qkx2(xs, av_x + np.abs(xs))  # importance weights sqrt(mean x^2) + |x|
+    scale, mn = scale.reshape(B, 8), mn.reshape(B, 8)
+
+    max_scale = np.maximum(scale.max(axis=1), 0)  # [B]
+    max_min = np.maximum(mn.max(axis=1), 0)
+    with np.errstate(divide="ignore"):
+        ls = _to_6bit(scale, np.where(max_scale > 0, F32(63) / max_scale, F32(0)))  # [B, 8]
+        lm = _to_6bit(mn, np.where(max_min > 0, F32(63) / max_min, F32(0)))
+    d16 = (max_scale / F32(63)).astype(np.float16)
+    dmin16 = (max_min / F32(63)).astype(np.float16)
+
+    # re-quantize with the stored (fp16-rounded, 6-bit) scales; sub-blocks with d = 0 keep the search codes
+    d = (d16.astype(F32)[:, None] * ls.astype(F32))[:, :, None]  # [B, 8, 1]
+    dm = (dmin16.astype(F32)[:, None] * lm.astype(F32))[:, :, None]
+    xb = x.reshape(B, 8, 32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest((xb + dm) / d, 0, 15)
+    q = np.where(d != 0, q, L.T.reshape(B, 8, 32)).astype(np.uint8)
+
+    qs = q.reshape(B, 4, 2, 32)  # chunk of 64 = sub-blocks 2c (low nibble), 2c+1 (high nibble)
+    qs = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(B, 128)
+    return np.concatenate([_fp16_bytes(d16), _fp16_bytes(dmin16), _pack_q4_k_scales(ls, lm), qs], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- Q6_K
+
+
+def _qx_sums(x: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Codes l = clamp(nearest(iscale*x), -32, 31) and the C-order sums sum w*x*l, sum w*l*l."""
+    l = _nearest(iscale * x, -32, 31)  # noqa: E741  [16, S]
+    return l, _csum(w * x * l), _csum(w * l * l)
+
+
+def _qx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml make_qx_quants(nmax=32, rmse_type=1): weights x^2, 19 trial scales -32.9/m .. -31.1/m.
+
+    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), codes L [16, S] in 0..63.
+    """
+    S = x.shape[1]
+    imax = np.abs(x).argmax(axis=0)  # first element of largest magnitude, as C's strict '>'
+    m = x[imax, np.arange(S)]  # [S], signed
+    zero = np.abs(m) < GROUP_MAX_EPS
+    m = np.where(zero, F32(1), m)
+    w = x * x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L, sumlx, suml2 = _qx_sums(x, w, F32(-32) / m)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for t in (*range(-9, 0), *range(1, 10)):
+            l, sumlx, suml2 = _qx_sums(x, w, -(F32(32) + F32(0.1) * F32(t)) / m)  # noqa: E741
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            np.copyto(L, l, where=better)
+            np.copyto(scale, sumlx / suml2, where=better)
+            np.copyto(best, scale * sumlx, where=better)
+    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L + F32(32))
+
+
+def _pack_q6_k_quants(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """codes uint8 [B, 256] in 0..63 -> ql uint8 [B, 128], qh uint8 [B, 64] (formats.md §4.6)."""
+    B = q.shape[0]
+    q = q.reshape(B, 2, 4, 32)  # half n, quarter k (elements 128n + 32k + l), l
+    lo, hi = q & 15, q >> 4
+    ql = (lo[:, :, 0:2] | (lo[:, :, 2:4] << 4)).reshape(B, 128)  # [B, 2, 2, 32]
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [B, 2, 32]
+    return ql, qh.reshape(B, 64)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """float32 [B, 256] super-blocks -> uint8 [B, 210] Q6_K blocks."""
+    B = x.shape[0]
+    xs = np.ascontiguousarray(x.reshape(B * 16, 16).T)  # [16, 16B]
+    scale, L = _qx(xs)
+    scale = scale.reshape(B, 16)
+
+    imax = np.abs(scale).argmax(axis=1)
+    big = scale[np.arange(B), imax]  # [B] signed scale of largest magnitude
+    zero = np.abs(big) < GROUP_MAX_EPS
+    iscale = F32(-128) / np.where(zero, F32(1), big)
+    d16 = (F32(1) / iscale).astype(np.float16)
+    sc = np.minimum(np.rint(iscale[:, None] * scale), 127).astype(np.int8)  # [B, 16]
+
+    d = (d16.astype(F32)[:, None] * sc.astype(F32))[:, :, None]  # [B, 16, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest(x.reshape(B, 16, 16) / d, -32, 31) + F32(32)
+    q = np.where(d != 0, q, L.T.reshape(B, 16, 16)).astype(np.uint8).reshape(B, QK_K)
+
+    ql, qh = _pack_q6_k_quants(q)
+    out = np.concatenate([ql, qh, sc.view(np.uint8), _fp16_bytes(d16)], axis=1)
+    out[zero] = 0
+    return out

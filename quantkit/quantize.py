@@ -1,0 +1,201 @@
+"""Quantize a checkpoint's linear layers (RTN or GPTQ) into a compressed-tensors pack-quantized artifact.
+
+RTN streams tensor by tensor from disk to disk. GPTQ is layer-sequential: the calibration activations
+go through decoder layer i (its weights read from disk), each linear's input Hessian is accumulated in
+fp32, the subsets q,k,v → o → gate,up → down are quantized in that order (true-sequential), then the
+layer's quantized outputs become layer i+1's inputs. Only one decoder layer is resident at a time.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import Checkpoint, layer_prefix, open_checkpoint
+from .data import calibration_windows, default_calibration_text
+from .errors import QuantkitError
+from .export_safetensors import ArtifactWriter, quantization_config
+from .gptq import Hessian, gptq_quantize, output_error
+from .model import LINEAR_NAMES, Gemma
+from .packed import PackedLinear
+from .primitives import QuantizedWeight, rtn
+from .recipes import QuantizeOptions
+from .tokenizer import Tokenizer
+
+# true-sequential order; modules of one subset read the same input, so they share one Hessian
+SUBSETS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _scale_dtype(opts: QuantizeOptions, ckpt: Checkpoint) -> torch.dtype:
+    if opts.scale_dtype != "auto":
+        return _DTYPES[opts.scale_dtype]
+    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[ckpt.dtype_of("model.norm.weight")]
+
+
+def check_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> None:
+    """Every refusal that can be decided before work starts."""
+    for name, (_, in_features) in ckpt.config.linear_shapes().items():
+        opts.spec.check_divides(name, in_features)
+
+
+def _weight_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    w = w.float()
+    return float(((w - qw.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar) -> dict:
+    stats = {}
+    for i in range(ckpt.config.num_hidden_layers):
+        for name, t in ckpt.layer_tensors(i).items():
+            module = name.removesuffix(".weight")
+            path = layer_prefix(i) + module
+            if module in LINEAR_NAMES:
+                w = ckpt.get(path + ".weight", check_finite=True)
+                qw = rtn(w, opts.spec, sdt)
+                writer.add_quantized(path, qw)
+                stats[path] = {"weight_rel_err": _weight_error(w, qw)}
+                bar.set_postfix_str(module)
+            else:
+                writer.add(path + ".weight", t)
+        bar.update(1)
+    return stats
+
+
+def _collect_hessian(layer: torch.nn.Module, module: torch.nn.Module, inps: list[torch.Tensor]) -> Hessian:
+    """Run the layer on every calibration batch and accumulate the Hessian of ``module``'s input."""
+    hess = Hessian(module.in_features if hasattr(module, "in_features") else module.weight.shape[1],
+                   inps[0].device)  # fmt: skip
+    handle = module.register_forward_pre_hook(lambda _m, args: hess.add(args[0]))
+    try:
+        for x in inps:
+            layer(x)
+    finally:
+        handle.remove()
+    return hess
+
+
+def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, device) -> dict:
+    cfg = ckpt.config
+    calib_path = opts.calib or default_calibration_text()
+    ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
+    model = Gemma(cfg, _DTYPES[opts.calib_dtype], device)
+    model.load_globals(ckpt.get("model.embed_tokens.weight"), ckpt.get("model.norm.weight"))
+    with torch.no_grad():
+        inps = [model.embed(b.to(device)) for b in ids.split(opts.batch_size)]  # each [b, T, H]
+    model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+    stats = {}
+    for i in range(cfg.num_hidden_layers):
+        tensors = ckpt.layer_tensors(i)
+        for name in LINEAR_NAMES:
+            if not torch.isfinite(tensors[f"{name}.weight"]).all():
+                raise QuantkitError(f"{ckpt.path}: {layer_prefix(i)}{name}.weight contains NaN or inf values")
+        model.load_layer(i, tensors)
+        layer = model.layers[i]
+        with torch.no_grad():
+            for subset in SUBSETS:
+                bar.set_postfix_str(f"layer {i} {'/'.join(s.split('.')[1] for s in subset)}")
+                hess = _collect_hessian(layer, model.linear(i, subset[0]), inps)
+                for name in subset:
+                    w = tensors[f"{name}.weight"].float()
+                    res = gptq_quantize(w.to(device), hess.H, opts.spec, sdt, opts.blocksize, opts.damp, opts.act_order)
+                    writer.add_quantized(layer_prefix(i) + name, res.weight)
+                    model.set_linear(i, name, PackedLinear(res.weight).to(device))
+                    base = rtn(w, opts.spec, sdt).dequantize()
+                    stats[layer_prefix(i) + name] = {
+                        "weight_rel_err": _weight_error(w, res.weight),
+                        "output_rel_err": output_error(w, res.weight.dequantize(), hess.H),
+                        "rtn_output_rel_err": output_error(w, base, hess.H),
+                        "damp": res.damp,
+                    }
+            inps = [layer(x) for x in inps]
+        for name, t in tensors.items():
+            if name.removesuffix(".weight") not in LINEAR_NAMES:
+                writer.add(layer_prefix(i) + name, t)
+        model.unload_layer(i)
+        bar.update(1)
+    return stats
+
+
+def _peak_memory_bytes(device: str) -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return max(rss, torch.cuda.max_memory_allocated())
+    return rss
+
+
+def quantize_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    opts: QuantizeOptions,
+    device: str = "cpu",
+    progress: bool = True,
+    on_written: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Quantize ``model_dir`` into ``out_dir`` (written atomically); returns the report (also quantkit.json)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda: no CUDA device is available")
+    ckpt = open_checkpoint(model_dir)
+    if ckpt.quant_spec is not None:
+        raise QuantkitError(f"{model_dir}: already quantized; quantize the original checkpoint")
+    check_plan(ckpt, opts)
+    if opts.method == "gptq" and opts.calib and not Path(opts.calib).is_file():
+        raise QuantkitError(f"{opts.calib}: calibration file not found")
+    sdt = _scale_dtype(opts, ckpt)
+    t0 = time.perf_counter()
+    n_layers = ckpt.config.num_hidden_layers
+    with ArtifactWriter(out_dir) as writer, tqdm(total=n_layers, desc=f"{opts.method} layers",
+                                                 unit="layer", disable=not progress) as bar:  # fmt: skip
+        writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight"))
+        writer.add("model.norm.weight", ckpt.get("model.norm.weight"))
+        if opts.method == "rtn":
+            stats = _rtn_layers(ckpt, opts, writer, sdt, bar)
+        else:
+            stats = _gptq_layers(ckpt, opts, writer, sdt, bar, device)
+        config = dict(ckpt.raw_config)
+        config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order)
+        writer.write_json("config.json", config)
+        writer.copy_tokenizer(ckpt.path)
+        report = _report(ckpt, opts, sdt, stats, time.perf_counter() - t0, device)
+        writer.write_json("quantkit.json", report)
+    if on_written:
+        on_written(Path(out_dir))
+    return report
+
+
+def _report(ckpt, opts, sdt, stats, seconds, device) -> dict[str, Any]:
+    cfg = ckpt.config
+    n_linear = cfg.num_hidden_layers * sum(o * i for o, i in cfg.linear_shapes().values())
+    scale_bits = torch.finfo(sdt).bits
+    report = {
+        "quantkit_version": __version__,
+        "source": str(ckpt.path),
+        "options": {**opts.__dict__, "scale_dtype": str(sdt).removeprefix("torch.")},
+        "format": "compressed-tensors pack-quantized",
+        "linear_parameters": n_linear,
+        "bits_per_weight": opts.spec.bits_per_weight(scale_bits),
+        "seconds": round(seconds, 3),
+        "peak_memory_bytes": _peak_memory_bytes(device),
+        "device": device,
+        "linears": stats,
+    }
+    errs = [s["weight_rel_err"] for s in stats.values()]
+    report["mean_weight_rel_err"] = sum(errs) / len(errs)
+    if opts.method == "gptq":
+        out = [s["output_rel_err"] for s in stats.values()]
+        base = [s["rtn_output_rel_err"] for s in stats.values()]
+        report["mean_output_rel_err"] = sum(out) / len(out)
+        report["mean_rtn_output_rel_err"] = sum(base) / len(base)
+    return report

@@ -1,0 +1,90 @@
+"""Quantization settings: one frozen dataclass, named TOML recipes under ``recipes/``, CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import QuantkitError
+from .primitives import QuantSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything that decides a quantized artifact. Same options + same input = byte-identical output."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "gptq"  # "gptq" | "rtn"
+    calib: str | None = None  # calibration text (GPTQ); default: WikiText-2 validation
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    act_order: bool = False
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    blocksize: int = 128
+    calib_dtype: str = "float32"  # activations carried between layers during calibration
+    scale_dtype: str = "auto"  # "auto" = the checkpoint's dtype (compressed-tensors); fp16 for GGUF
+    quantize_embedding: bool = False  # int8 per-channel embedding (the head is tied to it)
+    batch_size: int = 8  # calibration sequences per forward
+
+    def __post_init__(self):
+        if self.method not in ("gptq", "rtn"):
+            raise QuantkitError(f"--method {self.method!r}: choose gptq or rtn")
+        if not 0.0 < self.damp < 1.0:
+            raise QuantkitError(f"--damp {self.damp}: must be in (0, 1)")
+        if self.calib_dtype not in ("float32", "bfloat16"):
+            raise QuantkitError(f"calib_dtype {self.calib_dtype!r}: choose float32 or bfloat16")
+        if self.scale_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise QuantkitError(f"scale_dtype {self.scale_dtype!r}: choose auto, float16, bfloat16 or float32")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
+        QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    def replace(self, **changes: Any) -> QuantizeOptions:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by path or by name (``recipes/NAME.toml``); unknown keys are an error."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPES_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+        raise QuantkitError(f"recipe {name_or_path!r} not found (known: {', '.join(known)})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise QuantkitError(f"{path}: invalid TOML ({e})") from None
+    data.pop("description", None)
+    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise QuantkitError(f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(fields))})")
+    return data
+
+
+def resolve_options(recipe: str | None = None, **overrides: Any) -> QuantizeOptions:
+    """Defaults, then the recipe, then CLI flags (None = not given)."""
+    base = load_recipe(recipe) if recipe else {}
+    try:
+        opts = QuantizeOptions(**base)
+    except TypeError as e:
+        raise QuantkitError(f"recipe {recipe}: {e}") from None
+    return opts.replace(**overrides)
