@@ -75,9 +75,9 @@ def _expand(t: torch.Tensor, in_features: int) -> torch.Tensor:
 
 
 def round_up_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Cast positive fp32 values to ``dtype``, rounding up (never below x), so a scale never shrinks."""
+    """Cast positive (fp64) values to ``dtype``, rounding up (never below x), so a scale never shrinks."""
     y = x.to(dtype)
-    low = y.float() < x
+    low = y.double() < x
     if low.any():
         y = torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
     return y
@@ -88,7 +88,7 @@ def choose_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and zero point) per row and group. w [O, I] -> scale [O, G], zero [O, G] int8 | None."""
     o, i = w.shape
-    wg = w.float().reshape(o, spec.groups(i), -1)  # [O, G, g]
+    wg = w.double().reshape(o, spec.groups(i), -1)  # [O, G, g]; fp64 so that rounding up is exact
     lo = wg.amin(dim=-1).clamp(max=0.0)
     hi = wg.amax(dim=-1).clamp(min=0.0)
     if spec.sym:
@@ -96,10 +96,10 @@ def choose_qparams(
     else:
         scale = (hi - lo) / (2**spec.bits - 1)
     scale = round_up_to(scale, scale_dtype)
-    scale = torch.where(scale == 0, torch.finfo(scale_dtype).eps, scale.float()).to(scale_dtype)
+    scale = torch.where(scale == 0, torch.finfo(scale_dtype).eps, scale.double()).to(scale_dtype)
     if spec.sym:
         return scale, None
-    zero = torch.round(spec.qmin - lo / scale.float()).clamp(spec.qmin, spec.qmax).to(torch.int8)
+    zero = torch.round(spec.qmin - lo / scale.double()).clamp(spec.qmin, spec.qmax).to(torch.int8)
     return scale, zero
 
 
