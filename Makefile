@@ -1,0 +1,49 @@
+# quantkit — set-up and checks. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+TINY   := build/tiny-gemma2
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install test lint format recipes demo bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the CPU wheel on local disk; an unpinned torch would pull a multi-GB CUDA build.
+# llama-cpp-python (a test oracle) builds llama.cpp from source: portable flags, no -march=native.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q -e '.[test,demo]'
+	touch $@
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Every recipe under recipes/ on a tiny random checkpoint (exercises the CLI end to end).
+recipes: install
+	rm -rf $(TINY) build/recipes
+	$(BIN)/python scripts/make_tiny_checkpoint.py $(TINY) > /dev/null
+	for r in recipes/*.toml; do \
+	  name=$$(basename $$r .toml); \
+	  $(BIN)/quantkit quantize $(TINY) --recipe $$r --nsamples 8 --seqlen 64 -o build/recipes/$$name || exit 1; \
+	done
+
+test: install lint recipes
+	$(BIN)/pytest -q
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+bench: install
+	$(BIN)/python scripts/bench_quantize.py
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""eval-ppl against a direct transformers computation; the dequantizing linear; streamed == whole-model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from conftest import TEST_TEXT
+from transformers import AutoModelForCausalLM
+
+import quantkit.packed as packed
+from quantkit.checkpoint import open_checkpoint
+from quantkit.cli import cli
+from quantkit.data import perplexity_chunks
+from quantkit.evaluate import evaluate
+from quantkit.primitives import QuantSpec, rtn
+from quantkit.tokenizer import Tokenizer
+
+CTX, CHUNKS = 64, 6
+
+
+def _hf_scores(path, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """nll [n, S] and log-probs [n, S, V] at llama-perplexity's scored positions, straight from transformers."""
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(chunks).logits.float()
+    first = CTX // 2
+    lp = F.log_softmax(logits[:, first : CTX - 1], dim=-1)
+    nll = -lp.gather(-1, chunks[:, first + 1 :, None]).squeeze(-1)
+    return nll, lp
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_gemma2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "rtn4"
+    args = ["quantize", str(tiny_gemma2), "-o", str(out), "--method", "rtn", "--group", "32", "--scale-dtype", "float32"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    return out
+
+
+def test_eval_ppl_equals_transformers(tiny_gemma2, quantized):
+    res = CliRunner().invoke(cli, ["eval-ppl", str(tiny_gemma2), "--quantized", str(quantized), "--dataset",
+                                   str(TEST_TEXT), "--ctx", str(CTX), "--chunks", str(CHUNKS), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    chunks = perplexity_chunks(Tokenizer(tiny_gemma2 / "tokenizer.model"), TEST_TEXT, CTX, CHUNKS)
+    assert torch.all(chunks[:, 0] == 2)
+    nll_ref, lp_ref = _hf_scores(tiny_gemma2, chunks)
+    nll_q, lp_q = _hf_scores(quantized, chunks)
+    assert r["tokens_scored"] == nll_ref.numel() == CHUNKS * (CTX - 1 - CTX // 2)
+    assert r["reference"]["ppl"] == pytest.approx(math.exp(nll_ref.double().mean()), rel=1e-4)
+    assert r["quantized"]["ppl"] == pytest.approx(math.exp(nll_q.double().mean()), rel=1e-4)
+    kl = (lp_ref.exp() * (lp_ref - lp_q)).sum(-1)
+    assert r["kld_mean"] == pytest.approx(float(kl.mean()), rel=1e-3)
+    assert r["top1_agreement"] == pytest.approx(float((lp_ref.argmax(-1) == lp_q.argmax(-1)).float().mean()))
+    sd = nll_ref.double().std(unbiased=False)
+    se = math.exp(nll_ref.double().mean()) * float(sd) / math.sqrt(nll_ref.numel() - 1)
+    assert r["reference"]["ppl_se"] == pytest.approx(se, rel=1e-3)
+    assert r["delta_ppl"] == pytest.approx(r["quantized"]["ppl"] - r["reference"]["ppl"])
+
+
+def test_reference_alone(tiny_gemma3):
+    res = CliRunner().invoke(cli, ["eval-ppl", str(tiny_gemma3), "--dataset", str(TEST_TEXT), "--ctx", "32",
+                                   "--chunks", "2", "--json"])  # fmt: skip
+    r = json.loads(res.stdout)
+    assert "quantized" not in r and r["reference"]["ppl"] > 1 and r["chunks"] == 2
+
+
+def test_layer_streamed_equals_whole_model(tiny_gemma3, tmp_path):
+    out = tmp_path / "q"
+    assert CliRunner().invoke(cli, ["quantize", str(tiny_gemma3), "-o", str(out), "--method", "rtn"]).exit_code == 0
+    ref, q = open_checkpoint(tiny_gemma3), open_checkpoint(out)
+    chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), TEST_TEXT, 32, 5)
+    whole = evaluate(ref, chunks, q, stream=False, batch_size=2, progress=False)
+    streamed = evaluate(ref, chunks, q, stream=True, batch_size=2, progress=False)
+    for key in ("delta_ppl", "kld_mean", "kld_p99", "top1_agreement"):
+        assert streamed[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+    assert streamed["reference"] == pytest.approx(whole["reference"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, 256, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_packed_linear_equals_dense_linear(bits, group, sym, monkeypatch):
+    w = torch.randn(100, 512)
+    qw = rtn(w, QuantSpec(bits, group, sym), torch.bfloat16)
+    layer = packed.PackedLinear(qw)
+    x = torch.randn(3, 7, 512)
+    assert torch.equal(layer.quantized_weight().codes, qw.codes)
+    expected = F.linear(x, qw.dequantize())
+    assert torch.equal(layer(x), expected)  # exact in fp32
+    assert not any(b.dtype.is_floating_point and b.numel() == w.numel() for b in layer.buffers())
+    monkeypatch.setattr(packed, "ROW_BLOCK", 48)  # the row-blocked path for wide layers
+    blocks = [F.linear(x, qw.dequantize()[r : r + 48]) for r in range(0, 100, 48)]
+    got = layer(x)
+    assert torch.equal(got, torch.cat(blocks, dim=-1))  # bit-exact to F.linear on the same row blocks
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)  # BLAS may block the full product differently
