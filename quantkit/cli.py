@@ -137,7 +137,7 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
     data = dataset or default_evaluation_text()
     ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    res = evaluate(ref, ids, quant, dt, device, stream, batch_size)
+    res = evaluate(ref, ids, quant, dtype=dt, device=device, stream=stream, batch_size=batch_size)
     res["dataset"] = str(data)
     _emit(res, as_json, _format_eval(res))
 

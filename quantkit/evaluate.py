@@ -49,41 +49,43 @@ class NllStats:
         return {"ppl": ppl, "ppl_se": se, "nll": mean}
 
 
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _nll(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -lp.gather(-1, targets[..., None]).squeeze(-1)
+
+
 @dataclass
 class Comparison:
-    ref: NllStats = field(default_factory=NllStats)
+    """One quantized model against the reference, on the same tokens."""
+
     quant: NllStats = field(default_factory=NllStats)
     kld: list[np.ndarray] = field(default_factory=list)
     same_top1: int = 0
 
-    def add(self, ref_logits: torch.Tensor, q_logits: torch.Tensor | None, targets: torch.Tensor) -> None:
-        """logits [B, S, V] at the scored positions, targets [B, S] (the next tokens)."""
-        ref_lp = F.log_softmax(ref_logits.float(), dim=-1)
-        self.ref.add(-ref_lp.gather(-1, targets[..., None]).squeeze(-1))
-        if q_logits is None:
-            return
-        q_lp = F.log_softmax(q_logits.float(), dim=-1)
-        self.quant.add(-q_lp.gather(-1, targets[..., None]).squeeze(-1))
+    def add(self, ref_lp: torch.Tensor, q_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """ref_lp: reference log-probs [B, S, V]; q_logits [B, S, V]; targets [B, S] (the next tokens)."""
+        q_lp = _log_probs(q_logits)
+        self.quant.add(_nll(q_lp, targets))
         kl = (ref_lp.exp() * (ref_lp - q_lp)).sum(-1)  # [B, S]
         self.kld.append(kl.flatten().double().numpy())
         self.same_top1 += int((ref_lp.argmax(-1) == q_lp.argmax(-1)).sum())
 
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"reference": self.ref.summary()}
-        if not self.kld:
-            return out
+    def summary(self, r: dict[str, float]) -> dict[str, Any]:
         kl = np.concatenate(self.kld)
-        r, q = out["reference"], self.quant.summary()
-        out.update(
-            quantized=q,
-            delta_ppl=q["ppl"] - r["ppl"],
-            delta_ppl_pct=100.0 * (q["ppl"] / r["ppl"] - 1.0),
-            kld_mean=float(kl.mean()),
-            kld_p99=float(np.percentile(kl, 99)),
-            kld_p999=float(np.percentile(kl, 99.9)),
-            top1_agreement=self.same_top1 / kl.size,
-        )
-        return out
+        q = self.quant.summary()
+        return {
+            "reference": r,
+            "quantized": q,
+            "delta_ppl": q["ppl"] - r["ppl"],
+            "delta_ppl_pct": 100.0 * (q["ppl"] / r["ppl"] - 1.0),
+            "kld_mean": float(kl.mean()),
+            "kld_p99": float(np.percentile(kl, 99)),
+            "kld_p999": float(np.percentile(kl, 99.9)),
+            "top1_agreement": self.same_top1 / kl.size,
+        }
 
 
 def scored(ctx: int) -> slice:
@@ -134,57 +136,64 @@ def available_memory() -> int:
     return 8 << 30
 
 
-def should_stream(ref: Checkpoint, quant: Checkpoint | None, dtype: torch.dtype) -> bool:
-    """Stream layers when both models at compute precision would not fit in ~60% of free memory."""
-    need = model_bytes(ref, dtype) * (2 if quant is not None else 1)
-    return need > 0.6 * available_memory()
+def _logit_streams(models, batches, sl, stream, dtype, device, progress) -> list[Iterator[torch.Tensor]]:
+    """One iterator of scored-position logits per (checkpoint, quantized) pair, batch by batch."""
+    if stream:
+        total = sum(ck.config.num_hidden_layers for ck, _ in models)
+        with tqdm(total=total, desc="eval (layer-streamed)", unit="layer", disable=not progress) as bar:
+            return [_streamed_logits(ck, q, dtype, device, batches, sl, bar) for ck, q in models]
+    built = [
+        build_model(ck, dtype, device, linears_for=(lambda i, ck=ck: linears_from_checkpoint(ck, i)) if q else None)
+        for ck, q in models
+    ]
+    return [_whole_model_logits(m, batches, sl) for m in built]
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_many(
     ref: Checkpoint,
     chunks: torch.Tensor,
-    quant: Checkpoint | None = None,
+    quants: list[Checkpoint],
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     stream: bool | None = None,
     batch_size: int = 1,
     progress: bool = True,
-) -> dict[str, Any]:
-    """PPL of ``ref`` (and of ``quant`` with Δppl, KL, top-1 agreement) on ``chunks`` [n, ctx]."""
+) -> list[dict[str, Any]]:
+    """Score ``ref`` and every model in ``quants`` on ``chunks`` [n, ctx] in one pass over the text (the
+    reference runs once). Returns one result per quantized model (or the reference alone)."""
     n, ctx = chunks.shape
     sl = scored(ctx)
     targets = chunks[:, sl.start + 1 : sl.stop + 1]  # [n, S]
-    stream = should_stream(ref, quant, dtype) if stream is None else stream
+    if stream is None:
+        stream = model_bytes(ref, dtype) * (1 + len(quants)) > 0.6 * available_memory()
     batches = _batches(chunks, batch_size)
-    cmp = Comparison()
     t0 = time.perf_counter()
-    if stream:
-        total = ref.config.num_hidden_layers * (2 if quant is not None else 1)
-        with tqdm(total=total, desc="eval (layer-streamed)", unit="layer", disable=not progress) as bar:
-            ref_logits = _streamed_logits(ref, False, dtype, device, batches, sl, bar)
-            q_logits = _streamed_logits(quant, True, dtype, device, batches, sl, bar) if quant else None
-        for k, lr in enumerate(ref_logits):
-            tg = targets[k * batch_size : k * batch_size + len(lr)]
-            cmp.add(lr, None if q_logits is None else next(q_logits), tg)
-    else:
-        ref_model = build_model(ref, dtype, device)
-        q_model = None
-        if quant is not None:
-            q_model = build_model(quant, dtype, device, linears_for=lambda i: linears_from_checkpoint(quant, i))
-        ref_iter = _whole_model_logits(ref_model, batches, sl)
-        q_iter = _whole_model_logits(q_model, batches, sl) if q_model is not None else None
-        for k in tqdm(range(len(batches)), desc="eval", unit="batch", disable=not progress):
-            tg = targets[k * batch_size : k * batch_size + len(batches[k])]
-            cmp.add(next(ref_iter), None if q_iter is None else next(q_iter), tg)
+    models = [(ref, False)] + [(q, True) for q in quants]
+    streams = _logit_streams(models, batches, sl, stream, dtype, device, progress)
+    ref_stats, comparisons = NllStats(), [Comparison() for _ in quants]
+    start = 0
+    for _ in tqdm(range(len(batches)), desc="eval", unit="batch", disable=not progress or stream):
+        ref_lp = _log_probs(next(streams[0]))
+        tg = targets[start : start + len(ref_lp)]
+        start += len(ref_lp)
+        ref_stats.add(_nll(ref_lp, tg))
+        for cmp, qs in zip(comparisons, streams[1:], strict=True):
+            cmp.add(ref_lp, next(qs), tg)
     seconds = time.perf_counter() - t0
-    out = cmp.summary()
-    out.update(
-        tokens_scored=cmp.ref.count,
-        chunks=n,
-        ctx=ctx,
-        seconds=round(seconds, 3),
-        tokens_per_s=n * ctx / seconds,
-        mode="layer-streamed" if stream else "whole-model",
-    )
-    return out
+    r = ref_stats.summary()
+    results = [c.summary(r) for c in comparisons] or [{"reference": r}]
+    info = {
+        "tokens_scored": ref_stats.count,
+        "chunks": n,
+        "ctx": ctx,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": n * ctx * len(models) / seconds,  # forward-pass tokens, all models together
+        "mode": "layer-streamed" if stream else "whole-model",
+    }
+    return [{**res, **info} for res in results]
+
+
+def evaluate(ref: Checkpoint, chunks: torch.Tensor, quant: Checkpoint | None = None, **kwargs) -> dict[str, Any]:
+    """PPL of ``ref`` (and of ``quant`` with Δppl, KL, top-1 agreement) on ``chunks`` [n, ctx]."""
+    return evaluate_many(ref, chunks, [quant] if quant is not None else [], **kwargs)[0]

@@ -84,8 +84,16 @@ def _break_nan(d: Path) -> str:
     return "contains NaN or inf values"
 
 
-BREAKERS = [_break_missing_shard, _break_truncated, _break_header, _break_shape, _break_arch, _break_tokenizer,
-            _break_pickle, _break_nan]  # fmt: skip
+BREAKERS = [
+    _break_missing_shard,
+    _break_truncated,
+    _break_header,
+    _break_shape,
+    _break_arch,
+    _break_tokenizer,
+    _break_pickle,
+    _break_nan,
+]
 
 
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda f: f.__name__.removeprefix("_break_"))
@@ -104,8 +112,7 @@ def test_bad_checkpoint_gives_one_line_error(tiny_gemma2, tmp_path, breaker):
 def test_console_script_exit_status(tiny_gemma2, tmp_path):
     model = _copy(tiny_gemma2, tmp_path)
     _break_missing_shard(model)
-    proc = subprocess.run([sys.executable, "-m", "quantkit.cli", "inspect", str(model)],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "quantkit.cli", "inspect", str(model)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "missing" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -137,8 +144,11 @@ def test_config_styles_agree(tiny_gemma3, tmp_path):
     from quantkit.config import config_from_dict
 
     raw = json.loads((tiny_gemma3 / "config.json").read_text())
-    v5 = {k: v for k, v in raw.items() if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling",
-                                                     "sliding_window_pattern")}  # fmt: skip
+    v5 = {
+        k: v
+        for k, v in raw.items()
+        if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern")
+    }
     v5["rope_parameters"] = {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

@@ -37,14 +37,39 @@ def _hf_scores(path, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def quantized(tiny_gemma2, tmp_path_factory):
     out = tmp_path_factory.mktemp("q") / "rtn4"
-    args = ["quantize", str(tiny_gemma2), "-o", str(out), "--method", "rtn", "--group", "32", "--scale-dtype", "float32"]
+    args = [
+        "quantize",
+        str(tiny_gemma2),
+        "-o",
+        str(out),
+        "--method",
+        "rtn",
+        "--group",
+        "32",
+        "--scale-dtype",
+        "float32",
+    ]
     assert CliRunner().invoke(cli, args).exit_code == 0
     return out
 
 
 def test_eval_ppl_equals_transformers(tiny_gemma2, quantized):
-    res = CliRunner().invoke(cli, ["eval-ppl", str(tiny_gemma2), "--quantized", str(quantized), "--dataset",
-                                   str(TEST_TEXT), "--ctx", str(CTX), "--chunks", str(CHUNKS), "--json"])  # fmt: skip
+    res = CliRunner().invoke(
+        cli,
+        [
+            "eval-ppl",
+            str(tiny_gemma2),
+            "--quantized",
+            str(quantized),
+            "--dataset",
+            str(TEST_TEXT),
+            "--ctx",
+            str(CTX),
+            "--chunks",
+            str(CHUNKS),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     chunks = perplexity_chunks(Tokenizer(tiny_gemma2 / "tokenizer.model"), TEST_TEXT, CTX, CHUNKS)
@@ -64,8 +89,9 @@ def test_eval_ppl_equals_transformers(tiny_gemma2, quantized):
 
 
 def test_reference_alone(tiny_gemma3):
-    res = CliRunner().invoke(cli, ["eval-ppl", str(tiny_gemma3), "--dataset", str(TEST_TEXT), "--ctx", "32",
-                                   "--chunks", "2", "--json"])  # fmt: skip
+    res = CliRunner().invoke(
+        cli, ["eval-ppl", str(tiny_gemma3), "--dataset", str(TEST_TEXT), "--ctx", "32", "--chunks", "2", "--json"]
+    )
     r = json.loads(res.stdout)
     assert "quantized" not in r and r["reference"]["ppl"] > 1 and r["chunks"] == 2
 

@@ -9,8 +9,17 @@ from quantkit.gptq import Hessian, gptq_quantize, output_error
 from quantkit.primitives import QuantSpec, rtn
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 128, False), QuantSpec(8, -1, True),
-                                  QuantSpec(3, 64, True), QuantSpec(4, 256, True)], ids=str)  # fmt: skip
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(4, 32, True),
+        QuantSpec(4, 128, False),
+        QuantSpec(8, -1, True),
+        QuantSpec(3, 64, True),
+        QuantSpec(4, 256, True),
+    ],
+    ids=str,
+)
 def test_identity_hessian_equals_rtn(spec):
     w = torch.randn(48, 512)
     res = gptq_quantize(w, torch.eye(512), spec, torch.bfloat16)
@@ -40,8 +49,9 @@ def test_gptq_output_error_well_below_rtn(spec, actorder):
     err = lambda wq: float(((x @ w.T - x @ wq.T) ** 2).sum())  # noqa: E731
     gptq_err, rtn_err = err(res.weight.dequantize()), err(rtn(w, spec).dequantize())
     assert gptq_err < 0.2 * rtn_err, gptq_err / rtn_err
-    assert output_error(w, res.weight.dequantize(), hess.H) == pytest.approx(gptq_err / float(((x @ w.T) ** 2).sum()),
-                                                                              rel=1e-3)  # fmt: skip
+    assert output_error(w, res.weight.dequantize(), hess.H) == pytest.approx(
+        gptq_err / float(((x @ w.T) ** 2).sum()), rel=1e-3
+    )
 
 
 def test_dead_inputs_and_damping_retry():

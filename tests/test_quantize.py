@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+from conftest import CALIB_TEXT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,8 +19,6 @@ from quantkit.cli import cli
 from quantkit.model import build_model
 from quantkit.packed import linears_from_checkpoint
 from quantkit.recipes import RECIPES_DIR
-
-from conftest import CALIB_TEXT
 
 FAST_GPTQ = ["--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
 
@@ -37,9 +36,15 @@ def _ids(vocab: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("args", [["--method", "rtn", "--bits", "4", "--group", "32"],
-                                  ["--method", "gptq", "--bits", "4", "--group", "128", *FAST_GPTQ],
-                                  ["--method", "rtn", "--bits", "8", "--group", "-1"]], ids=["rtn4", "gptq4", "rtn8ch"])  # fmt: skip
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--method", "rtn", "--bits", "4", "--group", "32"],
+        ["--method", "gptq", "--bits", "4", "--group", "128", *FAST_GPTQ],
+        ["--method", "rtn", "--bits", "8", "--group", "-1"],
+    ],
+    ids=["rtn4", "gptq4", "rtn8ch"],
+)
 def test_transformers_loads_artifact_and_matches(tiny_ckpt, tmp_path, args):
     out = tmp_path / "q"
     report = _quantize(tiny_ckpt, out, *args, "--scale-dtype", "float32")
