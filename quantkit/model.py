@@ -91,6 +91,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.has_qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.core(x, cos, sin, mask))
+
+    def core(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Everything before o_proj: x [B, T, H] -> concatenated head outputs [B, T, nH*D]."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, nH, D]
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)  # [B, T, nKV, D]
@@ -107,8 +111,7 @@ class Attention(nn.Module):
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         probs = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.o_proj(out)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -136,17 +139,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """h [B, T, H] at positions 0..T-1 (or ``positions`` [T]) -> [B, T, H]."""
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, H] at positions 0..T-1 -> [B, T, H]."""
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), *self.attention_inputs(h)))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+    def attention_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos, sin, mask) for a [B, T, H] input at positions 0..T-1 on this layer's RoPE base and window."""
         t = h.shape[1]
-        if positions is None:
-            positions = torch.arange(t, device=h.device)
+        positions = torch.arange(t, device=h.device)
         cos, sin = rope_cos_sin(positions, self.self_attn.head_dim, self.rope_base, self.rope_factor, h.dtype)
-        mask = attention_mask(t, self.window, h.device, h.dtype)
-        a = self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos, sin, mask))
-        h = h + a
-        m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return h + m
+        return cos, sin, attention_mask(t, self.window, h.device, h.dtype)
 
 
 class Gemma(nn.Module):

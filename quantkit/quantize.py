@@ -74,17 +74,58 @@ def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter,
     return stats
 
 
-def _collect_hessian(layer: torch.nn.Module, module: torch.nn.Module, inps: list[torch.Tensor]) -> Hessian:
-    """Run the layer on every calibration batch and accumulate the Hessian of ``module``'s input."""
-    hess = Hessian(module.in_features if hasattr(module, "in_features") else module.weight.shape[1],
-                   inps[0].device)  # fmt: skip
-    handle = module.register_forward_pre_hook(lambda _m, args: hess.add(args[0]))
-    try:
-        for x in inps:
-            layer(x)
-    finally:
-        handle.remove()
-    return hess
+class _LayerCalibrator:
+    """GPTQ for one decoder layer, true-sequential: each step feeds its quantized result to the next.
+
+    The layer is evaluated piecewise (no forward hooks, no early exits), each piece once per batch:
+      x1 = input_norm(h)                        -> H(q,k,v) -> quantize q, k, v
+      a  = attention core(x1) with quantized qkv -> H(o)     -> quantize o
+      hm = h + post_attn_norm(o(a)); x2 = pre_ff_norm(hm) -> H(gate, up) -> quantize gate, up
+      m  = gelu(gate(x2)) * up(x2)              -> H(down)  -> quantize down
+      out = hm + post_ff_norm(down(m))          -> next layer's inputs
+    """
+
+    def __init__(self, model: Gemma, i: int, tensors: dict, opts: QuantizeOptions, sdt, writer, stats, device):
+        self.model, self.i, self.layer = model, i, model.layers[i]
+        self.tensors, self.opts, self.sdt, self.writer, self.stats = tensors, opts, sdt, writer, stats
+        self.device = device
+
+    def _quantize(self, names: tuple[str, ...], xs: list[torch.Tensor]) -> None:
+        hess = Hessian(xs[0].shape[-1], xs[0].device)
+        for x in xs:
+            hess.add(x)
+        o = self.opts
+        for name in names:
+            w = self.tensors[f"{name}.weight"].float()
+            res = gptq_quantize(w.to(self.device), hess.H, o.spec, self.sdt, o.blocksize, o.damp, o.act_order)
+            path = layer_prefix(self.i) + name
+            self.writer.add_quantized(path, res.weight)
+            self.model.set_linear(self.i, name, PackedLinear(res.weight).to(self.device))
+            self.stats[path] = {
+                "weight_rel_err": _weight_error(w, res.weight),
+                "output_rel_err": output_error(w, res.weight.dequantize(), hess.H),
+                "rtn_output_rel_err": output_error(w, rtn(w, o.spec, self.sdt).dequantize(), hess.H),
+                "damp": res.damp,
+            }
+
+    @torch.no_grad()
+    def run(self, inps: list[torch.Tensor]) -> list[torch.Tensor]:
+        ly, attn = self.layer, self.layer.self_attn
+        extras = ly.attention_inputs(inps[0])  # cos, sin, mask: the same for every batch
+        x1 = [ly.input_layernorm(h) for h in inps]
+        self._quantize(SUBSETS[0], x1)
+        a = [attn.core(x, *extras) for x in x1]
+        del x1
+        self._quantize(SUBSETS[1], a)
+        hm = [h + ly.post_attention_layernorm(attn.o_proj(z)) for h, z in zip(inps, a, strict=True)]
+        del a
+        x2 = [ly.pre_feedforward_layernorm(h) for h in hm]
+        self._quantize(SUBSETS[2], x2)
+        mlp = ly.mlp
+        m = [torch.nn.functional.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x) for x in x2]
+        del x2
+        self._quantize(SUBSETS[3], m)
+        return [h + ly.post_feedforward_layernorm(mlp.down_proj(z)) for h, z in zip(hm, m, strict=True)]
 
 
 def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, device) -> dict:
@@ -96,31 +137,15 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
     with torch.no_grad():
         inps = [model.embed(b.to(device)) for b in ids.split(opts.batch_size)]  # each [b, T, H]
     model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
-    stats = {}
+    stats: dict = {}
     for i in range(cfg.num_hidden_layers):
+        bar.set_postfix_str(f"layer {i}")
         tensors = ckpt.layer_tensors(i)
         for name in LINEAR_NAMES:
             if not torch.isfinite(tensors[f"{name}.weight"]).all():
                 raise QuantkitError(f"{ckpt.path}: {layer_prefix(i)}{name}.weight contains NaN or inf values")
         model.load_layer(i, tensors)
-        layer = model.layers[i]
-        with torch.no_grad():
-            for subset in SUBSETS:
-                bar.set_postfix_str(f"layer {i} {'/'.join(s.split('.')[1] for s in subset)}")
-                hess = _collect_hessian(layer, model.linear(i, subset[0]), inps)
-                for name in subset:
-                    w = tensors[f"{name}.weight"].float()
-                    res = gptq_quantize(w.to(device), hess.H, opts.spec, sdt, opts.blocksize, opts.damp, opts.act_order)
-                    writer.add_quantized(layer_prefix(i) + name, res.weight)
-                    model.set_linear(i, name, PackedLinear(res.weight).to(device))
-                    base = rtn(w, opts.spec, sdt).dequantize()
-                    stats[layer_prefix(i) + name] = {
-                        "weight_rel_err": _weight_error(w, res.weight),
-                        "output_rel_err": output_error(w, res.weight.dequantize(), hess.H),
-                        "rtn_output_rel_err": output_error(w, base, hess.H),
-                        "damp": res.damp,
-                    }
-            inps = [layer(x) for x in inps]
+        inps = _LayerCalibrator(model, i, tensors, opts, sdt, writer, stats, device).run(inps)
         for name, t in tensors.items():
             if name.removesuffix(".weight") not in LINEAR_NAMES:
                 writer.add(layer_prefix(i) + name, t)
