@@ -70,7 +70,10 @@ _VOCAB_ARRAYS = (K.Tokenizer.LIST, K.Tokenizer.SCORES, K.Tokenizer.TOKEN_TYPE, K
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool = True) -> Path:
-    """Write the HF checkpoint for a gemma2/gemma3 GGUF to ``out_dir`` (atomically) and return ``out_dir``."""
+    """Write the HF checkpoint for a gemma2/gemma3 GGUF to ``out_dir`` (atomically) and return ``out_dir``.
+
+    Raises QuantkitError (one line, naming the file) for a file that is not GGUF, another architecture, a
+    non-SentencePiece vocab, missing or mis-shaped tensors, or an untied ``output.weight``."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = open_gguf(gguf_path)
     meta = read_metadata(reader)
@@ -346,8 +349,8 @@ def read_vocab(reader: gguf.GGUFReader, source: str) -> Vocab:
     if model != "llama":
         raise QuantkitError(f"{source}: tokenizer.ggml.model is {model!r}; only SentencePiece ('llama') vocabs")
     tokens = reader.get_field(K.Tokenizer.LIST)
-    if tokens is None:
-        raise QuantkitError(f"{source}: GGUF key {K.Tokenizer.LIST!r} is missing")
+    if tokens is None or len(tokens.data) == 0:
+        raise QuantkitError(f"{source}: GGUF key {K.Tokenizer.LIST!r} is missing or empty")
     pieces = [tokens.parts[i].tobytes().decode("utf-8", errors="replace") for i in tokens.data]
     pieces = [p or f"[EMPTY_{i}]" for i, p in enumerate(pieces)]  # as llama.cpp; SentencePiece refuses ""
     n = len(pieces)

@@ -140,6 +140,6 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """Relative output error ‖XWᵀ − XŴᵀ‖² / ‖XWᵀ‖² computed from H ∝ XᵀX (both [O, I] weights)."""
     W = W.to(H.device, torch.float32)
     D = W - Wq.to(H.device, torch.float32)
-    num = torch.einsum("oi,ij,oj->", D, H, D)
-    den = torch.einsum("oi,ij,oj->", W, H, W)
+    num = ((D @ H) * D).sum()  # tr(D H Dᵀ)
+    den = ((W @ H) * W).sum()
     return float(num / den) if den > 0 else 0.0

