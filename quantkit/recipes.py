@@ -36,7 +36,6 @@ class QuantizeOptions:
     blocksize: int = 128
     calib_dtype: str = "float32"  # activations carried between layers during calibration
     scale_dtype: str = "auto"  # "auto" = the checkpoint's dtype (compressed-tensors); fp16 for GGUF
-    quantize_embedding: bool = False  # int8 per-channel embedding (the head is tied to it)
     batch_size: int = 8  # calibration sequences per forward
 
     def __post_init__(self):

@@ -53,8 +53,9 @@ def bench(shape: tuple[int, int], tokens: int, repeat: int) -> list[dict]:
     scales = qw.scale[:, 0].contiguous()
     ms, y = _time(lambda: torch._weight_int8pack_mm(x, qw.codes, scales), repeat)
     ref = F.linear(x, qw.dequantize())
-    rows.append({"kernel": "torch _weight_int8pack_mm (per-channel)", "ms": ms,
-                 "max_abs_diff": float((y - ref).abs().max())})  # fmt: skip
+    rows.append(
+        {"kernel": "torch _weight_int8pack_mm (per-channel)", "ms": ms, "max_abs_diff": float((y - ref).abs().max())}
+    )
     layer = PackedLinear(qw)
     ms, y = _time(lambda: layer(x), repeat)
     rows.append({"kernel": "PackedLinear int8 per-channel", "ms": ms, "max_abs_diff": float((y - ref).abs().max())})

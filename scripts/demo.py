@@ -59,8 +59,11 @@ def run(args: argparse.Namespace) -> dict:
         quants.append(open_checkpoint(dest))
     ref = open_checkpoint(model)
     chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), text, args.ctx, args.chunks)
-    print(f"$ quantkit eval-ppl {model} --quantized DIR --ctx {args.ctx} --chunks {args.chunks}  (x{len(quants)},"
-          " one shared reference pass)", flush=True)
+    print(
+        f"$ quantkit eval-ppl {model} --quantized DIR --ctx {args.ctx} --chunks {args.chunks}  (x{len(quants)},"
+        " one shared reference pass)",
+        flush=True,
+    )
     t0 = time.perf_counter()
     results = evaluate_many(ref, chunks, quants)
     for row, res in zip(rows, results, strict=True):
@@ -78,9 +81,11 @@ def run(args: argparse.Namespace) -> dict:
 def table(d: dict) -> str:
     r0 = d["rows"][0]["eval"]
     ref = r0["reference"]
-    head = (f"Gemma 3 270M (imported from Q4_K_M GGUF), {r0['chunks']} chunks x {r0['ctx']} tokens of "
-            f"{Path(d['evaluation_text']).name}, {r0['tokens_scored']} tokens scored\n"
-            f"reference ppl {ref['ppl']:.4f} +/- {ref['ppl_se']:.4f}\n")  # fmt: skip
+    head = (
+        f"Gemma 3 270M (imported from Q4_K_M GGUF), {r0['chunks']} chunks x {r0['ctx']} tokens of "
+        f"{Path(d['evaluation_text']).name}, {r0['tokens_scored']} tokens scored\n"
+        f"reference ppl {ref['ppl']:.4f} +/- {ref['ppl_se']:.4f}\n"
+    )
     cols = ("recipe", "bits/w", "MiB", "quant s", "peak RSS GiB", "ppl", "d ppl %", "KLD mean", "KLD p99", "top-1 %")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in d["rows"]:
@@ -88,7 +93,8 @@ def table(d: dict) -> str:
         lines.append(
             f"| {row['recipe']} | {q['bits_per_weight']:.3f} | {row['size_bytes'] / 2**20:.0f} | {q['seconds']:.0f} "
             f"| {q['peak_memory_bytes'] / 2**30:.2f} | {e['quantized']['ppl']:.4f} +/- {e['quantized']['ppl_se']:.4f} "
-            f"| {e['delta_ppl_pct']:+.3f} | {e['kld_mean']:.5f} | {e['kld_p99']:.5f} | {100 * e['top1_agreement']:.2f} |"
+            f"| {e['delta_ppl_pct']:+.3f} | {e['kld_mean']:.5f} | {e['kld_p99']:.5f} "
+            f"| {100 * e['top1_agreement']:.2f} |"
         )
     tail = f"\neval: {r0['tokens_per_s']:.0f} forward tokens/s over 4 models, {d['eval_seconds']:.0f} s"
     return head + "\n".join(lines) + tail
