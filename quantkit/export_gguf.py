@@ -376,13 +376,12 @@ def export_gguf(src: Checkpoint | str | Path, out_path: str | Path, qtype: str, 
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            bar = _progress(sum(t.nbytes for t in plan), progress)
-            for t in plan:
-                data, entry = encode_tensor(ckpt, t)
-                writer.write_tensor_data(np.ascontiguousarray(data).reshape(-1))
-                entries.append(entry)
-                bar.update(t.nbytes)
-            bar.close()
+            with _progress(sum(t.nbytes for t in plan), progress) as bar:
+                for t in plan:
+                    data, entry = encode_tensor(ckpt, t)
+                    writer.write_tensor_data(np.ascontiguousarray(data).reshape(-1))
+                    entries.append(entry)
+                    bar.update(t.nbytes)
         finally:
             writer.close()
     return _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)
