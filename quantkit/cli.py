@@ -15,6 +15,9 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "q4_k_m"]
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
@@ -65,7 +68,14 @@ def inspect(model_dir: str, as_json: bool) -> None:
 @click.option("--scale-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
-@click.option("--type", "gguf_type", default="q4_0", show_default=True, help="GGUF type with --format gguf.")
+@click.option(
+    "--type",
+    "gguf_type",
+    type=click.Choice(GGUF_TYPES),
+    default="q4_0",
+    show_default=True,
+    help="GGUF type with --format gguf.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -> None:
     """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint.
@@ -101,7 +111,41 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
     with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
         report = quantize_checkpoint(model_dir, Path(tmp) / "artifact", opts, device=device)
         report["gguf"] = export_gguf(Path(tmp) / "artifact", out, gguf_type)
+        lossless = report["gguf"]["counts"]["lossless"]
+        click.echo(f"{out}: {lossless} linear weights written into {gguf_type} blocks without re-rounding", err=True)
     return report
+
+
+@cli.command()
+@click.argument("src", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
+@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
+@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report (per-tensor types) as JSON.")
+def export(src: str, out: str, fmt: str, qtype: str, as_json: bool) -> None:
+    """Write SRC (a model directory or a quantize output directory) as a GGUF that llama.cpp runs.
+
+    Weights of a quantized SRC whose grid fits the GGUF type (symmetric int4 -> q4_0, int8 -> q8_0,
+    int4 -> q4_1; groups a multiple of 32, fp16-exact scales) are written into the blocks without
+    rounding again; the rest are quantized from their dequantized values.
+
+    Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
+    """
+    from .export_gguf import export_gguf
+
+    report = export_gguf(src, out, qtype)
+    _emit(report, as_json, _format_export(report))
+
+
+def _format_export(r: dict) -> str:
+    c = r["counts"]
+    types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()))
+    return (
+        f"{r['path']}: {r['qtype']} ({types}), {r['file_size'] / 2**20:.1f} MiB, "
+        f"{r['bits_per_weight']:.3f} bits/weight; "
+        f"{c['lossless']} tensors written losslessly from quantized codes, {c['requantized']} quantized, "
+        f"{c['norm']} norms; {r['seconds']:.1f} s"
+    )
 
 
 @cli.command("eval-ppl")
