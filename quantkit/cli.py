@@ -65,7 +65,16 @@ def inspect(model_dir: str, as_json: bool) -> None:
 @click.option("--seed", type=int, help="Seed for drawing calibration windows. [default: 0]")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ columns by decreasing Hessian diagonal.")
 @click.option("--damp", type=float, help="GPTQ damping, fraction of mean diag(H). [default: 0.01]")
-@click.option("--scale-dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]))
+@click.option(
+    "--scale-dtype",
+    type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+    help="Dtype of stored scales (auto: the checkpoint's; fp16 with --format gguf).",
+)
+@click.option(
+    "--calib-dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    help="Dtype of the calibration activations carried between layers. [default: float32]",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
 @click.option(
