@@ -26,10 +26,9 @@ class Hessian:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # [rows, I]
         m = x.shape[0]
-        self.H *= self.n / (self.n + m)
+        # H <- H * n/(n+m) + (2/(n+m)) xᵀx, in one fused call
+        self.H.addmm_(x.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H += x.T @ x
 
 
 @dataclass(frozen=True)
