@@ -105,12 +105,25 @@ def _whole_model_logits(model: Gemma, batches: list[torch.Tensor], sl: slice) ->
         yield model.head(h[:, sl]).cpu()
 
 
+GLOBALS = ("model.embed_tokens.weight", "model.norm.weight")
+
+
+def _same_globals(a: Checkpoint, b: Checkpoint) -> bool:
+    """Whether two checkpoints hold identical embedding and final norm (quantize copies them verbatim)."""
+    return all(a.shape_of(n) == b.shape_of(n) and torch.equal(a.get(n), b.get(n)) for n in GLOBALS)
+
+
 def _streamed_logits(
-    ckpt: Checkpoint, quantized: bool, dtype, device, batches: list[torch.Tensor], sl: slice, bar
+    ckpt: Checkpoint, quantized: bool, dtype, device, batches: list[torch.Tensor], sl: slice, bar, shared=None
 ) -> Iterator[torch.Tensor]:
     """All batches through layer i before layer i+1, one layer's weights resident at a time; then the
-    head, one batch at a time (only the scored positions' hidden states are kept after the last layer)."""
-    model = build_model(ckpt, dtype, device, layers=False)
+    head, one batch at a time (only the scored positions' hidden states are kept after the last layer).
+    ``shared``: a model whose (identical) embedding and final norm are reused instead of loaded again."""
+    if shared is not None:
+        model = Gemma(ckpt.config, dtype, device)
+        model.embed_tokens, model.norm = shared.embed_tokens, shared.norm
+    else:
+        model = build_model(ckpt, dtype, device, layers=False)
     hs = [model.embed(ids.to(model.device)) for ids in batches]
     for i in range(ckpt.config.num_hidden_layers):
         load_layer_from(model, ckpt, i, (lambda j: linears_from_checkpoint(ckpt, j)) if quantized else None)
@@ -118,7 +131,7 @@ def _streamed_logits(
         model.unload_layer(i)
         bar.update(1)
     hs = [h[:, sl] for h in hs]
-    return (model.head(h).cpu() for h in hs)
+    return model, (model.head(h).cpu() for h in hs)
 
 
 def model_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
@@ -140,8 +153,14 @@ def _logit_streams(models, batches, sl, stream, dtype, device, progress) -> list
     """One iterator of scored-position logits per (checkpoint, quantized) pair, batch by batch."""
     if stream:
         total = sum(ck.config.num_hidden_layers for ck, _ in models)
+        streams, ref_model = [], None
         with tqdm(total=total, desc="eval (layer-streamed)", unit="layer", disable=not progress) as bar:
-            return [_streamed_logits(ck, q, dtype, device, batches, sl, bar) for ck, q in models]
+            for ck, q in models:
+                shared = ref_model if ref_model is not None and _same_globals(models[0][0], ck) else None
+                model, logits = _streamed_logits(ck, q, dtype, device, batches, sl, bar, shared)
+                ref_model = ref_model or model
+                streams.append(logits)
+        return streams
     built = [
         build_model(ck, dtype, device, linears_for=(lambda i, ck=ck: linears_from_checkpoint(ck, i)) if q else None)
         for ck, q in models
