@@ -35,18 +35,23 @@ NINE_B = {
 }
 
 
-def timed(cmd: list[str]) -> dict:
-    """Run a command; wall time and the child's peak RSS (GNU time -v is not assumed: getrusage)."""
-    import resource
+# Runs a command as its only child and prints that child's peak RSS (KiB): RUSAGE_CHILDREN of a process with
+# one child is that child's own peak, whatever ran before in the benchmark.
+_PEAK_OF_CHILD = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+)
 
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+def timed(cmd: list[str]) -> dict:
+    """Run a command; its wall time and its own peak RSS."""
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, *cmd], capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
+    lines = proc.stderr.strip().splitlines()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:4])}: {proc.stderr.strip().splitlines()[-1]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"seconds": seconds, "peak_rss_gib": max(peak, before) * 1024 / 2**30, "stdout": proc.stdout}
+        raise SystemExit(f"{' '.join(cmd[:4])}: {lines[-2] if len(lines) > 1 else proc.stderr}")
+    return {"seconds": seconds, "peak_rss_gib": int(lines[-1]) * 1024 / 2**30, "stdout": proc.stdout}
 
 
 def main(argv: list[str] | None = None) -> int:
