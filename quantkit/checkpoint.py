@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,10 +218,6 @@ class Checkpoint:
                 n *= s
             total += n
         return total
-
-    def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.locations:
-            yield name, self.get(name, dtype)
 
 
 def _validate(ckpt: Checkpoint) -> None:

@@ -8,7 +8,7 @@ Values come from the file, with transformers' defaults for absent keys. Both the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +104,6 @@ class ModelConfig:
             "mlp.up_proj": (f, h),
             "mlp.down_proj": (h, f),
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _first_int(value: Any, default: int) -> int:
