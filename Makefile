@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TINY   := build/tiny-gemma2
 export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE ?= 1  # tests load local directories only; never reach for a hub
 
 .PHONY: install test lint format recipes demo bench clean
 
