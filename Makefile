@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 TINY   := build/tiny-gemma2
 export OMP_NUM_THREADS ?= 2
-export HF_HUB_OFFLINE ?= 1  # tests load local directories only; never reach for a hub
+# Tests and the demo load local directories only: transformers must never reach for a hub.
+export HF_HUB_OFFLINE ?= 1
 
 .PHONY: install test lint format recipes demo bench clean
 
