@@ -40,23 +40,27 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for every tensor a Gemma 2/3 text checkpoint must hold."""
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Module name inside a decoder layer -> weight shape, in HF order (norms [H] or [D], linears [O, I])."""
     h, d = cfg.hidden_size, cfg.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.norm.weight": (h,)}
-    norms = [
-        "input_layernorm",
-        "post_attention_layernorm",
-        "pre_feedforward_layernorm",
-        "post_feedforward_layernorm",
-    ]
+    lin = cfg.linear_shapes()
+    shapes: dict[str, tuple[int, ...]] = {"input_layernorm": (h,)}
+    shapes |= {n: lin[n] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")}
+    if cfg.has_qk_norm:
+        shapes |= {"self_attn.q_norm": (d,), "self_attn.k_norm": (d,)}
+    shapes |= {"post_attention_layernorm": (h,), "pre_feedforward_layernorm": (h,)}
+    shapes |= {n: lin[n] for n in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    shapes["post_feedforward_layernorm"] = (h,)
+    return shapes
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for every tensor a Gemma 2/3 text checkpoint must hold (the embedding, which
+    may carry padding rows, is checked separately)."""
+    shapes: dict[str, tuple[int, ...]] = {"model.norm.weight": (cfg.hidden_size,)}
+    per_layer = layer_shapes(cfg)
     for i in range(cfg.num_hidden_layers):
-        p = layer_prefix(i)
-        shapes.update({f"{p}{n}.weight": (h,) for n in norms})
-        shapes.update({f"{p}{n}.weight": s for n, s in cfg.linear_shapes().items()})
-        if cfg.has_qk_norm:
-            shapes[f"{p}self_attn.q_norm.weight"] = (d,)
-            shapes[f"{p}self_attn.k_norm.weight"] = (d,)
+        shapes |= {f"{layer_prefix(i)}{n}.weight": s for n, s in per_layer.items()}
     return shapes
 
 
@@ -181,13 +185,13 @@ class Checkpoint:
         return t
 
     def layer_tensors(
-        self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset()
+        self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset(), check_finite: bool = False
     ) -> dict[str, torch.Tensor]:
         """Tensors of decoder layer ``i`` keyed by their name inside the layer (e.g. 'mlp.up_proj.weight'),
-        except those named in ``exclude``."""
+        except those named in ``exclude``; ``check_finite`` refuses NaN/inf values."""
         p = layer_prefix(i)
         names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
-        return {n[len(p) :]: self.get(n, dtype) for n in names}
+        return {n[len(p) :]: self.get(n, dtype, check_finite) for n in names}
 
     def is_linear_quantized(self, name: str) -> bool:
         """``name``: a linear's module path, e.g. 'model.layers.0.mlp.up_proj'."""

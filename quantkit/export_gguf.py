@@ -31,7 +31,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
 from .atomic import atomic_file
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, layer_shapes, open_checkpoint
 from .config import SLIDING, ModelConfig
 from .errors import QuantkitError
 from .ggml_blocks import (
@@ -44,6 +44,7 @@ from .ggml_blocks import (
     quantize_rows,
     row_bytes,
 )
+from .gguf_names import GGUF_ARCH, GLOBAL_TENSORS, LAYER_TENSORS
 from .primitives import QuantizedWeight
 
 # --qtype -> (type of the 2-D weights, general.file_type) (formats.md §3.6)
@@ -60,27 +61,9 @@ FILE_TYPES: dict[str, tuple[QT, FT]] = {
     "q4_k_m": (QT.Q4_K, FT.MOSTLY_Q4_K_M),
 }
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
-GGUF_ARCH = {"gemma2": "gemma2", "gemma3_text": "gemma3"}
 LAYERS_27B = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp scales attention by (H/nH)^-0.5 for these
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # llama.cpp: layer i slides iff i % P < P - 1
 CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the fp32 temporaries to ~64 MB
-
-# HF name inside a decoder layer -> GGUF name (§3.4; ffn_norm is the *pre*-feedforward norm)
-LAYER_TENSORS = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "post_feedforward_layernorm": "post_ffw_norm",
-}
 
 
 @dataclass(frozen=True)
@@ -117,23 +100,20 @@ def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
     if qtype not in FILE_TYPES:
         raise QuantkitError(f"GGUF type {qtype!r} is not supported (choose from {', '.join(FILE_TYPES)})")
     n, h = cfg.num_hidden_layers, cfg.hidden_size
-    shapes = {k: (s,) for k, s in (("input_layernorm", h), ("post_attention_layernorm", h))}
-    shapes |= {"pre_feedforward_layernorm": (h,), "post_feedforward_layernorm": (h,)}
-    shapes |= cfg.linear_shapes()
-    if cfg.has_qk_norm:
-        shapes |= {"self_attn.q_norm": (cfg.head_dim,), "self_attn.k_norm": (cfg.head_dim,)}
+    shapes = layer_shapes(cfg)
 
     def planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], layer: int | None) -> PlannedTensor:
         kind = gguf_name.split(".")[-2]
         t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1])
         return PlannedTensor(gguf_name, hf_name, shape, t)
 
-    plan = [planned("token_embd.weight", "model.embed_tokens.weight", (cfg.vocab_size, h), None)]
+    emb, norm = GLOBAL_TENSORS["model.embed_tokens"], GLOBAL_TENSORS["model.norm"]
+    plan = [planned(f"{emb}.weight", "model.embed_tokens.weight", (cfg.vocab_size, h), None)]
     for i in range(n):
         for hf, kind in LAYER_TENSORS.items():
             if hf in shapes:
                 plan.append(planned(f"blk.{i}.{kind}.weight", f"model.layers.{i}.{hf}.weight", shapes[hf], i))
-    plan.append(planned("output_norm.weight", "model.norm.weight", (h,), None))
+    plan.append(planned(f"{norm}.weight", "model.norm.weight", (h,), None))
     return plan
 
 

@@ -27,7 +27,10 @@ import gguf
 import numpy as np
 
 from quantkit.atomic import atomic_dir
+from quantkit.checkpoint import expected_shapes
+from quantkit.config import config_from_dict
 from quantkit.errors import QuantkitError
+from quantkit.gguf_names import GLOBAL_TENSORS, LAYER_TENSORS
 
 K = gguf.Keys
 
@@ -49,23 +52,9 @@ _ARCHS = {
 }
 _ROPE_FREQ_BASE = 10000.0  # llama.cpp default for rope.freq_base and Gemma 3's rope.freq_base_swa
 
-# GGUF tensor names -> HF names (formats.md §3.4 read right to left).
-_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",  # the *pre*-feedforward norm in Gemma GGUFs
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
+# GGUF tensor names -> HF names: quantkit.gguf_names read right to left.
+_GLOBAL_TENSORS = {g: hf for hf, g in GLOBAL_TENSORS.items()}
+_LAYER_TENSORS = {g: hf for hf, g in LAYER_TENSORS.items()}
 _VOCAB_ARRAYS = (K.Tokenizer.LIST, K.Tokenizer.SCORES, K.Tokenizer.TOKEN_TYPE, K.Tokenizer.MERGES)
 
 
@@ -225,27 +214,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> [out, in] shape for ``config`` (formats.md §2.1)."""
-    h, f, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
-    per_layer = {
-        "input_layernorm": (h,),
-        "self_attn.q_proj": (q, h),
-        "self_attn.k_proj": (kv, h),
-        "self_attn.v_proj": (kv, h),
-        "self_attn.o_proj": (h, q),
-        "post_attention_layernorm": (h,),
-        "pre_feedforward_layernorm": (h,),
-        "mlp.gate_proj": (f, h),
-        "mlp.up_proj": (f, h),
-        "mlp.down_proj": (h, f),
-        "post_feedforward_layernorm": (h,),
-    }
-    if config["model_type"] == "gemma3_text":
-        per_layer |= {"self_attn.q_norm": (d,), "self_attn.k_norm": (d,)}
-    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
-    for i in range(config["num_hidden_layers"]):
-        shapes |= {f"model.layers.{i}.{name}.weight": shape for name, shape in per_layer.items()}
-    return shapes
+    cfg = config_from_dict(config)
+    return {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), **expected_shapes(cfg)}
 
 
 def _plan_tensors(reader: gguf.GGUFReader, config: dict[str, Any], source: str) -> list[_Tensor]:

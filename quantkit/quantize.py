@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import Checkpoint, layer_prefix, open_checkpoint
+from .checkpoint import DTYPE_NAMES, Checkpoint, layer_prefix, open_checkpoint
 from .data import calibration_windows, default_calibration_text
 from .errors import QuantkitError
 from .export_safetensors import ArtifactWriter, quantization_config
@@ -42,7 +41,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _scale_dtype(opts: QuantizeOptions, ckpt: Checkpoint) -> torch.dtype:
     if opts.scale_dtype != "auto":
         return _DTYPES[opts.scale_dtype]
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[ckpt.dtype_of("model.norm.weight")]
+    return DTYPE_NAMES[ckpt.dtype_of("model.norm.weight")]
 
 
 def check_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> None:
@@ -59,14 +58,13 @@ def _weight_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
 def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar) -> dict:
     stats = {}
     for i in range(ckpt.config.num_hidden_layers):
-        for name, t in ckpt.layer_tensors(i).items():
+        for name, t in ckpt.layer_tensors(i, check_finite=True).items():
             module = name.removesuffix(".weight")
             path = layer_prefix(i) + module
             if module in LINEAR_NAMES:
-                w = ckpt.get(path + ".weight", check_finite=True)
-                qw = rtn(w, opts.spec, sdt)
+                qw = rtn(t, opts.spec, sdt)
                 writer.add_quantized(path, qw)
-                stats[path] = {"weight_rel_err": _weight_error(w, qw)}
+                stats[path] = {"weight_rel_err": _weight_error(t, qw)}
                 bar.set_postfix_str(module)
             else:
                 writer.add(path + ".weight", t)
@@ -140,10 +138,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
     stats: dict = {}
     for i in range(cfg.num_hidden_layers):
         bar.set_postfix_str(f"layer {i}")
-        tensors = ckpt.layer_tensors(i)
-        for name in LINEAR_NAMES:
-            if not torch.isfinite(tensors[f"{name}.weight"]).all():
-                raise QuantkitError(f"{ckpt.path}: {layer_prefix(i)}{name}.weight contains NaN or inf values")
+        tensors = ckpt.layer_tensors(i, check_finite=True)
         model.load_layer(i, tensors)
         inps = _LayerCalibrator(model, i, tensors, opts, sdt, writer, stats, device).run(inps)
         for name, t in tensors.items():
@@ -167,7 +162,6 @@ def quantize_checkpoint(
     opts: QuantizeOptions,
     device: str = "cpu",
     progress: bool = True,
-    on_written: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_dir`` into ``out_dir`` (written atomically); returns the report (also quantkit.json)."""
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -195,8 +189,6 @@ def quantize_checkpoint(
         writer.copy_tokenizer(ckpt.path)
         report = _report(ckpt, opts, sdt, stats, time.perf_counter() - t0, device)
         writer.write_json("quantkit.json", report)
-    if on_written:
-        on_written(Path(out_dir))
     return report
 
 
