@@ -3,8 +3,9 @@ its reference, on the same tokens.
 
 Each chunk of ``ctx`` tokens starts with BOS; positions ctx/2 .. ctx-2 are scored (formats.md §7). Log-
 softmax and KL are computed in fp32 from the final (soft-capped) logits; statistics accumulate in fp64.
-Two execution modes give the same numbers: whole-model (both models resident) and layer-streamed (all
-chunks through layer i, then layer i+1, holding one layer's weights plus the hidden states).
+Two execution modes give the same numbers: whole-model (both models resident) and layer-streamed (groups
+of chunks through every layer of one model after the other, holding one layer's weights plus one group's
+hidden states, so memory does not grow with the number of chunks).
 """
 
 from __future__ import annotations
@@ -113,25 +114,54 @@ def _same_globals(a: Checkpoint, b: Checkpoint) -> bool:
     return all(a.shape_of(n) == b.shape_of(n) and torch.equal(a.get(n), b.get(n)) for n in GLOBALS)
 
 
-def _streamed_logits(
-    ckpt: Checkpoint, quantized: bool, dtype, device, batches: list[torch.Tensor], sl: slice, bar, shared=None
-) -> Iterator[torch.Tensor]:
-    """All batches through layer i before layer i+1, one layer's weights resident at a time; then the
-    head, one batch at a time (only the scored positions' hidden states are kept after the last layer).
-    ``shared``: a model whose (identical) embedding and final norm are reused instead of loaded again."""
-    if shared is not None:
-        model = Gemma(ckpt.config, dtype, device)
-        model.embed_tokens, model.norm = shared.embed_tokens, shared.norm
-    else:
-        model = build_model(ckpt, dtype, device, layers=False)
+def _scored_hidden(model: Gemma, ckpt: Checkpoint, quantized: bool, batches: list[torch.Tensor], sl: slice, bar):
+    """One group of batches through every layer of ``ckpt`` (one layer's weights resident at a time; each
+    batch's hidden states replaced in place, never duplicated); returns the scored positions' final hidden
+    states, one [B, S, H] per batch."""
     hs = [model.embed(ids.to(model.device)) for ids in batches]
+    linears = (lambda j: linears_from_checkpoint(ckpt, j)) if quantized else None
     for i in range(ckpt.config.num_hidden_layers):
-        load_layer_from(model, ckpt, i, (lambda j: linears_from_checkpoint(ckpt, j)) if quantized else None)
-        hs = [model.layers[i](h) for h in hs]
+        load_layer_from(model, ckpt, i, linears)
+        for j in range(len(hs)):
+            hs[j] = model.layers[i](hs[j])
         model.unload_layer(i)
         bar.update(1)
-    hs = [h[:, sl] for h in hs]
-    return model, (model.head(h).cpu() for h in hs)
+    for j in range(len(hs)):
+        hs[j] = hs[j][:, sl].clone()
+    return hs
+
+
+def _streamed_logits(models, batches, sl, dtype, device, group: int, progress) -> Iterator[list[torch.Tensor]]:
+    """Layer-streamed evaluation, group-major: each group of ``group`` batches goes through all layers of
+    the reference, then of each quantized model, then the heads; so memory holds one layer's weights, one
+    group's hidden states and the (shared) embedding, whatever the number of chunks. Yields, batch by
+    batch, the scored-position logits of every model."""
+    same = [_same_globals(models[0][0], ck) for ck, _ in models[1:]]  # before any embedding is resident
+    ref = build_model(models[0][0], dtype, device, layers=False)
+    built = [ref]
+    for (ck, _), shared in zip(models[1:], same, strict=True):
+        if shared:  # quantize copies them verbatim: share the embedding and norm
+            m = Gemma(ck.config, dtype, device)
+            m.embed_tokens, m.norm = ref.embed_tokens, ref.norm
+        else:
+            m = build_model(ck, dtype, device, layers=False)
+        built.append(m)
+    n_groups = -(-len(batches) // group)
+    total = n_groups * sum(ck.config.num_hidden_layers for ck, _ in models)
+    with tqdm(total=total, desc="eval (layer-streamed)", unit="layer", disable=not progress) as bar:
+        for g0 in range(0, len(batches), group):
+            part = batches[g0 : g0 + group]
+            hidden = [_scored_hidden(m, ck, q, part, sl, bar) for m, (ck, q) in zip(built, models, strict=True)]
+            for j in range(len(part)):
+                yield [m.head(hs[j]).cpu() for m, hs in zip(built, hidden, strict=True)]
+                for hs in hidden:
+                    hs[j] = None
+
+
+def group_batches(cfg, dtype: torch.dtype, ctx: int, batch_size: int, budget: int = 1 << 30) -> int:
+    """Batches per group so that one model's hidden states for a group take about ``budget`` bytes."""
+    per_batch = batch_size * ctx * cfg.hidden_size * torch.finfo(dtype).bits // 8
+    return max(1, budget // per_batch)
 
 
 def model_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
@@ -149,23 +179,12 @@ def available_memory() -> int:
     return 8 << 30
 
 
-def _logit_streams(models, batches, sl, stream, dtype, device, progress) -> list[Iterator[torch.Tensor]]:
-    """One iterator of scored-position logits per (checkpoint, quantized) pair, batch by batch."""
-    if stream:
-        total = sum(ck.config.num_hidden_layers for ck, _ in models)
-        streams, ref_model = [], None
-        with tqdm(total=total, desc="eval (layer-streamed)", unit="layer", disable=not progress) as bar:
-            for ck, q in models:
-                shared = ref_model if ref_model is not None and _same_globals(models[0][0], ck) else None
-                model, logits = _streamed_logits(ck, q, dtype, device, batches, sl, bar, shared)
-                ref_model = ref_model or model
-                streams.append(logits)
-        return streams
+def _whole_model_streams(models, batches, sl, dtype, device) -> Iterator[list[torch.Tensor]]:
     built = [
         build_model(ck, dtype, device, linears_for=(lambda i, ck=ck: linears_from_checkpoint(ck, i)) if q else None)
         for ck, q in models
     ]
-    return [_whole_model_logits(m, batches, sl) for m in built]
+    return zip(*[_whole_model_logits(m, batches, sl) for m in built], strict=True)
 
 
 @torch.no_grad()
@@ -178,9 +197,11 @@ def evaluate_many(
     stream: bool | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    group_bytes: int = 1 << 30,
 ) -> list[dict[str, Any]]:
     """Score ``ref`` and every model in ``quants`` on ``chunks`` [n, ctx] in one pass over the text (the
-    reference runs once). Returns one result per quantized model (or the reference alone)."""
+    reference runs once). Returns one result per quantized model (or the reference alone). Layer-streamed,
+    chunks go through the layers in groups whose hidden states take about ``group_bytes`` per model."""
     n, ctx = chunks.shape
     sl = scored(ctx)
     targets = chunks[:, sl.start + 1 : sl.stop + 1]  # [n, S]
@@ -189,16 +210,23 @@ def evaluate_many(
     batches = _batches(chunks, batch_size)
     t0 = time.perf_counter()
     models = [(ref, False)] + [(q, True) for q in quants]
-    streams = _logit_streams(models, batches, sl, stream, dtype, device, progress)
+    if stream:
+        group = group_batches(ref.config, dtype, ctx, batch_size, group_bytes)
+        logits = _streamed_logits(models, batches, sl, dtype, device, group, progress)
+    else:
+        logits = _whole_model_streams(models, batches, sl, dtype, device)
     ref_stats, comparisons = NllStats(), [Comparison() for _ in quants]
     start = 0
-    for _ in tqdm(range(len(batches)), desc="eval", unit="batch", disable=not progress or stream):
-        ref_lp = _log_probs(next(streams[0]))
+    bar = tqdm(total=len(batches), desc="eval", unit="batch", disable=not progress or stream)
+    for ref_logits, *q_logits in logits:
+        ref_lp = _log_probs(ref_logits)
         tg = targets[start : start + len(ref_lp)]
         start += len(ref_lp)
         ref_stats.add(_nll(ref_lp, tg))
-        for cmp, qs in zip(comparisons, streams[1:], strict=True):
-            cmp.add(ref_lp, next(qs), tg)
+        for cmp, ql in zip(comparisons, q_logits, strict=True):
+            cmp.add(ref_lp, ql, tg)
+        bar.update(1)
+    bar.close()
     seconds = time.perf_counter() - t0
     r = ref_stats.summary()
     results = [c.summary(r) for c in comparisons] or [{"reference": r}]

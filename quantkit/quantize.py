@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -265,7 +266,8 @@ def quantize_checkpoint(
         run = _Run(writer)
         if run.start:
             bar.update(run.start)
-            bar.write(f"quantkit: resuming at layer {run.start} of {n_layers} (work in progress in {writer.tmp})")
+            msg = f"quantkit: resuming at layer {run.start} of {n_layers} (work in progress in {writer.tmp})"
+            bar.write(msg, file=sys.stderr)
         else:  # the globals get a shard of their own, written before any layer
             writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight"))
             writer.add("model.norm.weight", ckpt.get("model.norm.weight"))

@@ -106,6 +106,10 @@ def test_layer_streamed_equals_whole_model(tiny_gemma3, tmp_path):
     for key in ("delta_ppl", "kld_mean", "kld_p99", "top1_agreement"):
         assert streamed[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
     assert streamed["reference"] == pytest.approx(whole["reference"], rel=1e-6)
+    # groups of one batch (3 groups for 5 chunks): memory bounded by a group, the same numbers
+    grouped = evaluate(ref, chunks, q, stream=True, batch_size=2, progress=False, group_bytes=1)
+    for key in ("reference", "quantized", "kld_mean", "kld_p99", "kld_p999", "top1_agreement", "tokens_scored"):
+        assert grouped[key] == streamed[key], key
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -146,3 +146,97 @@ def test_interrupted_run_leaves_nothing(tiny_gemma2, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         qz.quantize_checkpoint(tiny_gemma2, out, qz.QuantizeOptions(method="rtn"), progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def _reference_gptq(model_dir: Path, opts) -> dict:
+    """GPTQ in the straightforward order: each step's activations of every batch held at once, the dense
+    layer loaded, one inverse factor per linear. quantize's memory-lean calibrator must give its bytes."""
+    import torch.nn.functional as F
+
+    from quantkit.data import calibration_windows
+    from quantkit.gptq import Hessian, gptq_quantize
+    from quantkit.model import Gemma
+    from quantkit.packed import PackedLinear
+    from quantkit.quantize import SUBSETS
+    from quantkit.tokenizer import Tokenizer
+
+    ckpt = open_checkpoint(model_dir)
+    ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), opts.calib, opts.nsamples, opts.seqlen, opts.seed)
+    model = Gemma(ckpt.config, {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.calib_dtype])
+    model.load_globals(ckpt.get("model.embed_tokens.weight"), ckpt.get("model.norm.weight"))
+    inps = [model.embed(b) for b in ids.split(opts.batch_size)]
+    out = {}
+    for i in range(ckpt.config.num_hidden_layers):
+        tensors = ckpt.layer_tensors(i)
+        model.load_layer(i, tensors)
+        ly = model.layers[i]
+        attn, mlp = ly.self_attn, ly.mlp
+
+        def quant(names, xs, i=i, tensors=tensors):
+            hess = Hessian(xs[0].shape[-1])
+            for x in xs:
+                hess.add(x)
+            for n in names:
+                w = tensors[f"{n}.weight"].float()
+                res = gptq_quantize(w, hess.H, opts.spec, torch.float32, opts.blocksize, opts.damp, opts.act_order)
+                out[f"model.layers.{i}.{n}"] = res.weight
+                model.set_linear(i, n, PackedLinear(res.weight))
+
+        extras = ly.attention_inputs(inps[0])
+        x1 = [ly.input_layernorm(h) for h in inps]
+        quant(SUBSETS[0], x1)
+        a = [attn.core(x, *extras) for x in x1]
+        quant(SUBSETS[1], a)
+        hm = [h + ly.post_attention_layernorm(attn.o_proj(z)) for h, z in zip(inps, a, strict=True)]
+        x2 = [ly.pre_feedforward_layernorm(h) for h in hm]
+        quant(SUBSETS[2], x2)
+        m = [F.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x) for x in x2]
+        quant(SUBSETS[3], m)
+        inps = [h + ly.post_feedforward_layernorm(mlp.down_proj(z)) for h, z in zip(hm, m, strict=True)]
+        model.unload_layer(i)
+    return out
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"group_size": 128, "calib_dtype": "float32"},
+        {"group_size": 32, "sym": False, "act_order": True, "calib_dtype": "bfloat16"},
+    ],
+    ids=["fp32", "bf16-asym-actorder"],
+)
+def test_memory_lean_calibration_gives_the_straightforward_bytes(tiny_ckpt, tmp_path, changes):
+    """Batch-by-batch Hessians, recomputed activations, one shared inverse factor per subset and linears
+    read only when quantized: the same codes, scales and zero points as the straightforward order."""
+    from quantkit.quantize import quantize_checkpoint
+    from quantkit.recipes import QuantizeOptions
+
+    opts = QuantizeOptions(nsamples=8, seqlen=64, calib=str(CALIB_TEXT), batch_size=3, scale_dtype="float32")
+    opts = opts.replace(**changes)
+    quantize_checkpoint(tiny_ckpt, tmp_path / "q", opts, progress=False)
+    ref = _reference_gptq(tiny_ckpt, opts)
+    q = open_checkpoint(tmp_path / "q")
+    assert len(ref) == 7 * q.config.num_hidden_layers
+    for path, want in ref.items():
+        got = q.quantized_weight(path)
+        assert torch.equal(got.codes, want.codes), path
+        assert torch.equal(got.scale, want.scale), path
+        assert (got.zero is None) == (want.zero is None) and (got.zero is None or torch.equal(got.zero, want.zero))
+
+
+def test_rtn_streamed_gives_rtn_of_each_tensor(tiny_gemma2, tmp_path):
+    """RTN read tensor by tensor with plain file reads: each linear is rtn() of the source weight and every
+    other tensor is copied bit for bit."""
+    from quantkit.primitives import QuantSpec, rtn
+
+    _quantize(tiny_gemma2, tmp_path / "q", "--method", "rtn", "--group", "64", "--scale-dtype", "bfloat16")
+    src, q = open_checkpoint(tiny_gemma2), open_checkpoint(tmp_path / "q")
+    for name in src.names():
+        module = name.removesuffix(".weight")
+        if q.is_linear_quantized(module):
+            want = rtn(src.get(name), QuantSpec(4, 64, True), torch.bfloat16)
+            got = q.quantized_weight(module)
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), name
+        else:
+            assert torch.equal(q.get(name), src.get(name)) and q.dtype_of(name) == src.dtype_of(name), name
