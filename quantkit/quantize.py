@@ -225,8 +225,10 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
         small = {n[len(p) :]: ckpt.get(n, check_finite=True) for n in ckpt.locations if n.startswith(p)
                  and n[len(p) :].removesuffix(".weight") not in LINEAR_NAMES}  # fmt: skip
         model.load_layer_norms(i, small)
+        t0 = time.perf_counter()
         cal = _LayerCalibrator(model, i, ckpt, opts, sdt, writer, run, device)
         inps = cal.run(inps)
+        cal.seconds["layer_s"] = time.perf_counter() - t0
         for name, t in small.items():
             writer.add(p + name, t)
         model.unload_layer(i)

@@ -1,17 +1,33 @@
-"""Memory and time of quantize / eval-ppl on a random checkpoint with Gemma 2 9B's shapes.
+"""Gemma 2 9B's shapes end to end: quantize (RTN, GPTQ), eval-ppl, GGUF export, llama.cpp loading.
 
-No 9B weights exist here, so this builds a bf16 checkpoint with the 9B's exact config (hidden 3584, 16
-heads x 256, 8 KV heads, MLP 14336, vocab 256000, soft-caps, window 4096) but only ``--layers`` decoder
-layers. quantkit holds one decoder layer at a time, so peak memory with 2 layers is the peak with 42;
-time scales with the layer count (printed as an extrapolation). Each command runs in its own process.
+No 9B weights exist here, so this writes a random bf16 checkpoint with the 9B's exact config (hidden 3584,
+16 heads x 256, 8 KV heads, MLP 14336, vocab 256000, soft-caps, window 4096) and ``--layers`` decoder
+layers (42 = the real depth, about 18.5 GB), then runs each step in its own process and records its wall
+time and its own peak RSS:
 
-    python scripts/bench_9b_shape.py [--layers 2] [--nsamples 16] [--seqlen 512] [--chunks 2] [--json]
+  1. quantize int4 g128 RTN -> packed safetensors
+  2. quantize int4 g128 GPTQ on ``--nsamples`` x ``--seqlen`` tokens; quantkit.json gives each layer's peak
+     RSS (flat across layers when memory is bounded by one layer) and its time split: forward, Hessian
+     accumulation, solver, diagnostics (GPTQ's cost over the unavoidable forward + Hessian work)
+  3. eval-ppl, reference vs GPTQ, ``--chunks`` chunks, layer-streamed
+  4. quantkit export of the checkpoint to GGUF Q4_0 and Q4_K_M
+  5. llama.cpp (llama-cpp-python) loads the Q4_0 file and returns finite logits for a few tokens
+  6. peers, when ``--llama-bin DIR`` holds llama.cpp's tools (scripts/build_llamacpp.sh builds them):
+     llama-quantize BF16 GGUF -> Q4_0 (time, peak RSS) and llama-perplexity on the Q4_0 file (tokens/s)
+
+    python scripts/bench_9b_shape.py [--layers 42] [--nsamples 8] [--seqlen 512] [--chunks 2] \\
+        [--threads N] [--llama-bin DIR] [--model EXISTING_DIR] [--workdir DIR] [--json]
+
+Everything is written under a temporary directory in ``--workdir`` (default: the current directory) and
+deleted at the end; ``--model`` reuses a checkpoint written before (it is never deleted).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 NINE_B = {
     "hidden_size": 3584,
     "intermediate_size": 14336,
@@ -34,7 +51,6 @@ NINE_B = {
     "vocab_size": 256000,
 }
 
-
 # Runs a command as its only child and prints that child's peak RSS (KiB): RUSAGE_CHILDREN of a process with
 # one child is that child's own peak, whatever ran before in the benchmark.
 _PEAK_OF_CHILD = (
@@ -42,69 +58,158 @@ _PEAK_OF_CHILD = (
     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
 )
 
+# llama.cpp through llama-cpp-python: load the GGUF, evaluate a few tokens, check the logits are finite.
+_LLAMA_LOGITS = """
+import json, sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from llamacpp_ppl import load_llama
+llm = load_llama(sys.argv[2], 64, int(sys.argv[3]))
+tokens = [2, 100, 200, 300, 400, 500, 600, 700]
+llm.eval(tokens)
+logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+print(json.dumps({"finite": bool(np.isfinite(logits).all()), "shape": list(logits.shape)}))
+"""
 
-def timed(cmd: list[str]) -> dict:
-    """Run a command; its wall time and its own peak RSS."""
+
+def timed(cmd: list[str], env: dict) -> dict:
+    """Run a command; its wall time, its own peak RSS and its stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, *cmd], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_CHILD, *cmd], capture_output=True, text=True, check=False, env=env
+    )
     seconds = time.perf_counter() - t0
     lines = proc.stderr.strip().splitlines()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:4])}: {lines[-2] if len(lines) > 1 else proc.stderr}")
-    return {"seconds": seconds, "peak_rss_gib": int(lines[-1]) * 1024 / 2**30, "stdout": proc.stdout}
+        raise SystemExit(f"{' '.join(map(str, cmd[:5]))}: failed:\n{proc.stderr[-3000:]}")
+    return {
+        "seconds": seconds,
+        "peak_rss_gib": int(lines[-1]) * 1024 / 2**30,
+        "stdout": proc.stdout,
+        "err": proc.stderr,
+    }
+
+
+def gptq_layers(report: dict) -> list[dict]:
+    """Per-layer rows of a GPTQ quantkit.json: peak RSS so far, time split, and GPTQ's ratio to the
+    unavoidable work (layer time / (forward + Hessian accumulation))."""
+    rows = []
+    for r in report["layers"]:
+        base = r["forward_s"] + r["hessian_s"]
+        rows.append({**r, "ratio_to_forward_hessian": r["layer_s"] / base if base else float("nan")})
+    return rows
+
+
+def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> tuple[list[dict], dict]:
+    q = [sys.executable, "-m", "quantkit.cli"]
+    rows: list[dict] = []
+    extra: dict = {}
+
+    def step(name: str, cmd: list, peer: str = "") -> dict:
+        r = timed([str(c) for c in cmd], env)
+        rows.append({"step": name, "seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gib"], "peer": peer})
+        print(f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+        return r
+
+    step("quantize int4 g128 RTN -> packed safetensors", [*q, "quantize", model, "--recipe", "int4-g128-rtn",
+                                                          "-o", work / "rtn"])  # fmt: skip
+    calib = ["--nsamples", args.nsamples, "--seqlen", args.seqlen]
+    name = f"quantize int4 g128 GPTQ ({args.nsamples} x {args.seqlen} tokens)"
+    step(name, [*q, "quantize", model, "--recipe", "int4-g128-gptq", *calib, "-o", work / "gptq"])
+    extra["gptq_layers"] = gptq_layers(json.loads((work / "gptq" / "quantkit.json").read_text()))
+    ev = step(
+        f"eval-ppl reference vs GPTQ, {args.chunks} chunks (layer-streamed)",
+        [*q, "eval-ppl", model, "--quantized", work / "gptq", "--stream", "--chunks", args.chunks, "--json"],
+    )
+    eval_res = json.loads(ev["stdout"])
+    extra["eval"] = {k: eval_res[k] for k in ("tokens_per_s", "delta_ppl_pct", "kld_mean", "chunks")}
+    bins = Path(args.llama_bin) if args.llama_bin else None
+    for gtype in ("q4_0", "q4_k_m"):
+        out = work / f"model.{gtype}.gguf"
+        step(f"export GGUF {gtype.upper()}", [*q, "export", model, "--format", "gguf", "--type", gtype, "-o", out])
+    r = step(
+        "llama.cpp (llama-cpp-python) loads Q4_0, logits for 8 tokens",
+        [sys.executable, "-c", _LLAMA_LOGITS, ROOT / "scripts", work / "model.q4_0.gguf", args.threads],
+    )
+    extra["llama_logits"] = json.loads(r["stdout"].strip().splitlines()[-1])
+    if not extra["llama_logits"]["finite"]:
+        raise SystemExit("llama.cpp returned non-finite logits for the Q4_0 file")
+    if bins is not None:
+        peer_rows(args, work, model, bins, rows, env, q, extra)
+    return rows, extra
+
+
+def peer_rows(args, work: Path, model: Path, bins: Path, rows: list[dict], env: dict, q: list, extra: dict) -> None:
+    """llama-quantize BF16 -> Q4_0 and llama-perplexity on the Q4_0 file, beside quantkit's figures."""
+    bf16 = work / "model.bf16.gguf"
+    subprocess.run([*q, "export", model, "--format", "gguf", "--type", "bf16", "-o", bf16], check=True, env=env)
+    r = timed([bins / "llama-quantize", bf16, work / "peer.q4_0.gguf", "Q4_0", args.threads], env)
+    peer = f"llama-quantize BF16->Q4_0: {r['seconds']:.0f} s, {r['peak_rss_gib']:.2f} GiB"
+    for row in rows:
+        if row["step"] == "export GGUF Q4_0":
+            row["peer"] = peer
+    bf16.unlink()
+    from quantkit.data import default_evaluation_text
+
+    cmd = [bins / "llama-perplexity", "-m", work / "model.q4_0.gguf", "-f", default_evaluation_text(), "-c", "512",
+           "--chunks", args.chunks, "-t", args.threads]  # fmt: skip
+    r = timed([str(c) for c in cmd], env)
+    m = re.findall(r"([\d.]+) tokens per second", r["err"] + r["stdout"])
+    if m:
+        extra["llama_perplexity_tok_s"] = float(m[0])
+        for row in rows:
+            if row["step"].startswith("eval-ppl"):
+                row["peer"] = f"llama-perplexity on the Q4_0 file: {float(m[0]):.0f} tok/s (quantkit: " + (
+                    f"{extra['eval']['tokens_per_s']:.0f} tok/s, both models)"
+                )
+
+
+def table(args: argparse.Namespace, rows: list[dict], extra: dict) -> str:
+    lines = [
+        f"Gemma 2 9B shapes, {args.layers} random bf16 layers, {args.threads} threads",
+        "| step | s | peak RSS GiB | peer, same input |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['step']} | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['peer'] or '–'} |" for r in rows]
+    lines += [
+        "",
+        "GPTQ per layer (peak RSS so far; seconds: forward, Hessian, solver, diagnostics, layer; layer / (fwd+H)):",
+    ]
+    lines += [
+        f"  layer {r['layer']:2d}: {r['peak_rss_gib']:.2f} GiB | {r['forward_s']:.1f} {r['hessian_s']:.1f} "
+        f"{r['solver_s']:.1f} {r['diagnostics_s']:.1f} {r['layer_s']:.1f} | {r['ratio_to_forward_hessian']:.2f}"
+        for r in extra["gptq_layers"]
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=42)
+    ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--llama-bin", help="directory with llama-quantize and llama-perplexity (peer figures)")
+    ap.add_argument("--model", help="an existing 9B-shaped checkpoint to use instead of writing one")
+    ap.add_argument("--workdir", default=".")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    q = [sys.executable, "-m", "quantkit.cli"]
-    rows = []
-    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
-        t0 = time.perf_counter()
-        model = make_tiny_checkpoint(Path(tmp) / "m", "gemma2", num_hidden_layers=args.layers, **NINE_B)
-        print(f"random 9B-shaped checkpoint, {args.layers} layers: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        calib = ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
-        steps = [
-            ("quantize int4-g128-rtn", [*q, "quantize", str(model), "--recipe", "int4-g128-rtn", "-o", f"{tmp}/rtn"]),
-            (
-                "quantize int4-g128-gptq",
-                [*q, "quantize", str(model), "--recipe", "int4-g128-gptq", *calib, "-o", f"{tmp}/gptq"],
-            ),
-            (
-                "eval-ppl --stream (ref + gptq)",
-                [
-                    *q,
-                    "eval-ppl",
-                    str(model),
-                    "--quantized",
-                    f"{tmp}/gptq",
-                    "--stream",
-                    "--chunks",
-                    str(args.chunks),
-                    "--json",
-                ],
-            ),
-        ]
-        for name, cmd in steps:
-            r = timed(cmd)
-            r.pop("stdout")
-            rows.append({"step": name, **r, "per_layer_s": r["seconds"] / args.layers})
-            print(f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-9b-") as tmp:
+        work = Path(tmp)
+        if args.model:
+            model = Path(args.model)
+        else:
+            t0 = time.perf_counter()
+            model = make_tiny_checkpoint(work / "m", "gemma2", num_hidden_layers=args.layers, **NINE_B)
+            print(
+                f"random 9B-shaped checkpoint, {args.layers} layers: {time.perf_counter() - t0:.0f} s", file=sys.stderr
+            )
+        rows, extra = run_steps(args, work, model, env)
     if args.json:
-        print(json.dumps({"layers": args.layers, "nsamples": args.nsamples, "rows": rows}, indent=2))
-        return 0
-    print(f"Gemma 2 9B shapes, {args.layers} random layers, GPTQ on {args.nsamples} x {args.seqlen} tokens")
-    print("| step | s | s/layer | x42 layers (min, extrapolated) | peak RSS GiB |\n|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['step']} | {r['seconds']:.0f} | {r['per_layer_s']:.0f} | {r['per_layer_s'] * 42 / 60:.0f} "
-            f"| {r['peak_rss_gib']:.2f} |"
-        )
+        print(json.dumps({"layers": args.layers, "nsamples": args.nsamples, "rows": rows, **extra}, indent=2))
+    else:
+        print(table(args, rows, extra))
     return 0
 
 
