@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.gptq import Hessian, gptq_quantize, output_error
+from quantkit.gptq import Hessian, gptq_quantize, inverse_factor, output_error
 from quantkit.primitives import QuantSpec, rtn
 
 
@@ -63,3 +63,56 @@ def test_dead_inputs_and_damping_retry():
     res = gptq_quantize(torch.randn(16, 256), hess.H, QuantSpec(4, 128, True), percdamp=1e-9)
     assert torch.all(res.weight.codes[:, 5] == 0)
     assert res.damp >= 1e-9
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(actorder):
+    x = _correlated_inputs()
+    x[:, 7] = 0.0  # a dead input
+    hess = Hessian(256)
+    hess.add(x)
+    H = hess.H.clone()
+    fac = inverse_factor(hess, 0.01, actorder)
+    assert hess.H is None  # taken: its storage is reused
+    Hd = H.double()
+    Hd[7, 7] = 1.0
+    Hd = Hd[fac.perm][:, fac.perm]
+    lam = 0.01 * float(Hd.diagonal().mean())
+    Hd += lam * torch.eye(256, dtype=torch.float64)
+    want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert fac.lam == pytest.approx(lam, rel=1e-6)
+    assert torch.allclose(fac.U.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert torch.equal(fac.U, torch.triu(fac.U))
+    if actorder:
+        assert torch.equal(fac.perm, torch.argsort(torch.diag(H).masked_fill(H.diag() == 0, 1.0), descending=True))
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128, True), QuantSpec(4, 32, False), QuantSpec(8, -1, True)], ids=str)
+def test_free_output_error_equals_explicit_trace(spec, actorder):
+    """GPTQ's tr(D H Dᵀ) from its scaled errors (W - Q = E·U) equals the explicit product, random data."""
+    g = torch.Generator().manual_seed(1)
+    x = _correlated_inputs() + 0.5 * torch.randn(4096, 256, generator=g)
+    x[:, 3] = 0.0
+    hess = Hessian(256)
+    hess.add(x)
+    w = torch.randn(96, 256, generator=g)
+    res = gptq_quantize(w, hess.H, spec, actorder=actorder)
+    D = (w - res.weight.dequantize()).double()
+    explicit = float(((D @ hess.H.double()) * D).sum())
+    assert res.sq_output_err == pytest.approx(explicit, rel=1e-4)
+    den = float(((w.double() @ hess.H.double()) * w.double()).sum())
+    assert output_error(w, res.weight.dequantize(), hess.H) == pytest.approx(explicit / den, rel=1e-4)
+
+
+def test_shared_factor_gives_the_same_result_as_a_fresh_one():
+    """q/k/v (and gate/up) share one factor: the same bytes as factoring the Hessian for each linear."""
+    x = _correlated_inputs()
+    hess = Hessian(256)
+    hess.add(x)
+    H = hess.H.clone()
+    fac = inverse_factor(hess)
+    for seed in range(3):
+        w = torch.randn(64, 256, generator=torch.Generator().manual_seed(seed))
+        a, b = gptq_quantize(w, fac, QuantSpec(4, 32, True)), gptq_quantize(w, H, QuantSpec(4, 32, True))
+        assert torch.equal(a.weight.codes, b.weight.codes) and torch.equal(a.weight.scale, b.weight.scale)
