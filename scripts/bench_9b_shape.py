@@ -64,7 +64,7 @@ import json, sys, numpy as np
 sys.path.insert(0, sys.argv[1])
 from llamacpp_ppl import load_llama
 llm = load_llama(sys.argv[2], 64, int(sys.argv[3]))
-tokens = [2, 100, 200, 300, 400, 500, 600, 700]
+tokens = [2, 10, 20, 30, 40, 50, 60, 70]
 llm.eval(tokens)
 logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
 print(json.dumps({"finite": bool(np.isfinite(logits).all()), "shape": list(logits.shape)}))
