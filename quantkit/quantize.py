@@ -3,7 +3,14 @@
 RTN streams tensor by tensor from disk to disk. GPTQ is layer-sequential: the calibration activations
 go through decoder layer i (its weights read from disk), each linear's input Hessian is accumulated in
 fp32, the subsets q,k,v → o → gate,up → down are quantized in that order (true-sequential), then the
-layer's quantized outputs become layer i+1's inputs. Only one decoder layer is resident at a time.
+layer's quantized outputs become layer i+1's inputs. Only one decoder layer is resident at a time, and
+tensors are read with plain file reads, so memory is bounded by one layer whatever the depth.
+
+Runs are resumable: output goes to a hidden ``.NAME.partial`` directory, and after each layer its tensors
+(whole shards) and, for GPTQ, the next layer's inputs are on disk together with a record of the layers
+done. A run that was killed outright (SIGKILL, power loss) and is started again with the same command
+and input (the same resume key) continues at the next layer and ends with the same bytes; an exception or
+Ctrl-C removes the directory instead.
 """
 
 from __future__ import annotations
