@@ -65,7 +65,6 @@ def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter,
                 qw = rtn(t, opts.spec, sdt)
                 writer.add_quantized(path, qw)
                 stats[path] = {"weight_rel_err": _weight_error(t, qw)}
-                bar.set_postfix_str(module)
             else:
                 writer.add(path + ".weight", t)
         bar.update(1)
@@ -131,7 +130,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
     calib_path = opts.calib or default_calibration_text()
     ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
     model = Gemma(cfg, _DTYPES[opts.calib_dtype], device)
-    model.load_globals(ckpt.get("model.embed_tokens.weight"), ckpt.get("model.norm.weight"))
+    model.load_globals(*(ckpt.get(n, check_finite=True) for n in ("model.embed_tokens.weight", "model.norm.weight")))
     with torch.no_grad():
         inps = [model.embed(b.to(device)) for b in ids.split(opts.batch_size)]  # each [b, T, H]
     model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
@@ -177,8 +176,8 @@ def quantize_checkpoint(
     n_layers = ckpt.config.num_hidden_layers
     with ArtifactWriter(out_dir) as writer, tqdm(total=n_layers, desc=f"{opts.method} layers",
                                                  unit="layer", disable=not progress) as bar:  # fmt: skip
-        writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight"))
-        writer.add("model.norm.weight", ckpt.get("model.norm.weight"))
+        writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight", check_finite=True))
+        writer.add("model.norm.weight", ckpt.get("model.norm.weight", check_finite=True))
         if opts.method == "rtn":
             stats = _rtn_layers(ckpt, opts, writer, sdt, bar)
         else:
