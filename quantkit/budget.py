@@ -31,9 +31,13 @@ def quantized_artifact_bytes(ckpt: Checkpoint, bits: int, group_size: int, sym: 
     n_linear = linear_parameters(ckpt.config)
     groups = n_linear // (group_size if group_size > 0 else min(i for _, i in ckpt.config.linear_shapes().values()))
     per_group = 4 + (0 if sym else 4)  # fp32 scale at most, int32 zero point
-    dense = sum(_numel(ckpt.shape_of(n)) * DTYPE_BYTES.get(ckpt.dtype_of(n), 4) for n in ckpt.names())
-    dense -= linear_parameters(ckpt.config) * 2 if ckpt.quant_spec is None else 0  # linears are replaced
-    return n_linear * bits // 8 + groups * per_group + max(dense, 0) + tokenizer_bytes(ckpt) + _SLACK
+    linears = tuple(f".{m}.weight" for m in ckpt.config.linear_shapes())
+    dense = sum(
+        _numel(ckpt.shape_of(n)) * DTYPE_BYTES.get(ckpt.dtype_of(n), 4)
+        for n in ckpt.names()
+        if not n.endswith(linears)  # the linears are replaced by their codes and scales
+    )
+    return n_linear * bits // 8 + groups * per_group + dense + tokenizer_bytes(ckpt) + _SLACK
 
 
 def available_memory() -> int:

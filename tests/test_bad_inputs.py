@@ -1076,6 +1076,29 @@ def test_corpus_covers_every_command():
     assert len(CASES) >= 60 and min(counts.values()) >= 10, counts
 
 
+# ------------------------------------------------------------------------------------- bugs and debug
+
+
+def test_a_bug_keeps_its_traceback(tiny_gemma2, monkeypatch):
+    import quantkit.summary
+
+    def broken(ckpt):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(quantkit.summary, "describe", broken)
+    res = CliRunner().invoke(cli, ["inspect", str(tiny_gemma2)])
+    assert res.exit_code == 1
+    assert "Traceback" in res.stderr and "ZeroDivisionError: a bug" in res.stderr
+    assert res.stderr.splitlines()[-1].startswith("quantkit: internal error") and "please report" in res.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTKIT_DEBUG", "1")
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "Traceback" in res.stderr and "QuantkitError" in res.stderr
+    assert res.stderr.splitlines()[-1] == f"quantkit: error: {tmp_path / 'nope'}: not a directory"
+
+
 # ------------------------------------------------------------------------------- what success leaves
 
 
@@ -1104,24 +1127,36 @@ def test_outputs_get_the_umask_and_replace_only_artifacts(sources, tmp_path, mon
 # ------------------------------------------------------------------------------ disk full, for real
 
 
-def test_disk_full_on_a_tiny_tmpfs(sources, tmp_path):
-    """A 1 MiB tmpfs (when this process may mount one): refused up front, nothing left in it."""
-    mnt = tmp_path / "tiny-fs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here; the fake-ENOSPC cases in the corpus cover the write path")
+def test_disk_full_refused_up_front(sources, tmp_path, monkeypatch):
+    """A 1 MiB tmpfs when this process may mount one (real processes), else a file system that reports
+    64 KiB free (in-process): every writing command refuses before writing, and leaves nothing there."""
+    fs = tmp_path / "tiny-fs"
+    fs.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)]
+    try:
+        mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    except OSError:  # no mount(8) at all
+        mounted = False
     try:
         for args in (
-            ["quantize", str(sources["model"]), "--method", "rtn", "-o", str(mnt / "q")],
-            ["export", str(sources["art"]), "-o", str(mnt / "m.gguf")],
-            ["import-gguf", str(sources["gguf"]), str(mnt / "hf")],
+            ["quantize", str(sources["model"]), "--method", "rtn", "-o", str(fs / "q")],
+            ["export", str(sources["art"]), "-o", str(fs / "m.gguf")],
+            ["import-gguf", str(sources["gguf"]), str(fs / "hf")],
         ):
-            proc = _quantkit(args, cwd=tmp_path)
-            assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.startswith("quantkit: error:") and proc.stderr.count("\n") == 1, proc.stderr
-            assert list(mnt.iterdir()) == []
+            if mounted:
+                proc = _quantkit(args, cwd=tmp_path)
+                code, err = proc.returncode, proc.stderr
+            else:
+                with monkeypatch.context() as mp:
+                    mp.setattr(os, "statvfs", _tiny_statvfs)
+                    res = CliRunner().invoke(cli, args)
+                code, err = res.exit_code, res.stderr
+            assert code == 2, err
+            assert err.startswith("quantkit: error:") and err.count("\n") == 1 and "free" in err, err
+            assert list(fs.iterdir()) == []
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        if mounted:
+            subprocess.run(["umount", str(fs)], check=True)
 
 
 # ------------------------------------------------------------------------------------------ signals
