@@ -1107,10 +1107,10 @@ def test_outputs_get_the_umask_and_replace_only_artifacts(sources, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     old = os.umask(0o022)
     try:
-        out = tmp_path / "q"
+        out = tmp_path / "new" / "dirs" / "q"  # parents that do not exist yet are made
         args = ["quantize", str(sources["model"]), "--method", "rtn", "-o", str(out)]
         assert CliRunner().invoke(cli, args).exit_code == 0
-        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert {stat.S_IMODE(p.stat().st_mode) for p in (out, out.parent, out.parent.parent)} == {0o755}
         assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
         first = out.stat().st_ino
         res = CliRunner().invoke(cli, [*args, "--overwrite"])
@@ -1119,7 +1119,8 @@ def test_outputs_get_the_umask_and_replace_only_artifacts(sources, tmp_path, mon
         gg = tmp_path / "m.gguf"
         res = CliRunner().invoke(cli, ["export", str(out), "-o", str(gg), "--type", "q8_0"])
         assert res.exit_code == 0 and stat.S_IMODE(gg.stat().st_mode) == 0o644
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "q"]  # nothing hidden left behind
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "new"]  # nothing hidden left behind
+        assert [p.name for p in out.parent.iterdir()] == ["q"]
     finally:
         os.umask(old)
 
