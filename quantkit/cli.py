@@ -77,7 +77,7 @@ def _on_sigterm(signum, frame) -> None:
 class _Group(click.Group):
     """Runs a command and maps every way it can end to one exit status (see README, errors)."""
 
-    def main(self, args=None, prog_name=None, **extra):  # noqa: C901 - one place for every exit path
+    def main(self, args=None, prog_name=None, **extra):  # one place for every way a command ends
         debug = os.environ.get("QUANTKIT_DEBUG", "") not in ("", "0")
         in_main = threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None

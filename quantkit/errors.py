@@ -59,10 +59,9 @@ def user_message(exc: BaseException) -> str | None:
     text = str(exc)
     if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()):
         return _MEMORY_HINT
-    if type(exc).__name__ == "SafetensorError":  # the Rust writer reports I/O errors as text
-        m = re.search(r"code: (\d+)", text)
-        if m:
-            return _os_line(int(m.group(1)), "safetensors writer", text.splitlines()[0])
+    code = _rust_os_error(exc)  # the Rust writer reports I/O errors as text
+    if code is not None:
+        return _os_line(code, "safetensors writer", text.splitlines()[0])
     return None
 
 
@@ -71,9 +70,19 @@ def with_path(exc: BaseException, path: object) -> OSError | None:
     ``write``, or the safetensors writer's text report of one); None otherwise."""
     if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
         return OSError(exc.errno, exc.strerror, str(path))
-    if type(exc).__name__ == "SafetensorError":
-        m = re.search(r"code: (\d+)", str(exc))
-        if m:
-            code = int(m.group(1))
-            return OSError(code, os.strerror(code), str(path))
-    return None
+    if isinstance(exc, OSError) and exc.errno is None and _SHORT_WRITE.search(str(exc)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))  # numpy's tofile on a full disk
+    code = _rust_os_error(exc)
+    return None if code is None else OSError(code, os.strerror(code), str(path))
+
+
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+_RUST_OS_ERROR = re.compile(r"os error (\d+)|code: (\d+)")
+
+
+def _rust_os_error(exc: BaseException) -> int | None:
+    """The errno inside the text of an I/O error from the safetensors (Rust) writer."""
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    m = _RUST_OS_ERROR.search(str(exc))
+    return None if m is None else int(m.group(1) or m.group(2))

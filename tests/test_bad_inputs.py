@@ -1155,9 +1155,33 @@ def test_disk_full_refused_up_front(sources, tmp_path, monkeypatch):
             assert code == 2, err
             assert err.startswith("quantkit: error:") and err.count("\n") == 1 and "free" in err, err
             assert list(fs.iterdir()) == []
+        if mounted:
+            _full_disk_mid_write(sources, fs)
     finally:
         if mounted:
             subprocess.run(["umount", str(fs)], check=True)
+
+
+def _full_disk_mid_write(sources: dict[str, Path], fs: Path) -> None:
+    """The writers themselves (past the up-front check) on a full disk: each failure names the output and
+    says the disk is full; nothing is left behind."""
+    from quantkit.errors import user_message
+    from quantkit.export_gguf import export_gguf
+    from quantkit.gguf_import import import_gguf
+    from quantkit.quantize import QuantizeOptions, quantize_checkpoint
+
+    opts = QuantizeOptions(method="rtn")
+    for out, expect, write in (
+        (fs / "q", "no space left on device", lambda o: quantize_checkpoint(sources["model"], o, opts, progress=False)),
+        (fs / "m.gguf", "no space left on device", lambda o: export_gguf(sources["model"], o, "f32", progress=False)),
+        (fs / "hf", "MiB free", lambda o: import_gguf(sources["gguf"], o, progress=False)),  # checks first
+    ):
+        with pytest.raises(Exception) as info:
+            write(out)
+        msg = user_message(info.value)
+        assert msg is not None and msg.startswith(f"{out}: {expect}" if "space" in expect else str(out)), msg
+        assert expect in msg, msg
+        assert list(fs.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------ signals
