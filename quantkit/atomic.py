@@ -12,11 +12,16 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from .errors import QuantkitError, with_path
 
 ARTIFACT_MARKER = "quantkit.json"  # every directory quantkit writes holds this file
+# Whether the atomic writers may replace an existing file / artifact at their destination when they finish.
+# A library call may (its caller named the path); a command may only with --overwrite, which check_output
+# records here, so an output that appears meanwhile (a concurrent run) is not silently replaced.
+_REPLACE = ContextVar("quantkit_replace_existing", default=True)
 _TMP_SUFFIX_LEN = 24  # ".NAME.partial-XXXXXXXX": the hidden name is this much longer than NAME
 
 
@@ -109,7 +114,7 @@ def check_output(
     Refused: an empty path; the current directory or one of its ancestors; an input, a path inside an input
     or containing one; an existing file or non-empty directory unless ``overwrite``; even with ``overwrite``,
     a directory without quantkit's marker; a parent that is not a writable directory; too little free space
-    for ``need_bytes``. Returns the path as given."""
+    for ``need_bytes``. Records ``overwrite`` for the atomic writers of this context. Returns the path."""
     if not str(out):
         raise QuantkitError("-o/--output: empty path (name the output location)")
     out = Path(out)
@@ -130,6 +135,7 @@ def check_output(
         raise QuantkitError(f"{label}: is the current directory or contains it (name a new path for the output)")
     _check_replaceable(out, kind, overwrite, label)
     check_location(target, label, need_bytes)
+    _REPLACE.set(overwrite)
     return out
 
 
@@ -138,10 +144,11 @@ def _mkdir_parents(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_file(dest: str | Path, overwrite: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it replaces ``dest``, on error it is removed.
-    Without ``overwrite`` an existing ``dest`` (made by someone else meanwhile) is left alone: an error."""
+    Without ``overwrite`` (default: see ``_REPLACE``) an existing ``dest`` is left alone: an error."""
     dest = Path(dest)
+    overwrite = _REPLACE.get() if overwrite is None else overwrite
     _mkdir_parents(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.partial-", dir=dest.parent)
     os.close(fd)
@@ -165,13 +172,15 @@ def atomic_file(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_dir(dest: str | Path, overwrite: bool | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``dest``; on success it takes ``dest``'s place, on error it is deleted.
 
     Whatever is at ``dest`` when the work is done is replaced only if it is an empty directory, or with
     ``overwrite`` a file or a quantkit artifact directory; anything else raises and is left untouched. The
-    old artifact is renamed aside first and removed only after the new one is in place."""
+    old artifact is renamed aside first and removed only after the new one is in place. ``overwrite``
+    defaults to what ``check_output`` recorded (true for a library call)."""
     dest = Path(dest)
+    overwrite = _REPLACE.get() if overwrite is None else overwrite
     _mkdir_parents(dest.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     old: Path | None = None

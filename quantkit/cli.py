@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
@@ -83,7 +84,8 @@ class _Group(click.Group):
         old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
         code = 0
         try:
-            rv = super().main(args=args, prog_name="quantkit", standalone_mode=False, **extra)
+            run = contextvars.copy_context().run  # what a command records (atomic._REPLACE) ends with it
+            rv = run(super().main, args=args, prog_name="quantkit", standalone_mode=False, **extra)
             code = rv if isinstance(rv, int) else 0
         except click.exceptions.Exit as e:
             code = e.exit_code

@@ -1099,6 +1099,24 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch):
     assert res.stderr.splitlines()[-1] == f"quantkit: error: {tmp_path / 'nope'}: not a directory"
 
 
+def test_output_made_meanwhile_is_not_replaced(sources, tmp_path, monkeypatch):
+    """A concurrent run finishes first: without --overwrite the later one leaves its artifact alone."""
+    import quantkit.quantize as qz
+
+    out = tmp_path / "q"
+    real = qz._report
+
+    def other_run_finishes_first(*a, **k):
+        out.mkdir()
+        (out / "quantkit.json").write_text("{}")
+        return real(*a, **k)
+
+    monkeypatch.setattr(qz, "_report", other_run_finishes_first)
+    res = CliRunner().invoke(cli, ["quantize", str(sources["model"]), "--method", "rtn", "-o", str(out)])
+    assert res.exit_code == 2 and res.stderr.startswith(f"quantkit: error: {out}: an existing non-empty directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["q"] and [p.name for p in out.iterdir()] == ["quantkit.json"]
+
+
 # ------------------------------------------------------------------------------- what success leaves
 
 
