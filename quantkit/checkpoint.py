@@ -19,6 +19,7 @@ from . import tensorio
 from .config import ModelConfig, load_config
 from .errors import QuantkitError
 from .primitives import QuantizedWeight, QuantSpec, unpack_int32
+from .tokenizer import check_tokenizer_files
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -34,6 +35,14 @@ _DROP_PREFIXES = (
 )
 
 DTYPE_NAMES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+# every dtype the safetensors format defines -> bytes per element
+ELEMENT_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+# dtype of each pack-quantized tensor (by its name's last part)
+PACKED_DTYPES = {"weight_packed": ("I32",), "weight_zero_point": ("I32",), "weight_shape": ("I64", "I32"),
+                 "weight_scale": tuple(DTYPE_NAMES)}  # fmt: skip
 
 
 def layer_prefix(i: int) -> str:
@@ -69,17 +78,31 @@ def quant_spec_from_config(raw: dict, source: str) -> QuantSpec | None:
     qc = raw.get("quantization_config")
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise QuantkitError(f"{source}: quantization_config is {qc!r}, not an object")
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
         raise QuantkitError(
             f"{source}: quantization_config {qc.get('quant_method')!r}/{qc.get('format')!r} is not read; "
             "quantkit reads compressed-tensors pack-quantized checkpoints"
         )
-    groups = list(qc.get("config_groups", {}).values())
-    if len(groups) != 1 or groups[0].get("weights", {}).get("type") != "int":
+    groups = qc.get("config_groups")
+    groups = list(groups.values()) if isinstance(groups, dict) else []
+    w = groups[0].get("weights") if len(groups) == 1 and isinstance(groups[0], dict) else None
+    if not isinstance(w, dict) or w.get("type") != "int":
         raise QuantkitError(f"{source}: expected one int weight scheme in quantization_config.config_groups")
-    w = groups[0]["weights"]
-    group = -1 if w.get("strategy") == "channel" else int(w["group_size"])
-    return QuantSpec(bits=int(w["num_bits"]), group_size=group, sym=bool(w["symmetric"]))
+    bits, sym, group = w.get("num_bits"), w.get("symmetric"), w.get("group_size")
+    if w.get("strategy") == "channel":
+        group = -1
+    elif w.get("strategy") != "group":
+        raise QuantkitError(f"{source}: weights strategy {w.get('strategy')!r} is not read (group or channel)")
+    for key, value, ok in (
+        ("num_bits", bits, isinstance(bits, int) and not isinstance(bits, bool)),
+        ("symmetric", sym, isinstance(sym, bool)),
+        ("group_size", group, isinstance(group, int) and not isinstance(group, bool)),
+    ):
+        if not ok:
+            raise QuantkitError(f"{source}: quantization_config weights.{key} is {value!r} (missing or mistyped)")
+    return QuantSpec(bits=bits, group_size=group, sym=sym)
 
 
 def _canonical(name: str) -> str | None:
@@ -91,8 +114,54 @@ def _canonical(name: str) -> str | None:
     return name
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise QuantkitError(f"tensor {dup!r} is listed twice")
+    return dict(pairs)
+
+
+def _check_entries(path: Path, header: dict, data_len: int) -> None:
+    """Each entry: known dtype, shape of non-negative ints, dtype size x elements = byte length, offsets in
+    range; together: sorted, non-overlapping spans."""
+    spans = []
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise QuantkitError(f"{where}: header entry lacks dtype/shape/data_offsets (corrupt safetensors header)")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if dt not in ELEMENT_BYTES:
+            raise QuantkitError(f"{where}: unknown dtype {dt!r} (corrupt safetensors header)")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise QuantkitError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)):
+            raise QuantkitError(f"{where}: data_offsets {offs!r} are not two integers")
+        begin, end = offs
+        if not 0 <= begin <= end:
+            raise QuantkitError(f"{where}: data_offsets {offs} are not an increasing pair of byte offsets")
+        if end > data_len:
+            raise QuantkitError(
+                f"{path}: truncated safetensors file, or offsets outside it ({name!r} ends at byte {end} of the "
+                f"data section, which has {data_len})"
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * ELEMENT_BYTES[dt] != end - begin:
+            raise QuantkitError(f"{where}: {dt} {shape} needs {numel * ELEMENT_BYTES[dt]} bytes, has {end - begin}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+        if begin < end:
+            raise QuantkitError(f"{path}: tensors {a!r} and {b!r} overlap (corrupt safetensors header)")
+
+
 def _read_header(path: Path) -> dict:
-    """Parse a safetensors header ourselves so that a corrupt or truncated file gets a precise message."""
+    """Parse and check a safetensors header ourselves, so a corrupt or truncated file gets a precise message
+    before any tensor is read."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -102,14 +171,14 @@ def _read_header(path: Path) -> dict:
         if n > size - 8 or n > 100_000_000:
             raise QuantkitError(f"{path}: corrupt safetensors header (header length {n}, file {size} bytes)")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = json.loads(f.read(n), object_pairs_hook=_no_duplicates)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise QuantkitError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+        except QuantkitError as e:
+            raise QuantkitError(f"{path}: {e} (corrupt safetensors header)") from None
     if not isinstance(header, dict):
         raise QuantkitError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + data_len > size:
-        raise QuantkitError(f"{path}: truncated safetensors file (needs {8 + n + data_len} bytes, has {size})")
+    _check_entries(path, header, size - 8 - n)
     return header
 
 
@@ -128,9 +197,16 @@ def _shard_map(model_dir: Path) -> dict[str, str]:
     index = model_dir / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise QuantkitError(f"{index}: not a valid shard index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise QuantkitError(f"{index}: weight_map must map tensor names to shard file names (strings)")
+        for shard in set(weight_map.values()):
+            if Path(shard).name != shard or not shard.endswith(".safetensors"):
+                raise QuantkitError(f"{index}: shard {shard!r} is not a .safetensors file name in {model_dir}")
         return dict(weight_map)
     single = model_dir / SINGLE_NAME
     if single.is_file():
@@ -190,10 +266,10 @@ class Checkpoint:
         return t
 
     def layer_tensors(
-        self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset(), check_finite: bool = False
+        self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset(), check_finite: bool = True
     ) -> dict[str, torch.Tensor]:
         """Tensors of decoder layer ``i`` keyed by their name inside the layer (e.g. 'mlp.up_proj.weight'),
-        except those named in ``exclude``; ``check_finite`` refuses NaN/inf values."""
+        except those named in ``exclude``; NaN/inf values are refused unless ``check_finite`` is false."""
         p = layer_prefix(i)
         names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
         return {n[len(p) :]: self.get(n, dtype, check_finite) for n in names}
@@ -207,7 +283,7 @@ class Checkpoint:
         spec = self.quant_spec
         o, i = (int(v) for v in self.get(f"{name}.weight_shape"))
         codes = unpack_int32(self.get(f"{name}.weight_packed"), spec.bits, i)
-        scale = self.get(f"{name}.weight_scale")
+        scale = self.get(f"{name}.weight_scale", check_finite=True)
         zero = None
         if not spec.sym:
             zp = self.get(f"{name}.weight_zero_point")  # [ceil(O*b/32), G], packed along O
@@ -229,18 +305,42 @@ class Checkpoint:
         return total
 
 
+def _check_packed(ckpt: Checkpoint, module: str, shape: tuple[int, ...]) -> set[str]:
+    """Dtypes and shapes of one pack-quantized linear's tensors (from the headers); returns their names."""
+    spec = ckpt.quant_spec
+    parts = [p for p in PACKED_DTYPES if p != "weight_zero_point" or not spec.sym]
+    o, i = shape
+    want = {
+        "weight_packed": (o, -(-i * spec.bits // 32)),
+        "weight_scale": (o, spec.groups(i)),
+        "weight_shape": (2,),
+        "weight_zero_point": (-(-o * spec.bits // 32), spec.groups(i)),
+    }
+    for part in parts:
+        name = f"{module}.{part}"
+        if name not in ckpt.locations:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} missing from the quantized checkpoint")
+        dt, got = ckpt.dtype_of(name), ckpt.shape_of(name)
+        if dt not in PACKED_DTYPES[part]:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} is {dt}; expected {' or '.join(PACKED_DTYPES[part])}")
+        if got != want[part]:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} has shape {list(got)}, expected {list(want[part])}")
+    got = tuple(int(v) for v in ckpt.get(f"{module}.weight_shape"))
+    if got != shape:
+        raise QuantkitError(f"{ckpt.path}: {module}.weight_shape is {list(got)}, config.json implies {list(shape)}")
+    return {f"{module}.{p}" for p in parts}
+
+
 def _validate(ckpt: Checkpoint) -> None:
     cfg = ckpt.config
-    expected = expected_shapes(cfg)
-    for name, shape in expected.items():
+    emb = "model.embed_tokens.weight"
+    known = {emb}
+    for name, shape in expected_shapes(cfg).items():
         module = name.removesuffix(".weight")
         if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
-            got = tuple(int(v) for v in ckpt.get(f"{module}.weight_shape"))
-            if got != shape:
-                raise QuantkitError(
-                    f"{ckpt.path}: {module}.weight_shape is {list(got)}, config.json implies {list(shape)}"
-                )
+            known |= _check_packed(ckpt, module, shape)
             continue
+        known.add(name)
         if name not in ckpt.locations:
             raise QuantkitError(f"{ckpt.path}: tensor {name!r} missing from the checkpoint")
         got = ckpt.shape_of(name)
@@ -249,17 +349,22 @@ def _validate(ckpt: Checkpoint) -> None:
             raise QuantkitError(
                 f"{ckpt.path / shard}: tensor {name!r} has shape {list(got)}, config.json implies {list(shape)}"
             )
-    emb = "model.embed_tokens.weight"
+    extra = sorted(set(ckpt.locations) - known)
+    if extra:
+        raise QuantkitError(
+            f"{ckpt.path}: unexpected tensor {extra[0]!r} ({len(extra)} in all) for a "
+            f"{cfg.num_hidden_layers}-layer {cfg.architecture} (check num_hidden_layers in config.json)"
+        )
     if emb not in ckpt.locations:
         raise QuantkitError(f"{ckpt.path}: tensor {emb!r} missing from the checkpoint")
-    rows, cols = ckpt.shape_of(emb)
-    if cols != cfg.hidden_size or rows < cfg.vocab_size:
+    emb_shape = ckpt.shape_of(emb)
+    if len(emb_shape) != 2 or emb_shape[1] != cfg.hidden_size or emb_shape[0] < cfg.vocab_size:
         raise QuantkitError(
-            f"{ckpt.path}: {emb} has shape {[rows, cols]}, config.json implies [{cfg.vocab_size}, {cfg.hidden_size}]"
+            f"{ckpt.path}: {emb} has shape {list(emb_shape)}, config.json implies [{cfg.vocab_size}, {cfg.hidden_size}]"
         )
-    for name in ckpt.locations:
+    for name in known - {n for n in known if n.rsplit(".", 1)[-1] in PACKED_DTYPES}:
         dt = ckpt.dtype_of(name)
-        if dt not in DTYPE_NAMES and not (ckpt.quant_spec and name.rsplit(".", 1)[-1].startswith("weight_")):
+        if dt not in DTYPE_NAMES:
             raise QuantkitError(f"{ckpt.path}: tensor {name!r} has dtype {dt}; expected BF16, F16 or F32")
 
 
@@ -269,7 +374,7 @@ def open_checkpoint(model_dir: str | Path, require_tokenizer: bool = True) -> Ch
     if not model_dir.is_dir():
         raise QuantkitError(f"{model_dir}: not a directory")
     cfg = load_config(model_dir)
-    raw_config = json.loads((model_dir / "config.json").read_text())
+    raw_config = json.loads((model_dir / "config.json").read_bytes())
     shard_of = _shard_map(model_dir)
     headers: dict[str, dict] = {}
     for shard in sorted(set(shard_of.values())):
@@ -283,6 +388,8 @@ def open_checkpoint(model_dir: str | Path, require_tokenizer: bool = True) -> Ch
             raise QuantkitError(f"{model_dir / shard}: tensor {stored!r} listed in the index is not in this shard")
         name = _canonical(stored)
         if name is not None and name != "lm_head.weight":  # the head is tied to the embedding
+            if name in locations:
+                raise QuantkitError(f"{model_dir / shard}: tensor {name!r} is stored twice (as {stored!r})")
             locations[name] = (shard, stored)
     spec = quant_spec_from_config(raw_config, str(model_dir / "config.json"))
     ckpt = Checkpoint(model_dir, cfg, raw_config, locations, headers, spec)
@@ -291,6 +398,8 @@ def open_checkpoint(model_dir: str | Path, require_tokenizer: bool = True) -> Ch
         raise QuantkitError(
             f"{ckpt.tokenizer_path}: tokenizer.model not found (quantkit needs the SentencePiece model)"
         )
+    if ckpt.tokenizer_path.is_file():
+        check_tokenizer_files(model_dir, cfg.vocab_size)
     return ckpt
 
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
 
 import click
 
 from . import __version__
-from .errors import QuantkitError
+from .errors import EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, QuantkitError, Terminated, user_message
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:
@@ -18,20 +24,115 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "q4_k_m"]
 
 
+class DeviceType(click.ParamType):
+    """cpu, cuda or cuda:N, refused when that device is not available here."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx) -> str:
+        value = str(value).strip().lower()
+        m = re.fullmatch(r"cuda(?::(\d+))?", value)
+        if value != "cpu" and m is None:
+            self.fail(f"{value!r} is not a device (choose cpu, cuda or cuda:N)", param, ctx)
+        if m is not None:
+            import torch
+
+            if not torch.cuda.is_available():
+                self.fail(f"{value}: no CUDA device is available (use --device cpu)", param, ctx)
+            if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+                self.fail(f"{value}: only {torch.cuda.device_count()} CUDA device(s) here", param, ctx)
+        return value
+
+
+DEVICE = DeviceType()
+_OVERWRITE = click.option(
+    "--overwrite", is_flag=True, help="Replace an existing output (a file, or a directory quantkit wrote)."
+)
+
+
+def _usage_line(e: click.UsageError) -> str:
+    """One line for a click usage error: the option, the problem, where to look."""
+    msg = " ".join(e.format_message().split())
+    if isinstance(e, click.BadParameter) and e.param is not None:
+        opts = getattr(e.param, "opts", None) or [e.param.name or "?"]
+        name = opts[0] if opts[0].startswith("-") else (e.param.human_readable_name or opts[0]).upper()
+        msg = f"{name}: {' '.join(e.message.split())}"
+    msg = msg.removesuffix(".")
+    cmd = e.ctx.command_path if e.ctx is not None else "quantkit"
+    return f"{msg} (see '{cmd} --help')"
+
+
+def _report_bug() -> None:
+    traceback.print_exc()
+    click.echo(
+        f"quantkit: internal error (a bug in quantkit {__version__}); please report it with the command line "
+        "and the traceback above",
+        err=True,
+    )
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
 class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
+    """Runs a command and maps every way it can end to one exit status (see README, errors)."""
+
+    def main(self, args=None, prog_name=None, **extra):  # one place for every way a command ends
+        debug = os.environ.get("QUANTKIT_DEBUG", "") not in ("", "0")
+        in_main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+        code = 0
         try:
-            return super().invoke(ctx)
-        except QuantkitError as e:
-            click.echo(f"quantkit: error: {e}", err=True)
-            ctx.exit(2)
+            run = contextvars.copy_context().run  # what a command records (atomic._REPLACE) ends with it
+            rv = run(super().main, args=args, prog_name="quantkit", standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.Exit as e:
+            code = e.exit_code
+        except click.UsageError as e:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"quantkit: error: {_usage_line(e)}", err=True)
+            code = EXIT_USAGE
+        except click.ClickException as e:
+            click.echo(f"quantkit: error: {' '.join(e.format_message().split())}", err=True)
+            code = e.exit_code
+        except (KeyboardInterrupt, click.exceptions.Abort, Terminated) as e:
+            if debug:
+                traceback.print_exc()
+            click.echo("quantkit: interrupted", err=True)
+            code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
+        except Exception as e:
+            msg = user_message(e)
+            if msg is None:
+                _report_bug()
+                code = EXIT_BUG
+            else:
+                if debug:
+                    traceback.print_exc()
+                click.echo(f"quantkit: error: {msg}", err=True)
+                code = EXIT_USAGE
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, old)
+        sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="quantkit")
-def cli() -> None:
+@click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bars (they also stay off when stderr is not a terminal)."
+)
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
     """Quantize Gemma 2 / Gemma 3 checkpoints (RTN, GPTQ), measure the drift, export GGUF or packed
     safetensors."""
+    ctx.obj = {"progress": not quiet and sys.stderr.isatty()}
+
+
+def _progress() -> bool:
+    ctx = click.get_current_context()
+    return bool((ctx.find_root().obj or {}).get("progress", False))
 
 
 @cli.command()
@@ -53,18 +154,22 @@ def inspect(model_dir: str, as_json: bool) -> None:
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output directory (or .gguf file).")
 @click.option("--recipe", help="A recipes/NAME.toml (or path); flags override it.")
-@click.option("--bits", type=int, help="Weight bits: 8, 4 (also 3, 2).  [default: 4]")
+@click.option("--bits", type=click.IntRange(2, 8), help="Weight bits: 8, 4 (also 3, 2).  [default: 4]")
 @click.option(
     "--group", "group_size", type=int, help="Group size along the input dim; -1 = per channel. [default: 128]"
 )
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), help="[default: gptq]")
 @click.option("--sym/--asym", default=None, help="Symmetric (default) or asymmetric grid.")
 @click.option("--calib", type=click.Path(), help="Calibration text (default: WikiText-2 validation).")
-@click.option("--nsamples", type=int, help="Calibration windows. [default: 128]")
-@click.option("--seqlen", type=int, help="Tokens per calibration window. [default: 512]")
-@click.option("--seed", type=int, help="Seed for drawing calibration windows. [default: 0]")
+@click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
+@click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for drawing calibration windows. [default: 0]")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ columns by decreasing Hessian diagonal.")
-@click.option("--damp", type=float, help="GPTQ damping, fraction of mean diag(H). [default: 0.01]")
+@click.option(
+    "--damp",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="GPTQ damping, fraction of mean diag(H). [default: 0.01]",
+)
 @click.option(
     "--scale-dtype",
     type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
@@ -75,7 +180,7 @@ def inspect(model_dir: str, as_json: bool) -> None:
     type=click.Choice(["float32", "bfloat16"]),
     help="Dtype of the calibration activations carried between layers. [default: float32]",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
 @click.option(
     "--type",
@@ -85,20 +190,39 @@ def inspect(model_dir: str, as_json: bool) -> None:
     show_default=True,
     help="GGUF type with --format gguf.",
 )
+@_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -> None:
+def quantize(model_dir, out, recipe, fmt, gguf_type, device, overwrite, as_json, **flags) -> None:
     """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint.
 
     Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 --method gptq -o ./gemma-2-9b-w4g128
     """
+    from .atomic import check_output
+    from .budget import calibration_bytes, quantized_artifact_bytes, refuse_if_over_memory
+    from .checkpoint import open_checkpoint
     from .quantize import quantize_checkpoint
     from .recipes import resolve_options
 
     opts = resolve_options(recipe, **flags)
+    kind = "file" if fmt == "gguf" else "dir"
+    inputs = [model_dir, opts.calib]
+    check_output(out, inputs, kind=kind, overwrite=overwrite)
+    ckpt = open_checkpoint(model_dir)
+    need = quantized_artifact_bytes(ckpt, opts.bits, opts.group_size, opts.sym)
+    if fmt == "gguf":
+        need += _gguf_bytes(ckpt, gguf_type)
+    check_output(out, inputs, kind=kind, overwrite=overwrite, need_bytes=need)
+    if opts.method == "gptq":
+        act = 4 if opts.calib_dtype == "float32" else 2
+        refuse_if_over_memory(
+            calibration_bytes(ckpt.config, opts.nsamples, opts.seqlen, opts.batch_size, act),
+            f"--nsamples {opts.nsamples} x --seqlen {opts.seqlen}",
+            "lower --nsamples or --seqlen",
+        )
     if fmt == "gguf":
         report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device)
     else:
-        report = quantize_checkpoint(model_dir, out, opts, device=device)
+        report = quantize_checkpoint(model_dir, out, opts, device=device, progress=_progress())
     summary = (
         f"{out}: {opts.method} int{opts.bits} g{opts.group_size} {'sym' if opts.sym else 'asym'}, "
         f"{report['bits_per_weight']:.3f} bits/weight, mean weight rel. error {report['mean_weight_rel_err']:.3e}, "
@@ -107,8 +231,16 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -
     _emit(report, as_json, summary)
 
 
+def _gguf_bytes(ckpt, qtype: str) -> int:
+    """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
+    from .budget import tokenizer_bytes
+    from .export_gguf import plan_tensors
+
+    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
+
+
 def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
-    """Quantize with fp16 scales into a temporary artifact, then write its codes into GGUF blocks."""
+    """Quantize with fp16 scales into a hidden temporary artifact, then write its codes into GGUF blocks."""
     import tempfile
     from pathlib import Path
 
@@ -117,9 +249,11 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
 
     if opts.scale_dtype == "auto":
         opts = opts.replace(scale_dtype="float16")
-    with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
-        report = quantize_checkpoint(model_dir, Path(tmp) / "artifact", opts, device=device)
-        report["gguf"] = export_gguf(Path(tmp) / "artifact", out, gguf_type)
+    parent = Path(out).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.partial-", dir=parent) as tmp:
+        report = quantize_checkpoint(model_dir, Path(tmp) / "artifact", opts, device=device, progress=_progress())
+        report["gguf"] = export_gguf(Path(tmp) / "artifact", out, gguf_type, progress=_progress())
         lossless = report["gguf"]["counts"]["lossless"]
         click.echo(f"{out}: {lossless} linear weights written into {gguf_type} blocks without re-rounding", err=True)
     return report
@@ -130,8 +264,9 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True)
+@_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (per-tensor types) as JSON.")
-def export(src: str, out: str, fmt: str, qtype: str, as_json: bool) -> None:
+def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: bool) -> None:
     """Write SRC (a model directory or a quantize output directory) as a GGUF that llama.cpp runs.
 
     Weights of a quantized SRC whose grid fits the GGUF type (symmetric int4 -> q4_0, int8 -> q8_0,
@@ -140,9 +275,14 @@ def export(src: str, out: str, fmt: str, qtype: str, as_json: bool) -> None:
 
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
+    from .atomic import check_output
+    from .checkpoint import open_checkpoint
     from .export_gguf import export_gguf
 
-    report = export_gguf(src, out, qtype)
+    check_output(out, [src], kind="file", overwrite=overwrite)
+    ckpt = open_checkpoint(src)
+    check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=_gguf_bytes(ckpt, qtype))
+    report = export_gguf(ckpt, out, qtype, progress=_progress())
     _emit(report, as_json, _format_export(report))
 
 
@@ -161,11 +301,17 @@ def _format_export(r: dict) -> str:
 @click.argument("model_dir", type=click.Path())
 @click.option("--quantized", type=click.Path(), help="A quantized artifact of MODEL_DIR to compare against it.")
 @click.option("--dataset", type=click.Path(), help="Evaluation text (default: WikiText-2 test, raw).")
-@click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
-@click.option("--chunks", type=int, help="Evaluate only the first N chunks.")
-@click.option("--batch-size", default=1, show_default=True, help="Chunks per forward.")
+@click.option(
+    "--ctx",
+    type=click.IntRange(min=4),
+    default=512,
+    show_default=True,
+    help="Tokens per chunk (the second half is scored).",
+)
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N chunks.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Chunks per forward.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--stream/--no-stream", default=None, help="Layer-streamed evaluation (default: when needed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, as_json) -> None:
@@ -176,21 +322,23 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
     """
     import torch
 
+    from .budget import eval_bytes, refuse_if_over_memory
     from .checkpoint import open_checkpoint
     from .data import default_evaluation_text, perplexity_chunks
     from .evaluate import evaluate
     from .tokenizer import Tokenizer
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QuantkitError("--device cuda: no CUDA device is available")
     ref = open_checkpoint(model_dir)
     quant = open_checkpoint(quantized) if quantized else None
     if quant is not None and quant.config != ref.config:
         raise QuantkitError(f"{quantized}: its config.json describes a different model than {model_dir}")
     data = dataset or default_evaluation_text()
     ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
+    act = 4 if dtype == "float32" else 2
+    need = eval_bytes(ref.config, ids.shape[0], ctx, batch_size, act) * (2 if quant is not None else 1)
+    refuse_if_over_memory(need, f"--ctx {ctx} x --batch-size {batch_size}", "lower --ctx or --batch-size")
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    res = evaluate(ref, ids, quant, dtype=dt, device=device, stream=stream, batch_size=batch_size)
+    res = evaluate(ref, ids, quant, dtype=dt, device=device, stream=stream, batch_size=batch_size, progress=_progress())
     res["dataset"] = str(data)
     _emit(res, as_json, _format_eval(res))
 
@@ -214,18 +362,26 @@ def _format_eval(r: dict) -> str:
 @cli.command("import-gguf")
 @click.argument("gguf_file", type=click.Path())
 @click.argument("out_dir", type=click.Path())
-def import_gguf_cmd(gguf_file: str, out_dir: str) -> None:
+@_OVERWRITE
+def import_gguf_cmd(gguf_file: str, out_dir: str, overwrite: bool) -> None:
     """Turn a Gemma 2 / Gemma 3 GGUF into a Hugging Face checkpoint (dequantized, fp32).
 
     Example: quantkit import-gguf gemma-3-270m-q4_k_m.gguf ./gemma-3-270m
     """
+    import time
+
+    from .atomic import check_output
+    from .checkpoint import dir_size
     from .gguf_import import import_gguf
 
-    click.echo(import_gguf(gguf_file, out_dir))
+    check_output(out_dir, [gguf_file], kind="dir", overwrite=overwrite)
+    t0 = time.perf_counter()
+    out = import_gguf(gguf_file, out_dir, progress=_progress())
+    click.echo(f"{out}: Hugging Face checkpoint, {dir_size(out) / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s")
 
 
 def main() -> None:
-    sys.exit(cli.main(prog_name="quantkit", standalone_mode=True))
+    cli.main(prog_name="quantkit")
 
 
 if __name__ == "__main__":

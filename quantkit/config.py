@@ -8,6 +8,7 @@ Values come from the file, with transformers' defaults for absent keys. Both the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,27 +107,67 @@ class ModelConfig:
         }
 
 
-def _first_int(value: Any, default: int) -> int:
-    if isinstance(value, list):
-        return int(value[0]) if value else default
-    return default if value is None else int(value)
+class _Values:
+    """Typed, range-checked reads of config.json values; every refusal names the key and what it must be."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def bad(self, key: str, value: Any, must: str) -> QuantkitError:
+        return QuantkitError(f"{self.source}: {key} is {value!r}; it must be {must} (fix config.json)")
+
+    def int(self, key: str, default: Any = ..., minimum: int = 1, value: Any = ...) -> int:
+        if value is ...:
+            if key not in self.raw and default is ...:
+                raise QuantkitError(f"{self.source}: missing required key {key!r}")
+            value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.bad(key, value, f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, default: Any, positive: bool = True, optional: bool = False, value: Any = ...):
+        value = self.raw.get(key, default) if value is ... else value
+        if value is None and optional:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (positive and value <= 0) or value < 0:
+            kind = "a positive number" if positive else "a number >= 0"
+            raise self.bad(key, value, kind + (" or null" if optional else ""))
+        return float(value)
+
+    def token_id(self, key: str, default: int, vocab: int) -> int:
+        value = self.raw.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            raise self.bad(key, value, f"a token id in 0..{vocab - 1}")
+        return value
+
+    def mapping(self, key: str) -> dict[str, Any] | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self.bad(key, value, "an object or null")
+        return value
 
 
-def _rope(raw: dict[str, Any], fam: dict[str, Any]) -> tuple[float, float, float]:
+def _rope(raw: dict[str, Any], fam: dict[str, Any], v: _Values) -> tuple[float, float, float]:
     """(global base, local base, global linear factor) from either config style."""
     global_base, local_base = fam["rope_global"], fam["rope_local"]
-    scaling = raw.get("rope_scaling")
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict):
-        if FULL in params or SLIDING in params:  # 5.x, per layer type
-            full, slide = params.get(FULL) or {}, params.get(SLIDING) or {}
-            global_base = full.get("rope_theta", raw.get("rope_theta", global_base))
-            local_base = slide.get("rope_theta", raw.get("rope_local_base_freq", local_base))
-            scaling = full if full.get("rope_type", "default") != "default" else scaling
-        else:  # 5.x, one set for every layer (Gemma 2)
-            global_base = params.get("rope_theta", global_base)
-            local_base = global_base
-            scaling = params if params.get("rope_type", "default") != "default" else scaling
+    scaling = v.mapping("rope_scaling")
+    params = v.mapping("rope_parameters")
+    if params is not None and (FULL in params or SLIDING in params):  # 5.x, per layer type
+        full, slide = params.get(FULL) or {}, params.get(SLIDING) or {}
+        if not isinstance(full, dict) or not isinstance(slide, dict):
+            raise v.bad("rope_parameters", params, "an object of objects per layer type")
+        global_base = full.get("rope_theta", raw.get("rope_theta", global_base))
+        local_base = slide.get("rope_theta", raw.get("rope_local_base_freq", local_base))
+        scaling = full if full.get("rope_type", "default") != "default" else scaling
+    elif params is not None:  # 5.x, one set for every layer (Gemma 2)
+        global_base = params.get("rope_theta", global_base)
+        local_base = global_base
+        scaling = params if params.get("rope_type", "default") != "default" else scaling
     else:
         global_base = raw.get("rope_theta", global_base)
         local_base = raw.get("rope_local_base_freq", global_base if raw["model_type"] == "gemma2" else local_base)
@@ -134,9 +175,11 @@ def _rope(raw: dict[str, Any], fam: dict[str, Any]) -> tuple[float, float, float
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind not in ("linear", "default"):
-            raise QuantkitError(f"rope scaling type {kind!r} is not supported (only linear)")
-        factor = float(scaling.get("factor", 1.0)) if kind == "linear" else 1.0
-    return float(global_base), float(local_base), factor
+            raise QuantkitError(f"{v.source}: rope scaling type {kind!r} is not supported (only linear)")
+        if kind == "linear":
+            factor = v.number("rope scaling factor", None, value=scaling.get("factor", 1.0))
+    rope_theta = v.number("rope_theta", None, value=global_base)
+    return rope_theta, v.number("rope_local_base_freq", None, value=local_base), factor
 
 
 def _text_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -145,64 +188,73 @@ def _text_config(raw: dict[str, Any], source: str) -> dict[str, Any]:
         raw = {"model_type": "gemma3_text", **raw["text_config"]}
         raw["model_type"] = "gemma3_text"
     model_type = raw.get("model_type")
-    if model_type not in _FAMILIES:
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
         archs = raw.get("architectures")
         raise QuantkitError(
             f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs}); "
             "quantkit handles Gemma2ForCausalLM and Gemma3ForCausalLM"
         )
     act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in _SUPPORTED_ACTIVATIONS:
+    if not isinstance(act, str) or act not in _SUPPORTED_ACTIVATIONS:
         raise QuantkitError(f"{source}: hidden activation {act!r} is not Gemma's tanh-GELU")
     if raw.get("attention_bias"):
         raise QuantkitError(f"{source}: attention_bias=true is not a Gemma 2/3 layout")
     return raw
 
 
+def _layer_types(raw: dict[str, Any], fam: dict[str, Any], n_layers: int, v: _Values) -> tuple[str, ...]:
+    layer_types = raw.get("layer_types")
+    if layer_types is None:
+        pattern = raw.get("sliding_window_pattern") or fam["sliding_window_pattern"]
+        pattern = v.int("sliding_window_pattern", value=pattern)
+        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers or not set(layer_types) <= {SLIDING, FULL}:
+        raise QuantkitError(f"{v.source}: layer_types must list {n_layers} sliding/full entries")
+    return tuple(layer_types)
+
+
 def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """A validated ModelConfig: every value typed and range-checked, defaults as transformers'."""
+    if not isinstance(raw, dict):
+        raise QuantkitError(f"{source}: expected a JSON object")
     raw = _text_config(raw, source)
     fam = _FAMILIES[raw["model_type"]]
-    try:
-        n_layers = int(raw["num_hidden_layers"])
-        hidden = int(raw["hidden_size"])
-        n_heads = int(raw["num_attention_heads"])
-        layer_types = raw.get("layer_types")
-        if layer_types is None:
-            pattern = int(raw.get("sliding_window_pattern") or fam["sliding_window_pattern"])
-            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
-        if len(layer_types) != n_layers or set(layer_types) - {SLIDING, FULL}:
-            raise QuantkitError(f"{source}: layer_types must list {n_layers} sliding/full entries")
-        head_dim = int(raw.get("head_dim") or 256)
-        global_base, local_base, factor = _rope(raw, fam)
-        window = raw.get("sliding_window", raw.get("sliding_window_size", 4096))
-        return ModelConfig(
-            model_type=raw["model_type"],
-            vocab_size=int(raw.get("vocab_size", fam["vocab_size"])),
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads", n_heads)),
-            head_dim=head_dim,
-            query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar", 256)),
-            sliding_window=int(window) if window is not None else 1 << 30,
-            layer_types=tuple(layer_types),
-            rope_theta=global_base,
-            rope_local_base_freq=local_base,
-            rope_scaling_factor=factor,
-            attn_logit_softcapping=raw.get("attn_logit_softcapping", fam["attn_logit_softcapping"]),
-            final_logit_softcapping=raw.get("final_logit_softcapping", fam["final_logit_softcapping"]),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", fam["max_position_embeddings"])),
-            bos_token_id=_first_int(raw.get("bos_token_id"), 2),
-            eos_token_id=_first_int(raw.get("eos_token_id"), 1),
-            pad_token_id=_first_int(raw.get("pad_token_id"), 0),
-            torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
-        )
-    except KeyError as e:
-        raise QuantkitError(f"{source}: missing required key {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise QuantkitError(f"{source}: bad value ({e})") from None
+    v = _Values(raw, source)
+    n_layers = v.int("num_hidden_layers")
+    n_heads = v.int("num_attention_heads")
+    n_kv = v.int("num_key_value_heads", n_heads)
+    if n_heads % n_kv:
+        raise QuantkitError(f"{source}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    vocab = v.int("vocab_size", fam["vocab_size"])
+    window = raw.get("sliding_window", raw.get("sliding_window_size", 4096))
+    global_base, local_base, factor = _rope(raw, fam, v)
+    dtype = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+    if not isinstance(dtype, str):
+        raise v.bad("torch_dtype", dtype, "a dtype name")
+    return ModelConfig(
+        model_type=raw["model_type"],
+        vocab_size=vocab,
+        hidden_size=v.int("hidden_size"),
+        intermediate_size=v.int("intermediate_size"),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        head_dim=v.int("head_dim", value=raw.get("head_dim") or 256),
+        query_pre_attn_scalar=v.number("query_pre_attn_scalar", 256),
+        sliding_window=v.int("sliding_window", value=window) if window is not None else 1 << 30,
+        layer_types=_layer_types(raw, fam, n_layers, v),
+        rope_theta=global_base,
+        rope_local_base_freq=local_base,
+        rope_scaling_factor=factor,
+        attn_logit_softcapping=v.number("attn_logit_softcapping", fam["attn_logit_softcapping"], optional=True),
+        final_logit_softcapping=v.number("final_logit_softcapping", fam["final_logit_softcapping"], optional=True),
+        rms_norm_eps=v.number("rms_norm_eps", 1e-6, positive=False),
+        max_position_embeddings=v.int("max_position_embeddings", fam["max_position_embeddings"]),
+        bos_token_id=v.token_id("bos_token_id", 2, vocab),
+        eos_token_id=v.token_id("eos_token_id", 1, vocab),
+        pad_token_id=v.token_id("pad_token_id", 0, vocab),
+        torch_dtype=dtype,
+    )
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

@@ -3,6 +3,7 @@ chunks of an evaluation text). Calibrate on WikiText-2 validation, evaluate on W
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -52,17 +53,29 @@ def perplexity_chunks(tok: Tokenizer, path: str | Path, ctx: int, max_chunks: in
     return chunks
 
 
-_ROOT = Path(__file__).resolve().parents[1]
-_SHARED = _ROOT.parent / "shared" / "data"
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # a source checkout's neighbour
+
+
+# packaged name -> top-level directory of the source tree (pyproject.toml maps one onto the other)
+_SHIPPED = {"recipes": "recipes", "texts": "data"}
+
+
+def shipped(name: str) -> Path:
+    """A directory shipped with quantkit: ``quantkit/NAME`` inside an installed wheel, else its top-level
+    source directory (a source checkout, or an editable install, which maps nothing into the package)."""
+    inside = resources.files("quantkit") / name
+    if inside.is_dir():
+        return Path(str(inside))
+    return Path(__file__).resolve().parents[1] / _SHIPPED[name]
 
 
 def default_calibration_text() -> Path:
-    """WikiText-2 validation from ../shared/data, else the excerpt shipped in data/."""
+    """WikiText-2 validation from ../shared/data beside a source checkout, else the shipped excerpt."""
     full = _SHARED / "wikitext-2" / "valid.txt"
-    return full if full.is_file() else _ROOT / "data" / "wiki.valid.excerpt.txt"
+    return full if full.is_file() else shipped("texts") / "wiki.valid.excerpt.txt"
 
 
 def default_evaluation_text() -> Path:
-    """WikiText-2 test (raw) from ../shared/data, else the excerpt shipped in data/."""
+    """WikiText-2 test (raw) from ../shared/data beside a source checkout, else the shipped excerpt."""
     full = _SHARED / "wikitext-2-raw" / "wiki.test.raw"
-    return full if full.is_file() else _ROOT / "data" / "wiki.test.excerpt.raw"
+    return full if full.is_file() else shipped("texts") / "wiki.test.excerpt.raw"

@@ -312,7 +312,7 @@ def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[
     """The bytes of one planned tensor and its report entry."""
     entry: dict[str, Any] = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
     if t.is_norm:  # 1 + w in fp32, stored F32 (§3.5)
-        data = (ckpt.get(t.hf_name, torch.float32) + 1.0).numpy()
+        data = (ckpt.get(t.hf_name, torch.float32, check_finite=True) + 1.0).numpy()
         return data.view(np.uint8), entry | {"method": "norm", "exact": True}
     module = t.hf_name.removesuffix(".weight")
     if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
@@ -323,7 +323,7 @@ def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[
             return blocks, entry | {"method": "lossless", "exact": exact}
         w = qw.dequantize(torch.float32).numpy()
     else:
-        w = ckpt.get(t.hf_name, torch.float32)[: t.shape[0]].numpy()  # drop embedding padding rows
+        w = ckpt.get(t.hf_name, torch.float32, check_finite=True)[: t.shape[0]].numpy()  # drop embedding padding rows
     data, exact = quantize_weight(w, t.qtype)
     return data, entry | {"method": "lossless" if exact else "requantized", "exact": exact}
 

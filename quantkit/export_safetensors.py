@@ -120,10 +120,15 @@ class ArtifactWriter:
 
     def __exit__(self, *exc) -> bool:
         if exc[0] is None:
-            self.flush()
-            for name in (STATE_NAME, STATE_TENSORS):
-                (self.tmp / name).unlink(missing_ok=True)
-            self._write_index()
+            try:
+                self.flush()
+                for name in (STATE_NAME, STATE_TENSORS):
+                    (self.tmp / name).unlink(missing_ok=True)
+                self._write_index()
+            except BaseException as e:  # e.g. disk full: the temporary directory must still go
+                if not self._stack.__exit__(type(e), e, e.__traceback__):
+                    raise
+                return False
         return self._stack.__exit__(*exc)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

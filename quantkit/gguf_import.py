@@ -26,7 +26,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from quantkit.atomic import atomic_dir
+from quantkit import __version__
+from quantkit.atomic import ARTIFACT_MARKER, atomic_dir, check_location
 from quantkit.checkpoint import expected_shapes
 from quantkit.config import config_from_dict
 from quantkit.errors import QuantkitError
@@ -70,16 +71,21 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, progress: bool = 
     vocab = read_vocab(reader, str(gguf_path))
     config = build_config(meta, len(vocab.pieces), str(gguf_path))
     plan = _plan_tensors(reader, config, str(gguf_path))
+    need = sum(4 * int(np.prod(t.shape, dtype=np.int64)) for t in plan) + 64 * len(vocab.pieces) + (1 << 20)
+    check_location(out_dir.resolve(), str(out_dir), need)
     with atomic_dir(out_dir) as tmp:
-        _write_safetensors(tmp / "model.safetensors", plan, progress)
+        _write_safetensors(tmp / "model.safetensors", plan, progress, str(gguf_path))
         (tmp / "tokenizer.model").write_bytes(sentencepiece_model_bytes(vocab))
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(vocab, meta))
         _write_json(tmp / "generation_config.json", _generation_config(vocab))
+        _write_json(tmp / ARTIFACT_MARKER, {"quantkit_version": __version__, "source": str(gguf_path)})
     return out_dir
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise QuantkitError(f"{path}: not found" + (" (a directory, not a GGUF file)" if path.is_dir() else ""))
     try:
         return gguf.GGUFReader(path)
     except (OSError, ValueError, IndexError, KeyError) as e:
@@ -114,10 +120,25 @@ def build_config(meta: dict[str, Any], vocab_size: int, source: str) -> dict[str
             raise QuantkitError(f"{source}: GGUF key {key!r} is a per-layer array; only scalars are supported")
         return value
 
-    n_layer, hidden = int(get(K.LLM.BLOCK_COUNT)), int(get(K.LLM.EMBEDDING_LENGTH))
-    n_head = int(get(K.Attention.HEAD_COUNT))
-    head_dim = int(get(K.Attention.KEY_LENGTH, hidden // n_head))
-    if int(get(K.Attention.VALUE_LENGTH, head_dim)) != head_dim:
+    def count(key: str, default: Any = ...) -> int:
+        """A positive integer value (llama.cpp reads these as uint32)."""
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise QuantkitError(
+                f"{source}: GGUF key {key.format(arch=arch_name)!r} is {value!r}, not a positive integer"
+            )
+        return int(value)
+
+    def number(key: str, default: Any = ...) -> Any:
+        value = get(key, default)
+        if value is not None and (isinstance(value, (bool, str)) or not np.isfinite(float(value))):
+            raise QuantkitError(f"{source}: GGUF key {key.format(arch=arch_name)!r} is {value!r}, not a finite number")
+        return value
+
+    n_layer, hidden = count(K.LLM.BLOCK_COUNT), count(K.LLM.EMBEDDING_LENGTH)
+    n_head = count(K.Attention.HEAD_COUNT)
+    head_dim = count(K.Attention.KEY_LENGTH, max(hidden // n_head, 1))
+    if count(K.Attention.VALUE_LENGTH, head_dim) != head_dim:
         raise QuantkitError(f"{source}: attention.value_length differs from key_length; HF Gemma needs them equal")
     is_swa = _sliding_layers(get(K.Attention.SLIDING_WINDOW_PATTERN, arch.swa_pattern), n_layer, source)
     config: dict[str, Any] = {
@@ -125,19 +146,19 @@ def build_config(meta: dict[str, Any], vocab_size: int, source: str) -> dict[str
         "model_type": arch.model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
-        "intermediate_size": int(get(K.LLM.FEED_FORWARD_LENGTH)),
+        "intermediate_size": count(K.LLM.FEED_FORWARD_LENGTH),
         "num_hidden_layers": n_layer,
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(get(K.Attention.HEAD_COUNT_KV, n_head)),
+        "num_key_value_heads": count(K.Attention.HEAD_COUNT_KV, n_head),
         "head_dim": head_dim,
         "query_pre_attn_scalar": hidden // n_head if n_layer == arch.layers_27b else head_dim,
-        "max_position_embeddings": int(get(K.LLM.CONTEXT_LENGTH)),
-        "rms_norm_eps": _f32(get(K.Attention.LAYERNORM_RMS_EPS)),
-        "rope_theta": _f32(get(K.Rope.FREQ_BASE, _ROPE_FREQ_BASE)),
-        "sliding_window": int(get(K.Attention.SLIDING_WINDOW, arch.sliding_window)),
+        "max_position_embeddings": count(K.LLM.CONTEXT_LENGTH),
+        "rms_norm_eps": _f32(number(K.Attention.LAYERNORM_RMS_EPS)),
+        "rope_theta": _f32(number(K.Rope.FREQ_BASE, _ROPE_FREQ_BASE)),
+        "sliding_window": count(K.Attention.SLIDING_WINDOW, arch.sliding_window),
         "layer_types": ["sliding_attention" if swa else "full_attention" for swa in is_swa],
-        "attn_logit_softcapping": _f32_or_none(get(K.LLM.ATTN_LOGIT_SOFTCAPPING, arch.attn_softcap)),
-        "final_logit_softcapping": _f32_or_none(get(K.LLM.FINAL_LOGIT_SOFTCAPPING, arch.final_softcap)),
+        "attn_logit_softcapping": _f32_or_none(number(K.LLM.ATTN_LOGIT_SOFTCAPPING, arch.attn_softcap)),
+        "final_logit_softcapping": _f32_or_none(number(K.LLM.FINAL_LOGIT_SOFTCAPPING, arch.final_softcap)),
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -150,13 +171,14 @@ def build_config(meta: dict[str, Any], vocab_size: int, source: str) -> dict[str
     }
     if arch_name == "gemma3":
         pattern = get(K.Attention.SLIDING_WINDOW_PATTERN, arch.swa_pattern)
-        config["rope_local_base_freq"] = _f32(get(K.Rope.FREQ_BASE_SWA, _ROPE_FREQ_BASE))
+        config["rope_local_base_freq"] = _f32(number(K.Rope.FREQ_BASE_SWA, _ROPE_FREQ_BASE))
         scaling = get(K.Rope.SCALING_TYPE, None), get(K.Rope.SCALING_FACTOR, None)
         config["rope_scaling"] = _rope_scaling(*scaling, source)
         if isinstance(pattern, int):
             config["sliding_window_pattern"] = pattern
     elif meta.get(K.Rope.SCALING_TYPE.format(arch=arch_name)) not in (None, "none"):
         raise QuantkitError(f"{source}: RoPE scaling is not supported for gemma2")
+    config_from_dict(config, source)  # the values quantkit's reader will check
     return config
 
 
@@ -166,6 +188,8 @@ def _sliding_layers(pattern: int | list[bool], n_layer: int, source: str) -> lis
         if len(pattern) != n_layer:
             raise QuantkitError(f"{source}: sliding_window_pattern has {len(pattern)} entries for {n_layer} layers")
         return [bool(x) for x in pattern]
+    if isinstance(pattern, bool) or not isinstance(pattern, (int, np.integer)) or pattern < 0:
+        raise QuantkitError(f"{source}: sliding_window_pattern is {pattern!r}, not a non-negative integer")
     p = int(pattern)
     return [p == 0 or i % p < p - 1 for i in range(n_layer)]
 
@@ -263,7 +287,7 @@ def _hf_values(t: _Tensor) -> np.ndarray:
     return values
 
 
-def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool) -> None:
+def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool, source: str = "GGUF") -> None:
     """Stream ``plan`` into one float32 safetensors file: header from shapes first, then tensor by tensor."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -282,6 +306,8 @@ def _write_safetensors(path: Path, plan: list[_Tensor], progress: bool) -> None:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in plan:
             values = np.ascontiguousarray(_hf_values(t), dtype="<f4")
+            if not np.isfinite(values).all():
+                raise QuantkitError(f"{source}: tensor {t.source.name!r} contains NaN or inf values")
             f.write(values.data)
             bar.update(values.nbytes)
     bar.close()
@@ -356,16 +382,22 @@ def read_vocab(reader: gguf.GGUFReader, source: str) -> Vocab:
 def _special_ids(reader: gguf.GGUFReader, types: np.ndarray, source: str) -> tuple[int, int, int, int]:
     """unk, bos, eos, pad ids (-1 when absent; unk falls back to the only UNKNOWN-typed token)."""
     keys = (K.Tokenizer.UNK_ID, K.Tokenizer.BOS_ID, K.Tokenizer.EOS_ID, K.Tokenizer.PAD_ID)
-    unk_id, bos_id, eos_id, pad_id = (int(_field(reader, key, -1)) for key in keys)
+    unk_id, bos_id, eos_id, pad_id = (_token_id(_field(reader, key, -1), key, source) for key in keys)
     if unk_id < 0:
         unknown = np.flatnonzero(types == 2)
         if len(unknown) != 1:
             raise QuantkitError(f"{source}: no unknown_token_id and {len(unknown)} UNKNOWN-typed tokens")
         unk_id = int(unknown[0])
     for key, i in zip(keys, (unk_id, bos_id, eos_id, pad_id), strict=True):
-        if i >= len(types):
+        if i >= len(types) or i < -1:
             raise QuantkitError(f"{source}: {key} {i} is outside the {len(types)}-token vocab")
     return unk_id, bos_id, eos_id, pad_id
+
+
+def _token_id(value: Any, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise QuantkitError(f"{source}: {key} is {value!r}, not a token id")
+    return int(value)
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any) -> Any:

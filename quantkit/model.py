@@ -238,7 +238,7 @@ def build_model(
     """A Gemma from a ``checkpoint.Checkpoint``: globals always, every layer when ``layers`` is true.
     ``linears_for(i)`` may supply replacement linear modules for layer i (a quantized artifact)."""
     model = Gemma(ckpt.config, dtype, device)
-    model.load_globals(ckpt.get("model.embed_tokens.weight"), ckpt.get("model.norm.weight"))
+    model.load_globals(*(ckpt.get(n, check_finite=True) for n in ("model.embed_tokens.weight", "model.norm.weight")))
     if layers:
         for i in range(ckpt.config.num_hidden_layers):
             load_layer_from(model, ckpt, i, linears_for)

@@ -75,7 +75,6 @@ def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter,
                 qw = rtn(t, opts.spec, sdt)
                 writer.add_quantized(p + module, qw)
                 run.stats[p + module] = {"weight_rel_err": _weight_error(t, qw)}
-                bar.set_postfix_str(module)
             else:
                 writer.add(name, t)
             del t
@@ -222,7 +221,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
     else:
         calib_path = opts.calib or default_calibration_text()
         ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
-        embed = ckpt.get("model.embed_tokens.weight")
+        embed = ckpt.get("model.embed_tokens.weight", check_finite=True)
         with torch.no_grad():
             inps = [model.embed(b, embed) for b in ids.split(opts.batch_size)]  # each [b, T, H]
         del embed
@@ -278,8 +277,8 @@ def quantize_checkpoint(
             msg = f"quantkit: resuming at layer {run.start} of {n_layers} (work in progress in {writer.tmp})"
             bar.write(msg, file=sys.stderr)
         else:  # the globals get a shard of their own, written before any layer
-            writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight"))
-            writer.add("model.norm.weight", ckpt.get("model.norm.weight"))
+            writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight", check_finite=True))
+            writer.add("model.norm.weight", ckpt.get("model.norm.weight", check_finite=True))
             writer.flush()
         if opts.method == "rtn":
             _rtn_layers(ckpt, opts, writer, sdt, bar, run)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data import shipped
 from .errors import QuantkitError
 from .primitives import QuantSpec
 
@@ -16,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = shipped("recipes")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class QuantizeOptions:
             raise QuantkitError(f"scale_dtype {self.scale_dtype!r}: choose auto, float16, bfloat16 or float32")
         if self.nsamples < 1 or self.seqlen < 2:
             raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
+        if self.batch_size < 1 or self.blocksize < 1 or self.seed < 0:
+            raise QuantkitError("batch_size and blocksize must be >= 1, seed >= 0")
         QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
 
     @property
@@ -68,14 +71,20 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
         known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
         raise QuantkitError(f"recipe {name_or_path!r} not found (known: {', '.join(known)})")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise QuantkitError(f"{path}: invalid TOML ({e})") from None
     data.pop("description", None)
     fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
     unknown = sorted(set(data) - fields)
     if unknown:
         raise QuantkitError(f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(fields))})")
+    defaults = QuantizeOptions()
+    for key, value in data.items():
+        want = type(getattr(defaults, key)) if key != "calib" else str
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok and not (want is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise QuantkitError(f"{path}: {key} = {value!r} is not of type {want.__name__}")
     return data
 
 
