@@ -143,9 +143,17 @@ def _mkdir_parents(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+_NAMING = ContextVar("quantkit_naming_errors", default=False)
+
+
 @contextmanager
 def _naming_errors(dest: Path) -> Iterator[None]:
-    """OS errors of the writers (disk full, ...) re-raised as one-line errors that name ``dest``."""
+    """OS errors of the writers (disk full, ...) re-raised as one-line errors that name ``dest``. Nested
+    (a shard written inside an artifact directory), the outermost output is the one named."""
+    if _NAMING.get():
+        yield
+        return
+    token = _NAMING.set(True)
     try:
         yield
     except Exception as e:
@@ -153,6 +161,8 @@ def _naming_errors(dest: Path) -> Iterator[None]:
         if named is None:
             raise
         raise named from e
+    finally:
+        _NAMING.reset(token)
 
 
 @contextmanager

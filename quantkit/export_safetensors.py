@@ -147,7 +147,7 @@ class ArtifactWriter:
         if not self._pending:
             return
         path = self.tmp / _shard_name(len(self._shards) + 1)
-        with atomic_file(path) as part:
+        with atomic_file(path, overwrite=True) as part:  # our own work-in-progress files
             tensorio.write_file(part, self._pending, metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self.total_bytes += self._pending_bytes
@@ -160,10 +160,10 @@ class ArtifactWriter:
             self.flush()
             return
         self.flush()
-        with atomic_file(self.tmp / STATE_TENSORS) as part:
+        with atomic_file(self.tmp / STATE_TENSORS, overwrite=True) as part:
             tensorio.write_file(part, tensors or {})
         state = {"shards": self._shards, "total_bytes": self.total_bytes, "progress": progress}
-        with atomic_file(self.tmp / STATE_NAME) as part:
+        with atomic_file(self.tmp / STATE_NAME, overwrite=True) as part:
             part.write_text(json.dumps(state))
 
     def resumed_tensors(self) -> dict[str, torch.Tensor]:
