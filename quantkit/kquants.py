@@ -130,10 +130,13 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- Q6_K
 
 
-def _qx_sums(x: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Codes l = clamp(nearest(iscale*x), -32, 31) and the C-order sums sum w*x*l, sum w*l*l."""
+def _qx_sums(x: np.ndarray, w: np.ndarray, wx: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Codes l = clamp(nearest(iscale*x), -32, 31) and the C-order sums sum w*x*l, sum w*l*l.
+    wx = w*x is the first product of C's left-to-right w*x*l, so it is formed once for all trials."""
     l = _nearest(iscale * x, -32, 31)  # noqa: E741  [16, S]
-    return l, _csum(w * x * l), _csum(w * l * l)
+    sumlx = _csum(wx * l)
+    wl = w * l
+    return l, sumlx, _csum(np.multiply(wl, l, out=wl))
 
 
 def _qx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,12 +150,13 @@ def _qx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     zero = np.abs(m) < GROUP_MAX_EPS
     m = np.where(zero, F32(1), m)
     w = x * x
+    wx = w * x
     with np.errstate(divide="ignore", invalid="ignore"):
-        L, sumlx, suml2 = _qx_sums(x, w, F32(-32) / m)
+        L, sumlx, suml2 = _qx_sums(x, w, wx, F32(-32) / m)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for t in (*range(-9, 0), *range(1, 10)):
-            l, sumlx, suml2 = _qx_sums(x, w, -(F32(32) + F32(0.1) * F32(t)) / m)  # noqa: E741
+            l, sumlx, suml2 = _qx_sums(x, w, wx, -(F32(32) + F32(0.1) * F32(t)) / m)  # noqa: E741
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             np.copyto(L, l, where=better)
             np.copyto(scale, sumlx / suml2, where=better)
