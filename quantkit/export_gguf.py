@@ -44,6 +44,7 @@ from .checkpoint import Checkpoint, layer_shapes, open_checkpoint
 from .config import SLIDING, ModelConfig
 from .errors import QuantkitError
 from .ggml_blocks import (
+    K_QUANTIZERS,
     TORCH_QUANTIZERS,
     dequantize_rows,
     fallback_type,
@@ -451,12 +452,12 @@ def encode_rows(src: torch.Tensor, qtype: QT) -> tuple[np.ndarray, bool]:
     same = {QT.BF16: torch.bfloat16, QT.F16: torch.float16, QT.F32: torch.float32}
     if same.get(qtype) == src.dtype:  # bf16 -> BF16 etc.: the stored bytes as they are
         return src.view(torch.uint8).numpy(), True
+    if qtype in TORCH_QUANTIZERS or qtype in K_QUANTIZERS:  # converted to float32 chunk by chunk
+        return quantize_rows_torch(src, qtype).numpy(), False
     x = src.float()
     if qtype in same:
         y = x.to(same[qtype])
         return y.view(torch.uint8).numpy(), bool(torch.equal(y.float(), x))
-    if qtype in TORCH_QUANTIZERS:
-        return quantize_rows_torch(x, qtype).numpy(), False
     return quantize_rows(x.numpy(), qtype), False
 
 

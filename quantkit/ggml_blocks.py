@@ -24,7 +24,7 @@ from quantkit.kquants import quantize_q4_k, quantize_q6_k
 
 GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0)
 K_QUANTIZERS = {QT.Q4_K: quantize_q4_k, QT.Q6_K: quantize_q6_k}
-CHUNK_BLOCKS = 2048  # K-quant super-blocks per numpy pass (512K weights): temporaries stay cache-sized
+CHUNK_BLOCKS = 1024  # K-quant super-blocks per numpy pass (256K weights): fastest of 256-2048 here
 
 
 def block_size(qtype: QT) -> int:
@@ -44,12 +44,15 @@ def _check_rows(x: np.ndarray, qtype: QT) -> None:
         raise ValueError(f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block {blk}")
 
 
-def _quantize_k(x: np.ndarray, qtype: QT) -> np.ndarray:
+def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
+    """K-quant rows chunk by chunk; a torch tensor (any float dtype) is converted to float32 per chunk."""
     R, n = x.shape
     blocks = x.reshape(-1, 256)  # [R * n/256, 256]: super-blocks in row order
     out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     for s in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](blocks[s : s + CHUNK_BLOCKS])
+        chunk = blocks[s : s + CHUNK_BLOCKS]
+        chunk = chunk.float().numpy() if isinstance(chunk, torch.Tensor) else chunk
+        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](chunk)
     return out.reshape(R, row_bytes(qtype, n))
 
 
@@ -108,13 +111,16 @@ TORCH_CHUNK_BLOCKS = 4096  # 128K weights per torch pass: temporaries stay in L2
 
 
 def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
-    """float32 [R, n] -> uint8 [R, row_bytes] for Q8_0 / Q4_0, chunk by chunk into one output tensor."""
+    """float [R, n] (float32, bf16 or fp16: converted chunk by chunk) -> uint8 [R, row_bytes], for Q8_0 / Q4_0
+    (torch) and the K-quants (numpy)."""
+    if qtype in K_QUANTIZERS:
+        return torch.from_numpy(_quantize_k(x, qtype))
     R, n = x.shape
     blocks = x.reshape(-1, 32)  # [R * n/32, 32]
     out = torch.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8)
     fn = TORCH_QUANTIZERS[qtype]
     for s in range(0, blocks.shape[0], TORCH_CHUNK_BLOCKS):
-        out[s : s + TORCH_CHUNK_BLOCKS] = fn(blocks[s : s + TORCH_CHUNK_BLOCKS])
+        out[s : s + TORCH_CHUNK_BLOCKS] = fn(blocks[s : s + TORCH_CHUNK_BLOCKS].float())
     return out.reshape(R, row_bytes(qtype, n))
 
 
