@@ -20,6 +20,7 @@ encoding and writing overlap. The file appears at ``out_path`` only when complet
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -399,6 +400,8 @@ class ShardReader:
     def _open(self, shard: str) -> int:
         if shard not in self._fds:  # opened from the main thread (plan_jobs) before any worker runs
             fd = os.open(self.ckpt.path / shard, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # jobs read each shard front to back: ask for deep read-ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
             self._fds[shard], self._data_start[shard] = fd, 8 + n
         return self._fds[shard]
@@ -516,7 +519,9 @@ def write_tensor_data(
     reader = ShardReader(ckpt)
     exact = True
     try:
-        with _torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="gguf") as pool:
+        # OpenMP's thread count is per thread: each worker sets its own
+        one = functools.partial(torch.set_num_threads, 1)
+        with _torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="gguf", initializer=one) as pool:
             results = _in_order(
                 pool, plan_jobs(ckpt, plan, reader), lambda j: encode_job(ckpt, reader, j), workers * JOBS_PER_WORKER
             )
