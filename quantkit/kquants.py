@@ -21,11 +21,12 @@ GROUP_MAX_EPS = F32(1e-15)  # ggml's threshold for an all-zero group
 
 
 def _csum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in index order, in float32: a C `for` loop, vectorised over the other axes."""
-    acc = a[0].copy()
-    for row in a[1:]:
-        acc += row
-    return acc
+    """Sum over axis 0 in index order, in float32: a C `for` loop, vectorised over the other axes.
+
+    numpy reduces a C-contiguous array over its outer axis by adding row after row into one accumulator
+    (pairwise summation applies only along the inner, contiguous axis), which is exactly this loop; the
+    byte-equality tests against libggml would catch any other order."""
+    return np.add.reduce(a, axis=0)
 
 
 def _nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -148,14 +149,15 @@ def _qx_sums(
     return sumlx, _csum(np.multiply(tmp, l, out=tmp))
 
 
-def _qx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _qx(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ggml make_qx_quants(nmax=32, rmse_type=1): weights x^2, 19 trial scales -32.9/m .. -31.1/m.
 
-    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), codes L [16, S] in 0..63.
+    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), codes L [16, S] in 0..63. rows: the same
+    values as [S, 16] (the argmax runs along the contiguous axis there).
     """
     S = x.shape[1]
-    imax = np.abs(x).argmax(axis=0)  # first element of largest magnitude, as C's strict '>'
-    m = x[imax, np.arange(S)]  # [S], signed
+    imax = np.abs(rows).argmax(axis=1)  # first element of largest magnitude, as C's strict '>'
+    m = rows[np.arange(S), imax]  # [S], signed
     zero = np.abs(m) < GROUP_MAX_EPS
     m = np.where(zero, F32(1), m)
     w = x * x
@@ -191,7 +193,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """float32 [B, 256] super-blocks -> uint8 [B, 210] Q6_K blocks."""
     B = x.shape[0]
     xs = np.ascontiguousarray(x.reshape(B * 16, 16).T)  # [16, 16B]
-    scale, L = _qx(xs)
+    scale, L = _qx(xs, x.reshape(B * 16, 16))
     scale = scale.reshape(B, 16)
 
     imax = np.abs(scale).argmax(axis=1)
