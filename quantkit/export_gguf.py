@@ -11,11 +11,11 @@ c - zero in [-128, 127]; Q4_1 any 4-bit codes, with m = fp16(-d * zero) its only
 dequantized to fp32 and quantized with ggml's reference quantizer.
 
 The file is written in two passes and streamed: tensor infos come from the config alone, then the tensor
-data is cut into jobs of a few million weights (row ranges of one tensor). A pool of one worker per core
-reads each job's raw bytes from its shard (``os.preadv``: no memory map, so the page cache is not charged
-to the process), converts and encodes them, while the main thread writes finished jobs in file order; a
-bounded number of jobs is in flight, so peak memory is a few hundred MB whatever the model size. Reading,
-encoding and writing overlap. The file appears at ``out_path`` only when complete.
+data is cut into jobs of a few million weights (row ranges of one tensor). One thread reads the jobs' raw
+bytes from the shards in file order (``os.preadv``: no memory map, so the page cache is not charged to the
+process), a pool of one worker per core converts and encodes them, and the main thread writes finished
+jobs in file order; a bounded number of jobs is in flight, so peak memory is a few hundred MB whatever the
+model size. Reading, encoding and writing overlap. The file appears at ``out_path`` only when complete.
 """
 
 from __future__ import annotations
@@ -464,13 +464,18 @@ def encode_rows(src: torch.Tensor, qtype: QT) -> tuple[np.ndarray, bool]:
     return quantize_rows(x.numpy(), qtype), False
 
 
-def encode_job(ckpt: Checkpoint, reader: ShardReader, job: Job) -> tuple[np.ndarray, dict[str, Any]]:
-    """The bytes of one job and the facts its tensor's report entry needs (method, exact)."""
+def read_job(ckpt: Checkpoint, reader: ShardReader, job: Job) -> torch.Tensor | None:
+    """A dense job's rows as stored (None for a quantized artifact's linear, which encode_job reads)."""
+    return reader.rows(job.tensor.hf_name, job.start, job.stop) if _dense(ckpt, job.tensor) else None
+
+
+def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The bytes of one job (``src``: its rows from read_job) and the facts its tensor's report entry needs
+    (method, exact)."""
     t = job.tensor
-    if not _dense(ckpt, t):
+    if src is None:
         data, entry = encode_tensor(ckpt, t)
         return data, {"method": entry["method"], "exact": entry["exact"]}
-    src = reader.rows(t.hf_name, job.start, job.stop)
     if t.is_norm:  # 1 + w in fp32, stored F32 (§3.5)
         return (src.float() + 1.0).numpy().view(np.uint8), {"method": "norm", "exact": True}
     data, exact = encode_rows(src, t.qtype)
@@ -478,6 +483,7 @@ def encode_job(ckpt: Checkpoint, reader: ShardReader, job: Job) -> tuple[np.ndar
 
 
 def default_workers() -> int:
+    """One encoding worker per usable core (reads run on their own thread)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -492,14 +498,12 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _in_order(
-    pool: ThreadPoolExecutor, jobs: Iterator[Job], work: Any, depth: int
-) -> Iterator[tuple[Job, tuple[np.ndarray, dict]]]:
-    """Results of work(job) in job order, with at most ``depth`` jobs submitted ahead."""
+def _in_order(jobs: Iterator[Job], submit: Any, depth: int) -> Iterator[tuple[Job, tuple[np.ndarray, dict]]]:
+    """Results of submit(job) (a Future) in job order, with at most ``depth`` jobs submitted ahead."""
     pending: deque[tuple[Job, Future]] = deque()
     try:
         for job in jobs:
-            pending.append((job, pool.submit(work, job)))
+            pending.append((job, submit(job)))
             if len(pending) >= depth:
                 head, fut = pending.popleft()
                 yield head, fut.result()
@@ -521,10 +525,18 @@ def write_tensor_data(
     try:
         # OpenMP's thread count is per thread: each worker sets its own
         one = functools.partial(torch.set_num_threads, 1)
-        with _torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="gguf", initializer=one) as pool:
-            results = _in_order(
-                pool, plan_jobs(ckpt, plan, reader), lambda j: encode_job(ckpt, reader, j), workers * JOBS_PER_WORKER
-            )
+        with (
+            _torch_threads(1),
+            ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reads,
+            ThreadPoolExecutor(workers, thread_name_prefix="gguf", initializer=one) as pool,
+        ):
+
+            def submit(job: Job) -> Future:
+                """One thread reads the jobs in file order (sequential I/O, ahead of the encoders)."""
+                rows = reads.submit(read_job, ckpt, reader, job)
+                return pool.submit(lambda: encode_job(ckpt, job, rows.result()))
+
+            results = _in_order(plan_jobs(ckpt, plan, reader), submit, workers * JOBS_PER_WORKER)
             for job, (data, facts) in results:
                 t = job.tensor
                 if job.first:
@@ -552,7 +564,7 @@ def export_gguf(
     src: Checkpoint | str | Path, out_path: str | Path, qtype: str, *, progress: bool = True, workers: int = 0
 ) -> dict:
     """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
-    ``workers``: encoding threads (0: one per available core)."""
+    ``workers``: encoding threads (0: one per usable core)."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
