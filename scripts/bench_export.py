@@ -28,13 +28,34 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_9b_shape import NINE_B, timed  # noqa: E402
+from bench_9b_shape import NINE_B  # noqa: E402
 from make_tiny_checkpoint import tiny_config, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_QUANTIZE = ROOT / "build" / "llama.cpp" / "bin" / "llama-quantize"
 PEER_TYPES = {"q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_1": "Q4_1", "q5_0": "Q5_0", "q6_k": "Q6_K"}
 GEN_ROWS = 1 << 12  # rows of random weights generated per step (the embedding: 4096 x 3584 fp32 = 59 MB)
+
+
+# Runs a command as its only child and prints that child's peak RSS (KiB) and CPU seconds (user + system):
+# RUSAGE_CHILDREN of a process with one child is that child's own. CPU / wall shows how many cores it kept busy.
+_USAGE_OF_CHILD = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(u.ru_maxrss, u.ru_utime + u.ru_stime, file=sys.stderr); sys.exit(rc)"
+)
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run a command: wall seconds, its own peak RSS and CPU seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _USAGE_OF_CHILD, *cmd], capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - t0
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])}: {lines[-2] if len(lines) > 1 else proc.stderr}")
+    rss, cpu = lines[-1].split()
+    return {"seconds": seconds, "peak_rss_gib": int(rss) * 1024 / 2**30, "cpu_s": float(cpu)}
 
 
 # ---------------------------------------------------------------------------- a 9B-shaped checkpoint
@@ -186,8 +207,6 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         if not args.keep:
             ours.unlink()
             peer.unlink()
-    for r in rows:
-        r.pop("stdout")
     peer = "llama-quantize" if Path(args.llama_quantize).is_file() else "llama-cpp-python llama_model_quantize"
     return {"layers": args.layers, "model": str(model), "threads": threads, "peer": peer, **cat, "rows": rows}
 
@@ -231,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         f"floor: cat of the {res['shards_gib']:.1f} GiB of shards to /dev/null {res['cat_shards_s']:.1f} s "
         f"(llama-quantize's BF16 GGUF input: {res['cat_bf16_gguf_s']:.1f} s)"
     )
-    print("| step | s | peak RSS GiB | vs llama-quantize | tensors byte-identical |\n|---|---|---|---|---|")
+    print("| step | s | CPU s / s | peak RSS GiB | vs llama-quantize | tensors byte-identical |")
+    print("|---|---|---|---|---|---|")
     for r in rows_for_table(res["rows"]):
         print(r)
     return 0
@@ -242,7 +262,8 @@ def rows_for_table(rows: list[dict]) -> list[str]:
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
         same = f"{r['bytes']['identical']}/{r['bytes']['tensors']}" if "bytes" in r else "-"
-        out.append(f"| {r['step']} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} | {ratio} | {same} |")
+        busy = r["cpu_s"] / r["seconds"]
+        out.append(f"| {r['step']} | {r['seconds']:.1f} | {busy:.2f} | {r['peak_rss_gib']:.2f} | {ratio} | {same} |")
     return out
 
 
