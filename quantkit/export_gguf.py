@@ -10,15 +10,25 @@ multiple of 32 and every scale is an fp16 value. Q4_0 takes symmetric codes in [
 c - zero in [-128, 127]; Q4_1 any 4-bit codes, with m = fp16(-d * zero) its only rounding. Any other weight is
 dequantized to fp32 and quantized with ggml's reference quantizer.
 
-The file is written in two passes and streamed: tensor infos come from the config alone, then each tensor is
-read, encoded and written in turn, so peak memory is about one tensor. It appears at ``out_path`` only
-when complete.
+The file is written in two passes and streamed: tensor infos come from the config alone, then the tensor
+data is cut into jobs of a few million weights (row ranges of one tensor). One thread reads the jobs' raw
+bytes from the shards in file order (``os.preadv``: no memory map, so the page cache is not charged to the
+process), a pool of one worker per core converts and encodes them, and the main thread writes finished
+jobs in file order; a bounded number of jobs is in flight, so peak memory is a few hundred MB whatever the
+model size. Reading, encoding and writing overlap. The file appears at ``out_path`` only when complete.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import struct
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +45,8 @@ from .checkpoint import Checkpoint, layer_shapes, open_checkpoint
 from .config import SLIDING, ModelConfig
 from .errors import QuantkitError
 from .ggml_blocks import (
+    K_QUANTIZERS,
+    TORCH_QUANTIZERS,
     dequantize_rows,
     fallback_type,
     q4_0_from_codes,
@@ -42,6 +54,7 @@ from .ggml_blocks import (
     q4_k_m_type,
     q8_0_from_codes,
     quantize_rows,
+    quantize_rows_torch,
     row_bytes,
 )
 from .gguf_names import GGUF_ARCH, GLOBAL_TENSORS, LAYER_TENSORS
@@ -64,6 +77,8 @@ FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 LAYERS_27B = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp scales attention by (H/nH)^-0.5 for these
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # llama.cpp: layer i slides iff i % P < P - 1
 CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the fp32 temporaries to ~64 MB
+JOB_ELEMENTS = 1 << 22  # weights per streamed job: 8 MB of bf16 in, 16 MB of fp32 while encoding
+JOBS_PER_WORKER = 2  # jobs in flight per worker: one encoding, one read ahead
 
 
 @dataclass(frozen=True)
@@ -335,17 +350,226 @@ def _q4_1_exact(qw: QuantizedWeight) -> bool:
     return bool(np.array_equal(m.astype(np.float16).astype(np.float32), m))
 
 
+# ----------------------------------------------------------------------------------------- streaming
+
+# safetensors dtype -> (torch dtype, bytes per element)
+SOURCE_DTYPES = {"BF16": (torch.bfloat16, 2), "F16": (torch.float16, 2), "F32": (torch.float32, 4)}
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Where one tensor's bytes lie: shard file, absolute offset of element 0, dtype, shape."""
+
+    path: Path
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Rows [start, stop) of one planned tensor (all rows for norms and quantized artifacts)."""
+
+    tensor: PlannedTensor
+    start: int
+    stop: int
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.tensor.shape[0]
+
+
+class ShardReader:
+    """Reads row ranges of dense tensors straight from their safetensors shards with positioned reads
+    (thread-safe: no shared file position), without safetensors' memory maps."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self._fds: dict[str, int] = {}
+        self._data_start: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _open(self, shard: str) -> int:
+        if shard not in self._fds:  # opened from the main thread (plan_jobs) before any worker runs
+            fd = os.open(self.ckpt.path / shard, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):  # jobs read each shard front to back: ask for deep read-ahead
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            self._fds[shard], self._data_start[shard] = fd, 8 + n
+        return self._fds[shard]
+
+    def locate(self, name: str) -> RawTensor:
+        shard, key = self.ckpt.locations[name]
+        self._open(shard)
+        info = self.ckpt.headers[shard][key]
+        if info["dtype"] not in SOURCE_DTYPES:
+            raise QuantkitError(
+                f"{self.ckpt.path / shard}: tensor {name!r} has dtype {info['dtype']}, not F32/F16/BF16"
+            )
+        start = self._data_start[shard] + info["data_offsets"][0]
+        return RawTensor(self.ckpt.path / shard, start, info["dtype"], tuple(info["shape"]))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a dense tensor in its stored dtype, [stop - start, row_len] (1-D: elements)."""
+        raw = self.locate(name)
+        dtype, size = SOURCE_DTYPES[raw.dtype]
+        row = int(np.prod(raw.shape[1:], dtype=np.int64))
+        buf = torch.empty((stop - start) * row, dtype=dtype)
+        view = memoryview(buf.view(torch.uint8).numpy())
+        fd, offset, done = self._fds[self.ckpt.locations[name][0]], raw.offset + start * row * size, 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise QuantkitError(f"{raw.path}: truncated while reading {name!r}")
+            done += n
+        return buf.view(stop - start, row) if len(raw.shape) > 1 else buf
+
+
+def _dense(ckpt: Checkpoint, t: PlannedTensor) -> bool:
+    """Whether ``t`` is read raw from the shards (everything but the linears of a quantized artifact)."""
+    return t.is_norm or ckpt.quant_spec is None or not ckpt.is_linear_quantized(t.hf_name.removesuffix(".weight"))
+
+
+def plan_jobs(ckpt: Checkpoint, plan: list[PlannedTensor], reader: ShardReader) -> Iterator[Job]:
+    """Row-range jobs in file order: ~JOB_ELEMENTS weights each for dense 2-D weights, else one per tensor."""
+    for t in plan:
+        if t.is_norm or not _dense(ckpt, t):
+            yield Job(t, 0, t.shape[0])
+            continue
+        reader.locate(t.hf_name)  # opens the shard from this (the main) thread
+        step = max(1, JOB_ELEMENTS // t.shape[1])
+        for start in range(0, t.shape[0], step):
+            yield Job(t, start, min(start + step, t.shape[0]))
+
+
+def encode_rows(src: torch.Tensor, qtype: QT) -> tuple[np.ndarray, bool]:
+    """Rows [R, n] in any float dtype -> (uint8 [R, row_bytes], whether they decode to exactly ``src``)."""
+    same = {QT.BF16: torch.bfloat16, QT.F16: torch.float16, QT.F32: torch.float32}
+    if same.get(qtype) == src.dtype:  # bf16 -> BF16 etc.: the stored bytes as they are
+        return src.view(torch.uint8).numpy(), True
+    if qtype in TORCH_QUANTIZERS or qtype in K_QUANTIZERS:  # converted to float32 chunk by chunk
+        return quantize_rows_torch(src, qtype).numpy(), False
+    x = src.float()
+    if qtype in same:
+        y = x.to(same[qtype])
+        return y.view(torch.uint8).numpy(), bool(torch.equal(y.float(), x))
+    return quantize_rows(x.numpy(), qtype), False
+
+
+def read_job(ckpt: Checkpoint, reader: ShardReader, job: Job) -> torch.Tensor | None:
+    """A dense job's rows as stored (None for a quantized artifact's linear, which encode_job reads)."""
+    return reader.rows(job.tensor.hf_name, job.start, job.stop) if _dense(ckpt, job.tensor) else None
+
+
+def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The bytes of one job (``src``: its rows from read_job) and the facts its tensor's report entry needs
+    (method, exact)."""
+    t = job.tensor
+    if src is None:
+        data, entry = encode_tensor(ckpt, t)
+        return data, {"method": entry["method"], "exact": entry["exact"]}
+    if t.is_norm:  # 1 + w in fp32, stored F32 (§3.5)
+        return (src.float() + 1.0).numpy().view(np.uint8), {"method": "norm", "exact": True}
+    data, exact = encode_rows(src, t.qtype)
+    return data, {"method": "lossless" if exact else "requantized", "exact": exact}
+
+
+def default_workers() -> int:
+    """One encoding worker per usable core (reads run on their own thread)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Each worker runs single-threaded torch ops: the pool is the parallelism (no oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _in_order(jobs: Iterator[Job], submit: Any, depth: int) -> Iterator[tuple[Job, tuple[np.ndarray, dict]]]:
+    """Results of submit(job) (a Future) in job order, with at most ``depth`` jobs submitted ahead."""
+    pending: deque[tuple[Job, Future]] = deque()
+    try:
+        for job in jobs:
+            pending.append((job, submit(job)))
+            if len(pending) >= depth:
+                head, fut = pending.popleft()
+                yield head, fut.result()
+        while pending:
+            head, fut = pending.popleft()
+            yield head, fut.result()
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+
+
+def write_tensor_data(
+    ckpt: Checkpoint, plan: list[PlannedTensor], fout: Any, align: int, workers: int, bar: Any
+) -> list[dict[str, Any]]:
+    """Encode every planned tensor and write its bytes (each padded to ``align``) to ``fout``, in order."""
+    entries: list[dict[str, Any]] = []
+    reader = ShardReader(ckpt)
+    exact = True
+    try:
+        # OpenMP's thread count is per thread: each worker sets its own
+        one = functools.partial(torch.set_num_threads, 1)
+        with (
+            _torch_threads(1),
+            ThreadPoolExecutor(1, thread_name_prefix="gguf-read") as reads,
+            ThreadPoolExecutor(workers, thread_name_prefix="gguf", initializer=one) as pool,
+        ):
+
+            def submit(job: Job) -> Future:
+                """One thread reads the jobs in file order (sequential I/O, ahead of the encoders)."""
+                rows = reads.submit(read_job, ckpt, reader, job)
+                return pool.submit(lambda: encode_job(ckpt, job, rows.result()))
+
+            results = _in_order(plan_jobs(ckpt, plan, reader), submit, workers * JOBS_PER_WORKER)
+            for job, (data, facts) in results:
+                t = job.tensor
+                if job.first:
+                    fout.write(bytes(-fout.tell() % align))
+                    exact = True
+                fout.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                exact = exact and facts["exact"]
+                bar.update(data.nbytes)
+                if job.last:  # a dense weight is lossless when every one of its jobs was
+                    method = facts["method"]
+                    if method != "norm" and _dense(ckpt, t):
+                        method = "lossless" if exact else "requantized"
+                    entry = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
+                    entries.append(entry | {"method": method, "exact": exact})
+        fout.write(bytes(-fout.tell() % align))
+    finally:
+        reader.close()
+    return entries
+
+
 # -------------------------------------------------------------------------------------------- export
 
 
-def export_gguf(src: Checkpoint | str | Path, out_path: str | Path, qtype: str, *, progress: bool = True) -> dict:
-    """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict."""
+def export_gguf(
+    src: Checkpoint | str | Path, out_path: str | Path, qtype: str, *, progress: bool = True, workers: int = 0
+) -> dict:
+    """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
+    ``workers``: encoding threads (0: one per usable core)."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
     check_llamacpp_compatible(cfg)
     plan = plan_tensors(cfg, qtype)
-    entries = []
     with atomic_file(out_path) as tmp:
         writer = gguf.GGUFWriter(tmp, GGUF_ARCH[cfg.model_type])
         try:
@@ -356,12 +580,9 @@ def export_gguf(src: Checkpoint | str | Path, out_path: str | Path, qtype: str, 
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            fout = writer.fout[0]
             with _progress(sum(t.nbytes for t in plan), progress) as bar:
-                for t in plan:
-                    data, entry = encode_tensor(ckpt, t)
-                    writer.write_tensor_data(np.ascontiguousarray(data).reshape(-1))
-                    entries.append(entry)
-                    bar.update(t.nbytes)
+                entries = write_tensor_data(ckpt, plan, fout, writer.data_alignment, workers or default_workers(), bar)
         finally:
             writer.close()
     return _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)

@@ -1,7 +1,8 @@
 """ggml block formats: quantize float rows to the bytes ggml stores, and map integer codes onto blocks.
 
-formats.md §3.6, §3.7, §4. Legacy types (Q8_0, Q4_0, Q4_1, Q5_0) and F32/F16/BF16 go through gguf-py, which
-is bit-exact with ggml's `*_ref` quantizers; Q4_K and Q6_K come from `quantkit.kquants`.
+formats.md §3.6, §3.7, §4. Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks,
+byte-identical to ggml's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included);
+Q4_1, Q5_0 and F32/F16/BF16 go through gguf-py; Q4_K and Q6_K come from `quantkit.kquants`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
 """
 
@@ -14,15 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from quantkit.kquants import quantize_q4_k, quantize_q6_k
 
-GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0)
+GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0)
 K_QUANTIZERS = {QT.Q4_K: quantize_q4_k, QT.Q6_K: quantize_q6_k}
-CHUNK_BLOCKS = 2048  # K-quant super-blocks per numpy pass (512K weights): temporaries stay cache-sized
+CHUNK_BLOCKS = 1024  # K-quant super-blocks per numpy pass (256K weights): fastest of 256-2048 here
 
 
 def block_size(qtype: QT) -> int:
@@ -42,12 +44,83 @@ def _check_rows(x: np.ndarray, qtype: QT) -> None:
         raise ValueError(f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block {blk}")
 
 
-def _quantize_k(x: np.ndarray, qtype: QT) -> np.ndarray:
+def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
+    """K-quant rows chunk by chunk; a torch tensor (any float dtype) is converted to float32 per chunk."""
     R, n = x.shape
     blocks = x.reshape(-1, 256)  # [R * n/256, 256]: super-blocks in row order
     out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
     for s in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](blocks[s : s + CHUNK_BLOCKS])
+        chunk = blocks[s : s + CHUNK_BLOCKS]
+        chunk = chunk.float().numpy() if isinstance(chunk, torch.Tensor) else chunk
+        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](chunk)
+    return out.reshape(R, row_bytes(qtype, n))
+
+
+# ------------------------------------------------------------------ Q8_0 / Q4_0 in torch (formats.md §4.2-§4.3)
+
+
+def _fp16_le(d: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 1] -> uint8 [B, 2]: IEEE half, round to nearest even, little-endian (x86 / arm64)."""
+    return d.to(torch.float16).view(torch.uint8)
+
+
+# roundf(v) = trunc(v + copysign(H, v)) with H the float32 just below 0.5: an exact tie v = k + 0.5 reaches
+# k + 1 (the sum rounds up by ties-to-even), anything below a tie stays under k + 1.
+_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
+
+
+def quantize_q8_0_torch(x: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 32] blocks -> uint8 [B, 34]: d = amax/127 (fp32), id = 1/d, code = roundf(x*id) (halves
+    away from zero), d stored as fp16."""
+    amax = x.abs().amax(dim=1, keepdim=True)  # [B, 1]
+    d = amax / torch.full_like(amax, 127.0)  # a true division (ATen may turn "/ scalar" into "* (1/127)")
+    inv = (1.0 / d).masked_fill_(d == 0, 0.0)
+    v = x * inv
+    v += v.sign().mul_(_BELOW_HALF)
+    return torch.cat([_fp16_le(d), v.to(torch.int8).view(torch.uint8)], dim=1)  # the cast truncates
+
+
+def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+    """[B, 32] -> [B, 1]: the first element of largest magnitude, with its sign; +0.0 for all-zero blocks."""
+    hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
+    m = torch.where(hi > -lo, hi, lo)
+    tie = (hi == -lo).view(-1).nonzero().view(-1)  # +a and -a both present (or all zeros): which comes first
+    if tie.numel():
+        sub = x.index_select(0, tie)
+        a = sub.abs()
+        i = a.argmax(dim=1, keepdim=True)  # the first index of the maximum
+        m[tie] = torch.where(a.gather(1, i) > 0, sub.gather(1, i), 0.0)
+    return m
+
+
+def quantize_q4_0_torch(x: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 32] blocks -> uint8 [B, 18]: m = the signed element of largest magnitude (the first on
+    ties; +0 when the block is all zeros), d = m / -8, id = 1/d, code = min(15, trunc(x*id + 8.5)); byte j
+    holds element j (low nibble) and element j + 16 (high)."""
+    d = _signed_absmax(x) / -8.0  # an all-zero block stores d = -0.0, as C does
+    inv = (1.0 / d).masked_fill_(d == 0, 0.0)
+    # C casts to int8_t (truncation; on x86 inf/NaN from a tiny subnormal d become 0), then takes min(15, .)
+    q = (x * inv).add_(8.5).to(torch.int8).clamp_(max=15).view(torch.uint8)  # [B, 32] in 0..15
+    q64 = q.view(torch.int64)  # [B, 4]: elements 0-7, 8-15 | 16-23, 24-31; a nibble << 4 stays in its byte
+    packed = (q64[:, :2] | (q64[:, 2:] << 4)).view(torch.uint8)  # [B, 16]
+    return torch.cat([_fp16_le(d), packed], dim=1)
+
+
+TORCH_QUANTIZERS = {QT.Q8_0: quantize_q8_0_torch, QT.Q4_0: quantize_q4_0_torch}
+TORCH_CHUNK_BLOCKS = 16384  # 512K weights per torch pass: fastest of 1K-64K blocks (per-op overhead vs. cache)
+
+
+def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
+    """float [R, n] (float32, bf16 or fp16: converted chunk by chunk) -> uint8 [R, row_bytes], for Q8_0 / Q4_0
+    (torch) and the K-quants (numpy)."""
+    if qtype in K_QUANTIZERS:
+        return torch.from_numpy(_quantize_k(x, qtype))
+    R, n = x.shape
+    blocks = x.reshape(-1, 32)  # [R * n/32, 32]
+    out = torch.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8)
+    fn = TORCH_QUANTIZERS[qtype]
+    for s in range(0, blocks.shape[0], TORCH_CHUNK_BLOCKS):
+        out[s : s + TORCH_CHUNK_BLOCKS] = fn(blocks[s : s + TORCH_CHUNK_BLOCKS].float())
     return out.reshape(R, row_bytes(qtype, n))
 
 
@@ -57,6 +130,8 @@ def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
     _check_rows(x, qtype)
     if qtype in K_QUANTIZERS:
         return _quantize_k(x, qtype)
+    if qtype in TORCH_QUANTIZERS:
+        return quantize_rows_torch(torch.from_numpy(x), qtype).numpy()
     if qtype not in GGUF_PY_TYPES:
         raise NotImplementedError(f"no quantizer for {qtype.name}")
     out = np.ascontiguousarray(gq.quantize(x, qtype))

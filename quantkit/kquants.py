@@ -21,11 +21,12 @@ GROUP_MAX_EPS = F32(1e-15)  # ggml's threshold for an all-zero group
 
 
 def _csum(a: np.ndarray) -> np.ndarray:
-    """Sum over axis 0 in index order, in float32: a C `for` loop, vectorised over the other axes."""
-    acc = a[0].copy()
-    for row in a[1:]:
-        acc += row
-    return acc
+    """Sum over axis 0 in index order, in float32: a C `for` loop, vectorised over the other axes.
+
+    numpy reduces a C-contiguous array over its outer axis by adding row after row into one accumulator
+    (pairwise summation applies only along the inner, contiguous axis), which is exactly this loop; the
+    byte-equality tests against libggml would catch any other order."""
+    return np.add.reduce(a, axis=0)
 
 
 def _nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -58,26 +59,32 @@ def _qkx2(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     L = _nearest(iscale * (x - lo), 0, 15)
     diff = scale * L + lo - x
     best = _csum(w * (diff * diff))
+    # the codes of the best step are recomputed once at the end from that step's inverse scale and min
+    best_is, best_lo = iscale, lo.copy()
+    la, wl, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # [32, S] scratch, reused
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(21):
             # as in C, later steps measure from the best min found so far
             iscale = (F32(-1) + F32(0.1) * F32(step) + F32(15)) / (hi - lo)
-            La = _nearest(iscale * (x - lo), 0, 15)
-            wl = w * La
-            sum_l, sum_l2, sum_xl = _csum(wl), _csum(wl * La), _csum(wl * x)
+            np.multiply(iscale, np.subtract(x, lo, out=la), out=la)
+            _nearest(la, 0, 15)
+            np.multiply(w, la, out=wl)
+            sum_l, sum_l2, sum_xl = _csum(wl), _csum(np.multiply(wl, la, out=tmp)), _csum(np.multiply(wl, x, out=tmp))
             D = sum_w * sum_l2 - sum_l * sum_l
             a = (sum_w * sum_xl - sum_x * sum_l) / D
             b = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = b > 0  # the min may not be positive: refit the scale with b = 0
             a = np.where(clamp, sum_xl / sum_l2, a)
             b = np.where(clamp, F32(0), b)
-            diff = a * La + b - x
-            err = _csum(w * (diff * diff))
+            diff = np.subtract(np.add(np.multiply(a, la, out=tmp), b, out=tmp), x, out=tmp)  # a*L + b - x
+            err = _csum(np.multiply(w, np.multiply(diff, diff, out=tmp), out=tmp))
             better = (D > 0) & (err < best)
-            np.copyto(L, La, where=better)
+            np.copyto(best_is, iscale, where=better)
+            np.copyto(best_lo, lo, where=better)
             np.copyto(best, err, where=better)
             np.copyto(scale, a, where=better)
             np.copyto(lo, b, where=better)
+        L = _nearest(best_is * (x - best_lo), 0, 15)
     scale = np.where(flat, F32(0), scale)
     lo = np.where(flat, np.minimum(hi, 0), lo)
     L = np.where(flat, F32(0), L)
@@ -130,33 +137,45 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- Q6_K
 
 
-def _qx_sums(x: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Codes l = clamp(nearest(iscale*x), -32, 31) and the C-order sums sum w*x*l, sum w*l*l."""
-    l = _nearest(iscale * x, -32, 31)  # noqa: E741  [16, S]
-    return l, _csum(w * x * l), _csum(w * l * l)
+def _qx_sums(
+    x: np.ndarray, w: np.ndarray, wx: np.ndarray, iscale: np.ndarray, bufs: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """For codes l = clamp(nearest(iscale*x), -32, 31): the C-order sums sum w*x*l and sum w*l*l.
+    wx = w*x is the first product of C's left-to-right w*x*l, so it is formed once for all trials."""
+    l, tmp = bufs  # noqa: E741  [16, S]
+    _nearest(np.multiply(iscale, x, out=l), -32, 31)
+    sumlx = _csum(np.multiply(wx, l, out=tmp))
+    np.multiply(w, l, out=tmp)
+    return sumlx, _csum(np.multiply(tmp, l, out=tmp))
 
 
-def _qx(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _qx(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ggml make_qx_quants(nmax=32, rmse_type=1): weights x^2, 19 trial scales -32.9/m .. -31.1/m.
 
-    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), codes L [16, S] in 0..63.
+    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), codes L [16, S] in 0..63. rows: the same
+    values as [S, 16] (the argmax runs along the contiguous axis there).
     """
     S = x.shape[1]
-    imax = np.abs(x).argmax(axis=0)  # first element of largest magnitude, as C's strict '>'
-    m = x[imax, np.arange(S)]  # [S], signed
+    imax = np.abs(rows).argmax(axis=1)  # first element of largest magnitude, as C's strict '>'
+    m = rows[np.arange(S), imax]  # [S], signed
     zero = np.abs(m) < GROUP_MAX_EPS
     m = np.where(zero, F32(1), m)
     w = x * x
+    wx = w * x
+    bufs = np.empty_like(x), np.empty_like(x)  # [16, S] scratch, reused by every trial
     with np.errstate(divide="ignore", invalid="ignore"):
-        L, sumlx, suml2 = _qx_sums(x, w, F32(-32) / m)
+        best_is = F32(-32) / m
+        sumlx, suml2 = _qx_sums(x, w, wx, best_is, bufs)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for t in (*range(-9, 0), *range(1, 10)):
-            l, sumlx, suml2 = _qx_sums(x, w, -(F32(32) + F32(0.1) * F32(t)) / m)  # noqa: E741
+            iscale = -(F32(32) + F32(0.1) * F32(t)) / m
+            sumlx, suml2 = _qx_sums(x, w, wx, iscale, bufs)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            np.copyto(L, l, where=better)
+            np.copyto(best_is, iscale, where=better)  # its codes are recomputed once at the end
             np.copyto(scale, sumlx / suml2, where=better)
             np.copyto(best, scale * sumlx, where=better)
+        L = _nearest(best_is * x, -32, 31)
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), L + F32(32))
 
 
@@ -174,7 +193,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """float32 [B, 256] super-blocks -> uint8 [B, 210] Q6_K blocks."""
     B = x.shape[0]
     xs = np.ascontiguousarray(x.reshape(B * 16, 16).T)  # [16, 16B]
-    scale, L = _qx(xs)
+    scale, L = _qx(xs, x.reshape(B * 16, 16))
     scale = scale.reshape(B, 16)
 
     imax = np.abs(scale).argmax(axis=1)

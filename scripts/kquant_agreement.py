@@ -1,6 +1,6 @@
 """How often quantkit's ggml blocks are byte-identical to libggml's `quantize_row_*_ref`, and how fast.
 
-Q4_K and Q6_K are quantkit's own numpy quantizers; Q4_0 and Q8_0 (gguf-py) are shown for comparison.
+Q4_K and Q6_K are quantkit's own numpy quantizers, Q4_0 and Q8_0 its torch quantizers (one thread each here).
 The C reference is libggml-base from the installed llama-cpp-python, called through ctypes (one thread).
 
     python scripts/kquant_agreement.py --blocks 8192
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.ggml_blocks import block_size, libggml_path, quantize_rows, quantize_rows_ref, row_bytes
@@ -83,6 +84,7 @@ def agreement_row(x: np.ndarray, qtype: QT, lib: Path, repeat: int) -> tuple[int
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # one thread against the single-threaded C reference
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=4096, help="random 256-element super-blocks per source")
     ap.add_argument("--seed", type=int, default=0)

@@ -379,20 +379,79 @@ def q4_1_bound(scale: torch.Tensor, zero: torch.Tensor, want: np.ndarray) -> np.
     return half_ulp + np.abs(want) * 2.0**-23
 
 
+# ------------------------------------------------------------------------------------------- streaming
+
+
+def whole_tensor(ck: Checkpoint, t: eg.PlannedTensor) -> tuple[np.ndarray, str]:
+    """The tensor encoded in one piece from safetensors' own reader (the pre-streaming code path): its
+    bytes and its report method."""
+    data, entry = eg.encode_tensor(ck, t)
+    return np.ascontiguousarray(data).view(np.uint8).reshape(-1), entry["method"]
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k_m", "q5_0", "f16", "bf16", "f32"])
+def test_streamed_jobs_equal_whole_tensor_encoding(tiny_gemma3, tmp_path, monkeypatch, qtype):
+    """Tensors cut into many row-range jobs (3-7 rows each) and encoded by 3 threads, out of order: every
+    tensor's bytes equal encoding it whole, and raw reads replace safetensors' memory maps entirely."""
+    ck = open_checkpoint(tiny_gemma3)
+    monkeypatch.setattr(eg, "JOB_ELEMENTS", 1800)
+    expected = {t.gguf_name: whole_tensor(ck, t) for t in eg.plan_tensors(ck.config, qtype)}
+    jobs = list(eg.plan_jobs(ck, eg.plan_tensors(ck.config, qtype), eg.ShardReader(ck)))
+    assert len(jobs) > 3 * len(expected)
+
+    def no_mmap(*args, **kwargs):
+        raise AssertionError("dense tensors must not go through Checkpoint.get")
+
+    monkeypatch.setattr(Checkpoint, "get", no_mmap)
+    report = eg.export_gguf(ck, tmp_path / "m.gguf", qtype, progress=False, workers=3)
+    ts = tensors(tmp_path / "m.gguf")
+    for name, (data, _) in expected.items():
+        np.testing.assert_array_equal(ts[name].data.view(np.uint8).reshape(-1), data, err_msg=name)
+    assert [e["method"] for e in report["tensors"]] == [m for _, m in expected.values()]
+    if qtype in ("f32", "bf16"):  # bf16 weights: stored as they are
+        assert {e["method"] for e in report["tensors"]} == {"lossless", "norm"}
+
+
+def test_shard_reader_reads_rows_and_refuses_truncation(tiny_gemma2, tmp_path):
+    ck = open_checkpoint(tiny_gemma2)
+    reader = eg.ShardReader(ck)
+    name = "model.layers.1.mlp.down_proj.weight"
+    whole = ck.get(name)
+    assert reader.rows(name, 0, whole.shape[0]).dtype == torch.bfloat16
+    torch.testing.assert_close(reader.rows(name, 5, 9), whole[5:9], rtol=0, atol=0)
+    norm = ck.get("model.norm.weight")  # 1-D: rows are elements
+    torch.testing.assert_close(reader.rows("model.norm.weight", 3, 7), norm[3:7], rtol=0, atol=0)
+    reader.close()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in tiny_gemma2.iterdir():
+        (cut / f.name).write_bytes(f.read_bytes())
+    ck2 = open_checkpoint(cut)
+    shard, key = ck2.locations[name]
+    reader2 = eg.ShardReader(ck2)
+    raw = reader2.locate(name)
+    end = raw.offset + 2 * math.prod(raw.shape)
+    with open(cut / shard, "r+b") as f:  # the header still promises the bytes: only reading finds out
+        f.truncate(end - 10)
+    with pytest.raises(QuantkitError, match="truncated"):
+        reader2.rows(name, 0, raw.shape[0])
+    reader2.close()
+
+
 # ------------------------------------------------------------------------------------------- atomicity
 
 
 def test_failed_export_leaves_no_file(tiny_gemma2, tmp_path, monkeypatch):
     dest = tmp_path / "model.gguf"
-    real, calls = eg.encode_tensor, []
+    real, calls = eg.encode_job, []
 
-    def failing(ckpt, t):
-        calls.append(t.gguf_name)
+    def failing(ckpt, job, src):  # fails inside a worker thread, with later jobs already in flight
+        calls.append(job.tensor.gguf_name)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
-        return real(ckpt, t)
+        return real(ckpt, job, src)
 
-    monkeypatch.setattr(eg, "encode_tensor", failing)
+    monkeypatch.setattr(eg, "encode_job", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         eg.export_gguf(tiny_gemma2, dest, "q8_0", progress=False)
     assert not dest.exists() and list(tmp_path.iterdir()) == []

@@ -276,3 +276,59 @@ def test_k_quant_edge_cases_match_libggml(libggml, qtype: QT) -> None:
     x = edge_rows()
     bad, first = differing_blocks(quantize_rows(x, qtype), quantize_rows_ref(x, qtype, libggml), qtype)
     assert bad.mean() <= K_MISMATCH_LIMIT, f"{bad.sum()}/{bad.size} blocks differ; {first}"
+
+
+# ---------------------------------------------------------------- torch Q8_0 / Q4_0 against both oracles
+
+
+def legacy_edge_blocks(seed: int = 8) -> np.ndarray:
+    """[R, 32] blocks that separate exact from almost-exact Q8_0 / Q4_0 quantizers."""
+    rng = np.random.default_rng(seed)
+    grid = rng.integers(-16, 17, (64, 32)).astype(np.float32) / 2  # halves: x*id lands on .5 exactly
+    grid[:32, 0], grid[32:, 0] = 127.0, -8.0  # amax 127 -> Q8_0 id = 1; max -8 -> Q4_0 d = 1, id = 1
+    blocks = [
+        grid,
+        np.zeros((1, 32), np.float32),  # all zero: C keeps max = +0, so d = +0/-8 = -0.0 for Q4_0
+        np.full((1, 32), -0.0, np.float32),
+        np.where(rng.random((4, 32)) < 0.5, -0.0, 0.0).astype(np.float32),
+        (rng.standard_normal((8, 32)) * 1e-40).astype(np.float32),  # subnormal inputs and scales
+        (rng.standard_normal((8, 32)) * 2e-38).astype(np.float32),  # d subnormal in fp32, zero in fp16
+        (rng.standard_normal((8, 32)) * 1e-6).astype(np.float32),  # d subnormal in fp16
+        (rng.standard_normal((8, 32)) * 6e4).astype(np.float32),  # d near fp16's top
+    ]
+    ties = rng.standard_normal((16, 32)).astype(np.float32)
+    ties[:8, 5], ties[:8, 20] = 3.0, -3.0  # equal magnitudes, both signs: the first one sets Q4_0's sign
+    ties[8:, 5], ties[8:, 20] = -3.0, 3.0
+    blocks.append(ties)
+    return np.concatenate(blocks)
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0], ids=lambda t: t.name)
+def test_torch_legacy_quantizers_match_libggml_and_gguf_py(libggml, qtype: QT) -> None:
+    """Every block byte-identical to libggml's quantize_row_*_ref; gguf-py agrees on all blocks that are not
+    all zeros (there it can take the sign of d from a -0.0 element, C never does)."""
+    rng = np.random.default_rng(9)
+    x = np.concatenate(
+        [
+            legacy_edge_blocks(),
+            (rng.standard_normal((4096, 32)) * 0.02).astype(np.float32),
+            heavy_tailed(1024, 32, seed=10),
+        ]
+    )  # rows of one block
+    ours = quantize_rows(x, qtype)
+    bad, first = differing_blocks(ours, quantize_rows_ref(x, qtype, libggml), qtype)
+    assert not bad.any(), f"{bad.sum()}/{bad.size} blocks differ from libggml; {first}"
+    with np.errstate(all="ignore"):  # 1/d overflows on the subnormal blocks
+        py = np.ascontiguousarray(gq.quantize(x, qtype)).view(np.uint8).reshape(ours.shape)
+    bad_py, first = differing_blocks(ours, py, qtype)
+    nonzero = block_max(x, 32) > 0
+    assert not bad_py[nonzero].any(), f"{bad_py[nonzero].sum()} non-zero blocks differ from gguf-py; {first}"
+    assert not nonzero.all()  # the all-zero blocks were there
+
+
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_0], ids=lambda t: t.name)
+def test_torch_legacy_quantizers_match_gguf_py_at_scale(qtype: QT) -> None:
+    """Four million gaussian and heavy-tailed weights, several torch chunks: every byte equals gguf-py's."""
+    x = np.concatenate([gaussian(2048, 1024, seed=11), heavy_tailed(2048, 1024, seed=12)])
+    py = np.ascontiguousarray(gq.quantize(x, qtype)).view(np.uint8).reshape(x.shape[0], -1)
+    np.testing.assert_array_equal(quantize_rows(x, qtype), py)
