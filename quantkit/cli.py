@@ -159,7 +159,12 @@ def _format_export(r: dict) -> str:
 
 @cli.command("eval-ppl")
 @click.argument("model_dir", type=click.Path())
-@click.option("--quantized", type=click.Path(), help="A quantized artifact of MODEL_DIR to compare against it.")
+@click.option(
+    "--quantized",
+    multiple=True,
+    type=click.Path(),
+    help="A quantized artifact directory or GGUF file of MODEL_DIR; repeat to score several in one pass.",
+)
 @click.option("--dataset", type=click.Path(), help="Evaluation text (default: WikiText-2 test, raw).")
 @click.option("--ctx", default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--chunks", type=int, help="Evaluate only the first N chunks.")
@@ -167,32 +172,41 @@ def _format_export(r: dict) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--stream/--no-stream", default=None, help="Layer-streamed evaluation (default: when needed).")
+@click.option("--plot", type=click.Path(), help="Draw KLD and delta-ppl against bits/weight to this image.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, as_json) -> None:
+def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, plot, as_json) -> None:
     """Perplexity of MODEL_DIR (llama-perplexity's method), and with --quantized the drift: Δppl, KL
-    divergence, top-1 agreement, on the same tokens.
+    divergence, top-1 agreement, on the same tokens. Several --quantized (packed artifacts and GGUF files,
+    mixed) are scored against one reference pass and reported in one table.
 
-    Example: quantkit eval-ppl ./gemma-2-9b --quantized ./gemma-2-9b-w4g128 --chunks 40
+    Example: quantkit eval-ppl ./gemma-2-9b --quantized ./w4g128 --quantized model-q4_0.gguf --chunks 40
     """
     import torch
 
     from .checkpoint import open_checkpoint
     from .data import default_evaluation_text, perplexity_chunks
-    from .evaluate import evaluate
+    from .evaluate import evaluate_many
+    from .report import format_table, open_quantized, rows
+    from .report import plot as draw
     from .tokenizer import Tokenizer
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantkitError("--device cuda: no CUDA device is available")
+    if plot and not quantized:
+        raise QuantkitError("--plot: give at least one --quantized model to plot")
     ref = open_checkpoint(model_dir)
-    quant = open_checkpoint(quantized) if quantized else None
-    if quant is not None and quant.config != ref.config:
-        raise QuantkitError(f"{quantized}: its config.json describes a different model than {model_dir}")
+    quants = [open_quantized(q, ref) for q in quantized]
     data = dataset or default_evaluation_text()
     ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    res = evaluate(ref, ids, quant, dtype=dt, device=device, stream=stream, batch_size=batch_size)
-    res["dataset"] = str(data)
-    _emit(res, as_json, _format_eval(res))
+    results = evaluate_many(ref, ids, quants, dtype=dt, device=device, stream=stream, batch_size=batch_size)
+    res = dict(results[0], dataset=str(data))
+    if quants:
+        res["models"] = rows(quants, results)
+    if plot:
+        res["plot"] = str(draw(res["models"], plot, f"{ref.path.name}: {res['chunks']} x {res['ctx']} tokens"))
+    text = _format_eval(res) if len(quants) <= 1 else format_table(res["reference"], res["models"])
+    _emit(res, as_json, text)
 
 
 def _format_eval(r: dict) -> str:
