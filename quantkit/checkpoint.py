@@ -1,6 +1,6 @@
 """Read a Hugging Face Gemma checkpoint lazily: config.json, (sharded) safetensors, tokenizer.model.
 
-Tensors are memory-mapped through ``safe_open`` and read one at a time; nothing here loads the whole model.
+Tensors are read one at a time with plain file reads (no memory maps); nothing here loads the whole model.
 Every check that can be made from the headers alone (missing shards, corrupt or truncated files, names
 and shapes against the config) runs when the checkpoint is opened, so bad input fails before any work.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from . import tensorio
 from .config import ModelConfig, load_config
 from .errors import QuantkitError
 from .primitives import QuantizedWeight, QuantSpec, unpack_int32
@@ -168,8 +168,11 @@ class Checkpoint:
         return tuple(self.headers[shard][key]["shape"])
 
     def _handle(self, shard: str):
+        """(open file, offset of its data section) of one shard. Tensors are read with plain file reads,
+        not memory maps, so the file pages they touch never count as this process's resident memory."""
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            f = open(self.path / shard, "rb", buffering=0)  # noqa: SIM115 (kept open while the checkpoint lives)
+            self._handles[shard] = (f, tensorio.header_and_start(f)[1])
         return self._handles[shard]
 
     def get(self, name: str, dtype: torch.dtype | None = None, check_finite: bool = False) -> torch.Tensor:
@@ -177,7 +180,9 @@ class Checkpoint:
         if name not in self.locations:
             raise QuantkitError(f"{self.path}: tensor {name!r} not in checkpoint")
         shard, key = self.locations[name]
-        t = self._handle(shard).get_tensor(key)
+        f, start = self._handle(shard)
+        info = self.headers[shard][key]
+        t = tensorio.read_tensor(f, start + info["data_offsets"][0], info["dtype"], info["shape"])
         if dtype is not None:
             t = t.to(dtype)
         if check_finite and not torch.isfinite(t).all():

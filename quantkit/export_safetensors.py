@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from .atomic import atomic_dir
+from . import tensorio
+from .atomic import RESUME_KEY, atomic_dir, atomic_file, resumable_dir
 from .primitives import QuantizedWeight, QuantSpec, pack_int32
 
 CT_VERSION = "0.20.0"
@@ -86,24 +86,43 @@ class ArtifactWriter:
 
     Use as a context manager; on a clean exit the index, config and tokenizer files are written and the
     directory is renamed to ``out_dir``. On any error nothing appears at ``out_dir``.
+
+    With ``resume_key`` the temporary directory is ``.NAME.partial`` (``atomic.resumable_dir``) and
+    ``commit`` records progress there: after ``commit(progress, tensors)`` returns, every tensor added so far
+    is in complete shards on disk, ``tensors`` (e.g. the next layer's inputs) are saved beside them, and a
+    rerun of the same command finds ``progress`` in ``resumed`` and those tensors in ``resumed_tensors()``.
     """
 
-    def __init__(self, out_dir: str | Path, shard_bytes: int = 2 << 30):
-        self.out_dir, self.shard_bytes = Path(out_dir), shard_bytes
+    def __init__(self, out_dir: str | Path, shard_bytes: int = 2 << 30, resume_key: str | None = None):
+        self.out_dir, self.shard_bytes, self.resume_key = Path(out_dir), shard_bytes, resume_key
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self._shards: list[list[str]] = []
         self._stack = ExitStack()
         self.tmp: Path | None = None
         self.total_bytes = 0
+        self.resumed: dict[str, Any] | None = None
 
     def __enter__(self) -> ArtifactWriter:
-        self.tmp = self._stack.enter_context(atomic_dir(self.out_dir))
+        if self.resume_key is None:
+            self.tmp = self._stack.enter_context(atomic_dir(self.out_dir))
+            return self
+        self.tmp = self._stack.enter_context(resumable_dir(self.out_dir, self.resume_key))
+        state = self.tmp / STATE_NAME
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            self._shards, self.total_bytes, self.resumed = saved["shards"], saved["total_bytes"], saved["progress"]
+        keep = {STATE_NAME, STATE_TENSORS, RESUME_KEY} | {_shard_name(i) for i in range(1, len(self._shards) + 1)}
+        for p in self.tmp.iterdir():  # whatever a killed run wrote after its last commit
+            if p.name not in keep:
+                p.unlink()
         return self
 
     def __exit__(self, *exc) -> bool:
         if exc[0] is None:
-            self._flush()
+            self.flush()
+            for name in (STATE_NAME, STATE_TENSORS):
+                (self.tmp / name).unlink(missing_ok=True)
             self._write_index()
         return self._stack.__exit__(*exc)
 
@@ -112,28 +131,45 @@ class ArtifactWriter:
         self._pending[name] = t
         self._pending_bytes += t.numel() * t.element_size()
         if self._pending_bytes >= self.shard_bytes:
-            self._flush()
+            self.flush()
 
     def add_quantized(self, prefix: str, qw: QuantizedWeight) -> None:
         for name, t in ct_tensors(prefix, qw).items():
             self.add(name, t)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the pending tensors as one shard (a shard boundary), streamed from the tensors themselves."""
         if not self._pending:
             return
-        i = len(self._shards) + 1
-        path = self.tmp / f"model-{i:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        path = self.tmp / _shard_name(len(self._shards) + 1)
+        with atomic_file(path) as part:
+            tensorio.write_file(part, self._pending, metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self.total_bytes += self._pending_bytes
         self._pending, self._pending_bytes = {}, 0
+
+    def commit(self, progress: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Flush, save ``tensors`` (replacing the previous ones), then record ``progress``: each file is
+        renamed into place complete, the record last, so a kill at any point leaves a consistent state."""
+        if self.resume_key is None:
+            self.flush()
+            return
+        self.flush()
+        with atomic_file(self.tmp / STATE_TENSORS) as part:
+            tensorio.write_file(part, tensors or {})
+        state = {"shards": self._shards, "total_bytes": self.total_bytes, "progress": progress}
+        with atomic_file(self.tmp / STATE_NAME) as part:
+            part.write_text(json.dumps(state))
+
+    def resumed_tensors(self) -> dict[str, torch.Tensor]:
+        return tensorio.read_file(self.tmp / STATE_TENSORS)
 
     def _write_index(self) -> None:
         n = len(self._shards)
         weight_map = {}
         for i, names in enumerate(self._shards, 1):
             final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            (self.tmp / f"model-{i:05d}.safetensors").rename(self.tmp / final)
+            (self.tmp / _shard_name(i)).rename(self.tmp / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -145,3 +181,11 @@ class ArtifactWriter:
         for name in TOKENIZER_FILES:
             if (src_dir / name).is_file():
                 shutil.copyfile(src_dir / name, self.tmp / name)
+
+
+STATE_NAME = "resume-state.json"
+STATE_TENSORS = "resume-tensors.safetensors"
+
+
+def _shard_name(i: int) -> str:
+    return f"model-{i:05d}.safetensors"

@@ -36,23 +36,56 @@ class GPTQResult:
     weight: QuantizedWeight
     loss: float  # Σ (w - q)² / (2 d²), the paper's objective
     damp: float  # the damping fraction that made H positive definite
+    sq_output_err: float  # tr(D H Dᵀ) with D = W - Q and the undamped H: the output error, free from the solver
 
 
-def _inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H); retries with more damping."""
-    mean_diag = torch.mean(torch.diag(H))
-    idx = torch.arange(H.shape[0], device=H.device)
+@dataclass(frozen=True)
+class InverseFactor:
+    """What GPTQ needs from one Hessian, shared by every linear that reads the same input (q/k/v, gate/up).
+
+    U [I, I] is the upper Cholesky factor of (H + λI)⁻¹ in ``perm`` order (columns by decreasing diag(H)
+    with act-order, else the identity); ``dead`` marks inputs that were always zero (diag H = 0, set to 1)."""
+
+    U: torch.Tensor
+    perm: torch.Tensor
+    dead: torch.Tensor
+    damp: float  # the fraction of mean(diag H) that made H positive definite
+    lam: float  # λ = damp · mean(diag H)
+    actorder: bool
+
+
+def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False) -> InverseFactor:
+    """The ``InverseFactor`` of ``hess.H`` [I, I], which is taken from ``hess`` (set to None) and whose
+    storage is reused: at most two I x I buffers are alive at any time.
+
+    With J the reversal permutation and J Hd J = L Lᵀ (Hd the damped H), Hd⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and
+    J L⁻¹ J is upper triangular with a positive diagonal: it is the upper Cholesky factor of Hd⁻¹. So one
+    Cholesky factorisation and one triangular solve give U, without forming H⁻¹."""
+    H, hess.H = hess.H, None
+    n = H.shape[0]
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True) if actorder else torch.arange(n, device=H.device)
+    if actorder:
+        H = H[perm]
+        H = H[:, perm]
+    base = H.diagonal().flip(0)  # a copy
+    mean_diag = base.mean()
+    F = torch.flip(H, (0, 1))  # J H J
+    del H, diag
     damp = percdamp
     while damp < 1.0:
-        Hd = H.clone()
-        Hd[idx, idx] += damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if info == 0:
-            Linv = torch.linalg.solve_triangular(L, torch.eye(len(L), device=L.device), upper=False)
-            Hinv = Linv.T @ Linv  # (L Lᵀ)⁻¹; faster than cholesky_inverse on CPU
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                return U, damp
+        F.diagonal().copy_(base + damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(F)
+        if int(info) == 0:
+            del F
+            X = torch.zeros_like(L)
+            X.diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(L, X, upper=False, out=X)  # L⁻¹, in place
+            del L
+            return InverseFactor(torch.flip(X, (0, 1)), perm, dead, damp, float(damp * mean_diag), actorder)
+        del L
         damp = damp * 2 if damp >= 0.01 else damp + 0.01
     raise QuantkitError("GPTQ: the Hessian is not positive definite even with damping 1.0 (are the inputs NaN?)")
 
@@ -64,35 +97,41 @@ def _group_params(W: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype):
 
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | InverseFactor,
     spec: QuantSpec,
     scale_dtype: torch.dtype = torch.float32,
     blocksize: int = 128,
     percdamp: float = 0.01,
     actorder: bool = False,
 ) -> GPTQResult:
-    """Quantize W [O, I] against the input Hessian H [I, I]. With ``actorder`` columns are processed in
-    order of decreasing diag(H) and group parameters are static (computed from the unmodified W), so the
-    result stays a plain per-group grid (g_idx = i // g)."""
-    W = W.detach().to(H.device, torch.float32).clone()
-    H = H.clone()
+    """Quantize W [O, I] against the input Hessian H [I, I] (left unchanged), or against a precomputed
+    ``InverseFactor`` of it (then ``percdamp`` and ``actorder`` were decided when it was made). With
+    act-order columns are processed in order of decreasing diag(H) and group parameters are static
+    (computed from the unmodified W), so the result stays a plain per-group grid (g_idx = i // g)."""
+    if isinstance(H, torch.Tensor):
+        hess = Hessian(H.shape[0], H.device)
+        hess.H = H.to(torch.float32).clone()
+        H = inverse_factor(hess, percdamp, actorder)
+    fac = H
+    actorder = fac.actorder
+    dev = fac.U.device
+    W = W.detach().to(dev, torch.float32, copy=True)
+    W[:, fac.dead] = 0.0
+    W0 = W.clone()  # [O, I], the weight GPTQ approximates (dead inputs zeroed)
     o, n = W.shape
     g = n if spec.group_size == -1 else spec.group_size
     blocksize = max(blocksize, g) if g < n else blocksize  # a group never straddles two blocks
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     static = actorder or spec.group_size == -1
     if static:
         scale_all, zero_all = _group_params(W, spec, scale_dtype)  # [O, G]
-    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(n, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, damp = _inverse_factor(H, percdamp)
+    perm, Hinv = fac.perm, fac.U
+    if actorder:
+        W = W[:, perm]
 
-    codes = torch.zeros(o, n, dtype=torch.int8, device=W.device)
+    codes = torch.zeros(o, n, dtype=torch.int8, device=dev)
     scales, zeros = [], []
-    loss = torch.zeros((), device=W.device)
+    sq_err = torch.zeros((), dtype=torch.float64, device=dev)  # ‖E‖², E the scaled errors
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1 = W[:, i1:i2].clone()
@@ -116,10 +155,11 @@ def gptq_quantize(
             dq = dequantize(q, scale, zero)
             d = Hinv1[t, t]
             err = (w - dq) / d
-            loss += ((w - dq) ** 2).sum() / (2 * d * d)
             W1[:, t:] -= err @ Hinv1[t : t + 1, t:]
             Err1[:, t : t + 1] = err
+        sq_err += (Err1.double() ** 2).sum()
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    del W
 
     invperm = torch.argsort(perm)
     codes = codes[:, invperm]
@@ -128,17 +168,27 @@ def gptq_quantize(
     else:
         scale = torch.cat(scales, dim=1)
         zero = None if spec.sym else torch.cat(zeros, dim=1)
-    return GPTQResult(
-        QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec),
-        float(loss),
-        damp,
-    )
+    qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
+    # W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs' diagonal
+    D = W0.sub_(dequantize(codes, scale, zero)).double()  # [O, I]
+    sq_out = float(sq_err - fac.lam * (D**2).sum() - (D[:, fac.dead] ** 2).sum())
+    return GPTQResult(qw, float(sq_err) / 2, fac.damp, max(sq_out, 0.0))
+
+
+def weighted_norms(Ws: list[torch.Tensor], H: torch.Tensor, rows: int = 2048) -> list[float]:
+    """tr(W H Wᵀ) for each W [O, I] against H [I, I], row block by row block (bounded temporaries)."""
+    out = []
+    for W in Ws:
+        total = 0.0
+        for r in range(0, W.shape[0], rows):
+            Wb = W[r : r + rows].to(H.device, torch.float32)
+            total += float(((Wb @ H) * Wb).sum(dtype=torch.float64))
+        out.append(total)
+    return out
 
 
 def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     """Relative output error ‖XWᵀ − XŴᵀ‖² / ‖XWᵀ‖² computed from H ∝ XᵀX (both [O, I] weights)."""
     W = W.to(H.device, torch.float32)
-    D = W - Wq.to(H.device, torch.float32)
-    num = ((D @ H) * D).sum()  # tr(D H Dᵀ)
-    den = ((W @ H) * W).sum()
-    return float(num / den) if den > 0 else 0.0
+    num, den = weighted_norms([W - Wq.to(H.device, torch.float32), W], H)
+    return num / den if den > 0 else 0.0

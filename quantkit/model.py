@@ -186,6 +186,11 @@ class Gemma(nn.Module):
         if missing:
             raise ValueError(f"layer {i}: no tensor given for {missing}")
 
+    def load_layer_norms(self, i: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Assign some of layer i's tensors (e.g. only its norms) and leave the rest on the meta device; the
+        calibration swaps in each quantized linear as it is made, so dense linears are never loaded."""
+        self._assign(self.layers[i], tensors)
+
     def unload_layer(self, i: int) -> None:
         self.layers[i] = DecoderLayer(self.cfg, i)
 
@@ -197,8 +202,13 @@ class Gemma(nn.Module):
         return self.layers[i].get_submodule(name)
 
     # ---- forward -------------------------------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B, T] -> h [B, T, H]; sqrt(H) is rounded to the weight dtype first, as transformers does."""
+    def embed(self, ids: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [B, T] -> h [B, T, H]; sqrt(H) is rounded to the weight dtype first, as transformers does.
+        ``weight``: an embedding [V', H] in any dtype (e.g. as read from disk) to use instead of the loaded
+        one; its rows are gathered first and then cast, which equals casting the whole matrix first."""
+        if weight is not None:
+            rows = F.embedding(ids.to(weight.device), weight).to(self.device, self.dtype)
+            return rows * torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(self.dtype)
         w = self.embed_tokens.weight
         scale = torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=torch.float32).to(w.dtype)
         return F.embedding(ids.to(w.device), w) * scale

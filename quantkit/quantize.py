@@ -8,6 +8,8 @@ layer's quantized outputs become layer i+1's inputs. Only one decoder layer is r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import resource
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ from .checkpoint import DTYPE_NAMES, Checkpoint, layer_prefix, open_checkpoint
 from .data import calibration_windows, default_calibration_text
 from .errors import QuantkitError
 from .export_safetensors import ArtifactWriter, quantization_config
-from .gptq import Hessian, gptq_quantize, output_error
+from .gptq import Hessian, gptq_quantize, inverse_factor, weighted_norms
 from .model import LINEAR_NAMES, Gemma
 from .packed import PackedLinear
 from .primitives import QuantizedWeight, rtn
@@ -55,98 +57,180 @@ def _weight_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
     return float(((w - qw.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
 
 
-def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar) -> dict:
-    stats = {}
-    for i in range(ckpt.config.num_hidden_layers):
-        for name, t in ckpt.layer_tensors(i, check_finite=True).items():
-            module = name.removesuffix(".weight")
-            path = layer_prefix(i) + module
+def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, run: _Run) -> None:
+    for i in range(run.start, ckpt.config.num_hidden_layers):
+        p = layer_prefix(i)
+        for name in [n for n in ckpt.locations if n.startswith(p)]:  # one tensor in memory at a time
+            t = ckpt.get(name, check_finite=True)
+            module = name[len(p) :].removesuffix(".weight")
             if module in LINEAR_NAMES:
                 qw = rtn(t, opts.spec, sdt)
-                writer.add_quantized(path, qw)
-                stats[path] = {"weight_rel_err": _weight_error(t, qw)}
+                writer.add_quantized(p + module, qw)
+                run.stats[p + module] = {"weight_rel_err": _weight_error(t, qw)}
                 bar.set_postfix_str(module)
             else:
-                writer.add(path + ".weight", t)
+                writer.add(name, t)
+            del t
+        run.end_layer(writer, i)
         bar.update(1)
-    return stats
+
+
+class _Timer:
+    """Adds the wall time of each ``with`` block to ``seconds[key]``."""
+
+    def __init__(self, seconds: dict[str, float], key: str):
+        self.seconds, self.key = seconds, key
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.key] += time.perf_counter() - self.t0
 
 
 class _LayerCalibrator:
     """GPTQ for one decoder layer, true-sequential: each step feeds its quantized result to the next.
 
-    The layer is evaluated piecewise (no forward hooks, no early exits), each piece once per batch:
-      x1 = input_norm(h)                        -> H(q,k,v) -> quantize q, k, v
-      a  = attention core(x1) with quantized qkv -> H(o)     -> quantize o
-      hm = h + post_attn_norm(o(a)); x2 = pre_ff_norm(hm) -> H(gate, up) -> quantize gate, up
-      m  = gelu(gate(x2)) * up(x2)              -> H(down)  -> quantize down
-      out = hm + post_ff_norm(down(m))          -> next layer's inputs
+    The layer is evaluated piecewise, batch by batch, keeping only one list of hidden states [B, T, H]
+    across the layer (plus, briefly, the attention outputs); every other activation is recomputed per batch
+    and folded into its Hessian at once, so e.g. down_proj's inputs are never all held:
+      x1 = input_layernorm(h)                         -> H(q,k,v) -> quantize q, k, v
+      a  = attention core(x1) with quantized qkv     -> H(o)     -> quantize o      (a kept per batch)
+      h <- hm = h + post_attn_norm(o(a)); x2 = pre_ff_norm(hm) -> H(gate, up) -> quantize gate, up
+      m  = gelu(gate(x2)) * up(x2)                   -> H(down)  -> quantize down
+      h <- hm + post_ff_norm(down(m))  (m recomputed) -> the next layer's inputs
+    Dense linears are never loaded: each is read from disk when it is quantized, and its quantized
+    replacement is what the following steps run. Every operation on a batch is the one the whole-batch
+    order would do, so the result is bit-identical to it.
     """
 
-    def __init__(self, model: Gemma, i: int, tensors: dict, opts: QuantizeOptions, sdt, writer, stats, device):
-        self.model, self.i, self.layer = model, i, model.layers[i]
-        self.tensors, self.opts, self.sdt, self.writer, self.stats = tensors, opts, sdt, writer, stats
-        self.device = device
+    def __init__(self, model: Gemma, i: int, ckpt: Checkpoint, opts: QuantizeOptions, sdt, writer, run, device):
+        self.model, self.i, self.layer, self.ckpt = model, i, model.layers[i], ckpt
+        self.opts, self.sdt, self.writer, self.run_state, self.device = opts, sdt, writer, run, device
+        self.seconds = dict.fromkeys(("forward_s", "hessian_s", "solver_s", "diagnostics_s"), 0.0)
+        self.fwd, self.hes = _Timer(self.seconds, "forward_s"), _Timer(self.seconds, "hessian_s")
+        self.sol, self.dia = _Timer(self.seconds, "solver_s"), _Timer(self.seconds, "diagnostics_s")
 
-    def _quantize(self, names: tuple[str, ...], xs: list[torch.Tensor]) -> None:
-        hess = Hessian(xs[0].shape[-1], xs[0].device)
-        for x in xs:
-            hess.add(x)
-        o = self.opts
-        for name in names:
-            w = self.tensors[f"{name}.weight"].float()
-            res = gptq_quantize(w.to(self.device), hess.H, o.spec, self.sdt, o.blocksize, o.damp, o.act_order)
-            path = layer_prefix(self.i) + name
-            self.writer.add_quantized(path, res.weight)
+    def _quantize(self, names: tuple[str, ...], hess: Hessian) -> None:
+        o, p = self.opts, layer_prefix(self.i)
+        ws = {n: self.ckpt.get(f"{p}{n}.weight", check_finite=True) for n in names}
+        with self.dia:  # tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
+            rtns = {n: rtn(w.float(), o.spec, self.sdt) for n, w in ws.items()}
+            norms = {
+                n: weighted_norms([w, w.float() - rtns[n].dequantize()], hess.H) for n, w in ws.items()
+            }  # [den, rtn num]
+        with self.sol:
+            fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
+        for name, w in ws.items():
+            with self.sol:
+                res = gptq_quantize(w.to(self.device), fac, o.spec, self.sdt, o.blocksize)
+            self.writer.add_quantized(p + name, res.weight)
             self.model.set_linear(self.i, name, PackedLinear(res.weight).to(self.device))
-            self.stats[path] = {
-                "weight_rel_err": _weight_error(w, res.weight),
-                "output_rel_err": output_error(w, res.weight.dequantize(), hess.H),
-                "rtn_output_rel_err": output_error(w, rtn(w, o.spec, self.sdt).dequantize(), hess.H),
-                "damp": res.damp,
-            }
+            den, rtn_num = norms[name]
+            with self.dia:
+                self.run_state.stats[p + name] = {
+                    "weight_rel_err": _weight_error(w, res.weight),
+                    "output_rel_err": res.sq_output_err / den if den > 0 else 0.0,
+                    "rtn_output_rel_err": rtn_num / den if den > 0 else 0.0,
+                    "damp": res.damp,
+                }
+
+    def _hessian(self, n_in: int) -> Hessian:
+        return Hessian(n_in, self.device)
 
     @torch.no_grad()
-    def run(self, inps: list[torch.Tensor]) -> list[torch.Tensor]:
-        ly, attn = self.layer, self.layer.self_attn
-        extras = ly.attention_inputs(inps[0])  # cos, sin, mask: the same for every batch
-        x1 = [ly.input_layernorm(h) for h in inps]
-        self._quantize(SUBSETS[0], x1)
-        a = [attn.core(x, *extras) for x in x1]
-        del x1
-        self._quantize(SUBSETS[1], a)
-        hm = [h + ly.post_attention_layernorm(attn.o_proj(z)) for h, z in zip(inps, a, strict=True)]
+    def run(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """hs: this layer's inputs, one [B, T, H] per batch; replaced in place by the layer's outputs."""
+        ly, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
+        extras = ly.attention_inputs(hs[0])  # cos, sin, mask: the same for every batch
+        gelu = torch.nn.functional.gelu
+        hess = self._hessian(hs[0].shape[-1])
+        for h in hs:
+            with self.fwd:
+                x1 = ly.input_layernorm(h)
+            with self.hes:
+                hess.add(x1)
+        self._quantize(SUBSETS[0], hess)
+        a: list[torch.Tensor | None] = []
+        for h in hs:
+            with self.fwd:
+                a.append(attn.core(ly.input_layernorm(h), *extras))
+            if len(a) == 1:
+                hess = self._hessian(a[0].shape[-1])
+            with self.hes:
+                hess.add(a[-1])
+        self._quantize(SUBSETS[1], hess)
+        hess = self._hessian(hs[0].shape[-1])
+        for j in range(len(hs)):
+            with self.fwd:
+                hs[j] = hs[j] + ly.post_attention_layernorm(attn.o_proj(a[j]))  # hm
+                a[j] = None
+                x2 = ly.pre_feedforward_layernorm(hs[j])
+            with self.hes:
+                hess.add(x2)
         del a
-        x2 = [ly.pre_feedforward_layernorm(h) for h in hm]
-        self._quantize(SUBSETS[2], x2)
-        mlp = ly.mlp
-        m = [torch.nn.functional.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x) for x in x2]
-        del x2
-        self._quantize(SUBSETS[3], m)
-        return [h + ly.post_feedforward_layernorm(mlp.down_proj(z)) for h, z in zip(hm, m, strict=True)]
+        self._quantize(SUBSETS[2], hess)
+        hess = None
+        for hm in hs:
+            with self.fwd:
+                x2 = ly.pre_feedforward_layernorm(hm)
+                m = gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
+            if hess is None:
+                hess = self._hessian(m.shape[-1])
+            with self.hes:
+                hess.add(m)
+        del m
+        self._quantize(SUBSETS[3], hess)
+        for j in range(len(hs)):
+            with self.fwd:
+                x2 = ly.pre_feedforward_layernorm(hs[j])
+                m = gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
+                hs[j] = hs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m))
+        return hs
 
 
-def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, device) -> dict:
+class _Run:
+    """Where a run starts (0, or the layer a killed run had reached) and what it has recorded so far."""
+
+    def __init__(self, writer: ArtifactWriter):
+        done = writer.resumed or {}
+        self.start: int = done.get("layers_done", 0)
+        self.stats: dict = done.get("stats", {})
+        self.layers: list[dict] = done.get("layers", [])
+
+    def end_layer(self, writer: ArtifactWriter, i: int, seconds: dict | None = None, inputs=None) -> None:
+        """Layer i is complete: its tensors go to disk as whole shards, with the next layer's inputs."""
+        self.layers.append({"layer": i, **(seconds or {}), "peak_rss_gib": round(_peak_memory_bytes("cpu") / 2**30, 3)})
+        progress = {"layers_done": i + 1, "stats": self.stats, "layers": self.layers}
+        writer.commit(progress, None if inputs is None else {f"b{j:05d}": h for j, h in enumerate(inputs)})
+
+
+def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, device, run) -> None:
     cfg = ckpt.config
-    calib_path = opts.calib or default_calibration_text()
-    ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
     model = Gemma(cfg, _DTYPES[opts.calib_dtype], device)
-    model.load_globals(ckpt.get("model.embed_tokens.weight"), ckpt.get("model.norm.weight"))
-    with torch.no_grad():
-        inps = [model.embed(b.to(device)) for b in ids.split(opts.batch_size)]  # each [b, T, H]
-    model.embed_tokens.weight = torch.nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
-    stats: dict = {}
-    for i in range(cfg.num_hidden_layers):
+    if run.start:
+        saved = writer.resumed_tensors()
+        inps = [saved.pop(k).to(device) for k in sorted(saved)]
+    else:
+        calib_path = opts.calib or default_calibration_text()
+        ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
+        embed = ckpt.get("model.embed_tokens.weight")
+        with torch.no_grad():
+            inps = [model.embed(b, embed) for b in ids.split(opts.batch_size)]  # each [b, T, H]
+        del embed
+    for i in range(run.start, cfg.num_hidden_layers):
         bar.set_postfix_str(f"layer {i}")
-        tensors = ckpt.layer_tensors(i, check_finite=True)
-        model.load_layer(i, tensors)
-        inps = _LayerCalibrator(model, i, tensors, opts, sdt, writer, stats, device).run(inps)
-        for name, t in tensors.items():
-            if name.removesuffix(".weight") not in LINEAR_NAMES:
-                writer.add(layer_prefix(i) + name, t)
+        p = layer_prefix(i)
+        small = {n[len(p) :]: ckpt.get(n, check_finite=True) for n in ckpt.locations if n.startswith(p)
+                 and n[len(p) :].removesuffix(".weight") not in LINEAR_NAMES}  # fmt: skip
+        model.load_layer_norms(i, small)
+        cal = _LayerCalibrator(model, i, ckpt, opts, sdt, writer, run, device)
+        inps = cal.run(inps)
+        for name, t in small.items():
+            writer.add(p + name, t)
         model.unload_layer(i)
+        run.end_layer(writer, i, {k: round(v, 3) for k, v in cal.seconds.items()}, inps)
         bar.update(1)
-    return stats
 
 
 def _peak_memory_bytes(device: str) -> int:
@@ -175,25 +259,43 @@ def quantize_checkpoint(
     sdt = _scale_dtype(opts, ckpt)
     t0 = time.perf_counter()
     n_layers = ckpt.config.num_hidden_layers
-    with ArtifactWriter(out_dir) as writer, tqdm(total=n_layers, desc=f"{opts.method} layers",
-                                                 unit="layer", disable=not progress) as bar:  # fmt: skip
-        writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight"))
-        writer.add("model.norm.weight", ckpt.get("model.norm.weight"))
+    key = resume_key(ckpt, opts, sdt, device)
+    bar = tqdm(total=n_layers, desc=f"{opts.method} layers", unit="layer", disable=not progress)
+    with ArtifactWriter(out_dir, resume_key=key) as writer, bar:
+        run = _Run(writer)
+        if run.start:
+            bar.update(run.start)
+            bar.write(f"quantkit: resuming at layer {run.start} of {n_layers} (work in progress in {writer.tmp})")
+        else:  # the globals get a shard of their own, written before any layer
+            writer.add("model.embed_tokens.weight", ckpt.get("model.embed_tokens.weight"))
+            writer.add("model.norm.weight", ckpt.get("model.norm.weight"))
+            writer.flush()
         if opts.method == "rtn":
-            stats = _rtn_layers(ckpt, opts, writer, sdt, bar)
+            _rtn_layers(ckpt, opts, writer, sdt, bar, run)
         else:
-            stats = _gptq_layers(ckpt, opts, writer, sdt, bar, device)
+            _gptq_layers(ckpt, opts, writer, sdt, bar, device, run)
         config = dict(ckpt.raw_config)
         config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order)
         writer.write_json("config.json", config)
         writer.copy_tokenizer(ckpt.path)
-        report = _report(ckpt, opts, sdt, stats, time.perf_counter() - t0, device)
+        report = _report(ckpt, opts, sdt, run, time.perf_counter() - t0, device)
         writer.write_json("quantkit.json", report)
     return report
 
 
-def _report(ckpt, opts, sdt, stats, seconds, device) -> dict[str, Any]:
-    cfg = ckpt.config
+def resume_key(ckpt: Checkpoint, opts: QuantizeOptions, sdt, device: str) -> str:
+    """A hash of everything that decides the output: options, device, quantkit's version, and the identity
+    (name, size, modification time) of every input file. A rerun resumes only when it is unchanged."""
+    files = [ckpt.path / n for n in ("config.json", "tokenizer.model", *ckpt.headers)]
+    if opts.method == "gptq":
+        files.append(Path(opts.calib or default_calibration_text()))
+    ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    blob = {"version": __version__, "options": opts.__dict__, "sdt": str(sdt), "device": device, "files": ident}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _report(ckpt, opts, sdt, run: _Run, seconds, device) -> dict[str, Any]:
+    cfg, stats = ckpt.config, run.stats
     n_linear = cfg.num_hidden_layers * sum(o * i for o, i in cfg.linear_shapes().values())
     scale_bits = torch.finfo(sdt).bits
     report = {
@@ -206,6 +308,8 @@ def _report(ckpt, opts, sdt, stats, seconds, device) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "peak_memory_bytes": _peak_memory_bytes(device),
         "device": device,
+        "resumed_from_layer": run.start,
+        "layers": run.layers,
         "linears": stats,
     }
     errs = [s["weight_rel_err"] for s in stats.values()]
