@@ -69,8 +69,12 @@ def llama_kld(bin_dir: Path, gguf: Path, base: Path, text: Path, chunks: int, lo
         m = re.search(rf"^{label}\s*:?\s*([-\d.]+)", out, re.M)
         return float(m.group(1)) if m else float("nan")
 
-    return {"llama_kld": grab(r"Mean\s+KLD"), "llama_ppl": grab(r"Mean PPL\(Q\)"), "llama_kld_p99": grab(r"99\.0%\s+KLD"),
-            "llama_same_top": grab(r"Same top p")}  # fmt: skip
+    return {
+        "llama_kld": grab(r"Mean\s+KLD"),
+        "llama_ppl": grab(r"Mean PPL\(Q\)"),
+        "llama_kld_p99": grab(r"99\.0%\s+KLD"),
+        "llama_same_top": grab(r"Same top p"),
+    }
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
