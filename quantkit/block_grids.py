@@ -83,7 +83,7 @@ class BlockGrid:
         safe = torch.where(s == 0, torch.ones_like(s), s)
         c = torch.round((w - b) / safe).clamp(lay.lo, lay.hi)
         c = torch.where(s == 0, torch.zeros_like(c), c)
-        return c.to(torch.int16), s * c + b
+        return c.to(torch.int8), s * c + b
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         g = self.layout.g
@@ -303,3 +303,27 @@ def pack(grid: BlockGrid, codes: torch.Tensor) -> np.ndarray:
     qs = (low << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2).astype(np.uint8).reshape(nb, 64)
     ls = (f["sc"].reshape(nb, 16).astype(np.int16) + 32).astype(np.uint8)
     return np.concatenate([hmask, qs, _pack_scales_q3(ls), _le16(f["d"].reshape(nb))], axis=1).reshape(o, -1)
+
+
+@dataclass(frozen=True)
+class GridWeight:
+    """A weight [O, I] quantized onto a fixed ``BlockGrid``: int8 codes [O, I]."""
+
+    grid: BlockGrid
+    codes: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.grid.dequantize(self.codes).to(dtype)
+
+    def blocks(self) -> np.ndarray:
+        return pack(self.grid, self.codes)
+
+
+def rtn_on_grid(W: torch.Tensor, grid: BlockGrid) -> GridWeight:
+    """Round-to-nearest of W [O, I] onto ``grid``: every column against its own group's (s, b)."""
+    codes, _ = grid.quantize(W.float(), torch.arange(W.shape[1]) // grid.layout.g)
+    return GridWeight(grid, codes.to(torch.int8))

@@ -13,7 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType
 
 from . import tensorio
 from .config import ModelConfig, load_config
@@ -67,8 +69,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def quant_spec_from_config(raw: dict, source: str) -> QuantSpec | None:
     """The weight grid of a compressed-tensors pack-quantized checkpoint, or None for a dense one."""
     qc = raw.get("quantization_config")
-    if not qc:
-        return None
+    if not qc or (qc.get("quant_method"), qc.get("format")) == ("quantkit", "ggml-blocks"):
+        return None  # dense, or linears stored as ggml blocks (Checkpoint.blocks)
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
         raise QuantkitError(
             f"{source}: quantization_config {qc.get('quant_method')!r}/{qc.get('format')!r} is not read; "
@@ -198,6 +200,15 @@ class Checkpoint:
         names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
         return {n[len(p) :]: self.get(n, dtype, check_finite) for n in names}
 
+    def has_blocks(self, name: str) -> bool:
+        """Whether linear ``name`` (a module path) is stored as ggml blocks (quantize --format gguf)."""
+        return f"{name}.ggml_blocks" in self.locations
+
+    def blocks(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
+        """The ggml type and blocks (uint8 [O, row bytes]) of a linear stored as ggml blocks."""
+        qtype = GGMLQuantizationType(int(self.get(f"{name}.ggml_type")[0]))
+        return qtype, self.get(f"{name}.ggml_blocks").numpy()
+
     def is_linear_quantized(self, name: str) -> bool:
         """``name``: a linear's module path, e.g. 'model.layers.0.mlp.up_proj'."""
         return f"{name}.weight_packed" in self.locations
@@ -234,7 +245,7 @@ def _validate(ckpt: Checkpoint) -> None:
     expected = expected_shapes(cfg)
     for name, shape in expected.items():
         module = name.removesuffix(".weight")
-        if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
+        if ckpt.has_blocks(module) or (ckpt.quant_spec is not None and ckpt.is_linear_quantized(module)):
             got = tuple(int(v) for v in ckpt.get(f"{module}.weight_shape"))
             if got != shape:
                 raise QuantkitError(
@@ -259,7 +270,8 @@ def _validate(ckpt: Checkpoint) -> None:
         )
     for name in ckpt.locations:
         dt = ckpt.dtype_of(name)
-        if dt not in DTYPE_NAMES and not (ckpt.quant_spec and name.rsplit(".", 1)[-1].startswith("weight_")):
+        packed = name.rsplit(".", 1)[-1].startswith(("weight_", "ggml_"))
+        if dt not in DTYPE_NAMES and not ((ckpt.quant_spec or ckpt.has_blocks(name.rsplit(".", 1)[0])) and packed):
             raise QuantkitError(f"{ckpt.path}: tensor {name!r} has dtype {dt}; expected BF16, F16 or F32")
 
 

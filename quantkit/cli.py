@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import click
@@ -15,7 +16,9 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
-GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "q4_k_m"]
+# export_gguf.FILE_TYPES' keys (kept here so that --help does not import torch)
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"]
+GGUF_TYPES += ["q3_k_m", "q4_k_m", "q5_k_m"]
 
 
 class _Group(click.Group):
@@ -85,8 +88,13 @@ def inspect(model_dir: str, as_json: bool) -> None:
     show_default=True,
     help="GGUF type with --format gguf.",
 )
+@click.option(
+    "--imatrix-out",
+    type=click.Path(),
+    help="GPTQ: also write the calibration's importance as a llama.cpp imatrix (for llama-quantize --imatrix).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -> None:
+def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, as_json, **flags) -> None:
     """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint.
 
     Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 --method gptq -o ./gemma-2-9b-w4g128
@@ -96,9 +104,9 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -
 
     opts = resolve_options(recipe, **flags)
     if fmt == "gguf":
-        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device)
+        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out)
     else:
-        report = quantize_checkpoint(model_dir, out, opts, device=device)
+        report = quantize_checkpoint(model_dir, out, opts, device=device, imatrix_out=imatrix_out)
     summary = (
         f"{out}: {opts.method} int{opts.bits} g{opts.group_size} {'sym' if opts.sym else 'asym'}, "
         f"{report['bits_per_weight']:.3f} bits/weight, mean weight rel. error {report['mean_weight_rel_err']:.3e}, "
@@ -107,21 +115,30 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, as_json, **flags) -
     _emit(report, as_json, summary)
 
 
-def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
-    """Quantize with fp16 scales into a temporary artifact, then write its codes into GGUF blocks."""
-    import tempfile
+def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> dict:
+    """Quantize into a hidden artifact beside ``out``, then write its codes into the GGUF's blocks.
+
+    GPTQ rounds every linear onto the fixed grid of the ggml type the GGUF stores it in (any legacy or K
+    type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are."""
     from pathlib import Path
 
     from .export_gguf import export_gguf
     from .quantize import quantize_checkpoint
 
-    if opts.scale_dtype == "auto":
-        opts = opts.replace(scale_dtype="float16")
-    with tempfile.TemporaryDirectory(dir=Path(out).resolve().parent) as tmp:
-        report = quantize_checkpoint(model_dir, Path(tmp) / "artifact", opts, device=device)
-        report["gguf"] = export_gguf(Path(tmp) / "artifact", out, gguf_type)
-        lossless = report["gguf"]["counts"]["lossless"]
-        click.echo(f"{out}: {lossless} linear weights written into {gguf_type} blocks without re-rounding", err=True)
+    out = Path(out)
+    artifact = out.parent / f".{out.name}.artifact"  # resumable like any quantize output
+    if opts.method == "gptq":
+        report = quantize_checkpoint(model_dir, artifact, opts, device, gguf_type=gguf_type, imatrix_out=imatrix_out)
+    else:
+        if opts.scale_dtype == "auto":
+            opts = opts.replace(scale_dtype="float16")
+        report = quantize_checkpoint(model_dir, artifact, opts, device=device)
+    try:
+        report["gguf"] = export_gguf(artifact, out, gguf_type)
+    finally:
+        shutil.rmtree(artifact, ignore_errors=True)
+    lossless = report["gguf"]["counts"]["lossless"]
+    click.echo(f"{out}: {lossless} linear weights written into their GGUF blocks without re-rounding", err=True)
     return report
 
 

@@ -67,6 +67,9 @@ class GGUFModel:
     def is_linear_quantized(self, name: str) -> bool:
         return False
 
+    def has_blocks(self, name: str) -> bool:
+        return False
+
     def get(self, name: str, dtype: torch.dtype | None = None, check_finite: bool = False) -> torch.Tensor:
         if name not in self._tensors:
             raise QuantkitError(f"{self.path}: tensor {name!r} not in the GGUF")

@@ -37,6 +37,19 @@ class ImportanceStats:
     def empty(cls) -> ImportanceStats:
         return cls({}, {})
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """As tensors to save with a run's resumable state (``from_tensors`` reads them back)."""
+        out = {f"imatrix/{n}": torch.from_numpy(v) for n, v in self.sums.items()}
+        return out | {f"imatrix-count/{n}": torch.tensor([c], dtype=torch.int64) for n, c in self.counts.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ImportanceStats:
+        sums = {k.removeprefix("imatrix/"): v.numpy() for k, v in tensors.items() if k.startswith("imatrix/")}
+        counts = {
+            k.removeprefix("imatrix-count/"): int(v[0]) for k, v in tensors.items() if k.startswith("imatrix-count/")
+        }
+        return cls(sums, counts)
+
     def add_from_hessian(self, layer: int, module: str, H: torch.Tensor, n_rows: int) -> None:
         """Record linear ``module`` (e.g. 'self_attn.q_proj') of ``layer`` from its Hessian (2/n) Σ x xᵀ."""
         name = gguf_weight_name(layer, module)

@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from quantkit.block_grids import LAYOUTS, choose_grid, pack
+from quantkit.block_grids import LAYOUTS, choose_grid, pack, rtn_on_grid
 from quantkit.ggml_blocks import libggml_path, quantize_rows
 
 TYPES = list(LAYOUTS)
@@ -29,8 +29,7 @@ def _weights(o: int, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rtn(grid, W: torch.Tensor) -> torch.Tensor:
-    """Round-to-nearest onto the fixed grid: every column against its own group's (s, b)."""
-    return grid.quantize(W, torch.arange(W.shape[1]) // grid.layout.g)[0]
+    return rtn_on_grid(W, grid).codes
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
@@ -91,4 +90,36 @@ def test_codes_out_of_range_are_refused():
     W, imp = _weights(3, 256, 3)
     grid = choose_grid(W, QT.Q4_K, imp)
     with pytest.raises(ValueError):
-        pack(grid, torch.full(W.shape, 16, dtype=torch.int16))
+        pack(grid, torch.full(W.shape, 16, dtype=torch.int8))
+
+
+def _correlated_hessian(i: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(i, i, generator=g) / i**0.5
+    X = torch.randn(4 * i, i, generator=g) @ (torch.eye(i) + 2 * A)  # inputs with correlated features
+    return 2.0 / len(X) * X.T @ X
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q3_K, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_gptq_on_a_fixed_grid(qtype):
+    from quantkit.gptq import gptq_quantize
+    from quantkit.primitives import QuantSpec
+
+    W, _ = _weights(32, 256, 4)
+    # with H = I nothing is fed back: GPTQ rounds exactly like round-to-nearest on the grid
+    grid = choose_grid(W, qtype, None)
+    res = gptq_quantize(W, torch.eye(256), QuantSpec(), grid=grid)
+    assert torch.equal(res.weight.codes, rtn_on_grid(W, grid).codes)
+    # on correlated inputs its output error tr(D H Dᵀ) is well below RTN's on the same grid
+    H = _correlated_hessian(256, 5)
+    grid = choose_grid(W, qtype, H.diagonal())
+    res = gptq_quantize(W, H, QuantSpec(), grid=grid, actorder=True)
+
+    def out_err(v: torch.Tensor) -> float:
+        D = W - v
+        return float(((D @ H) * D).sum())
+
+    assert out_err(res.weight.dequantize()) < 0.7 * out_err(rtn_on_grid(W, grid).dequantize())
+    assert res.sq_output_err == pytest.approx(out_err(res.weight.dequantize()), rel=1e-3)
+    blocks = res.weight.blocks()  # the codes go into the type's blocks as they are
+    assert np.array_equal(gq.dequantize(blocks, qtype).reshape(W.shape), res.weight.dequantize().numpy())
