@@ -66,3 +66,15 @@ def test_gguf_of_another_model_is_refused(tiny_gemma2, tiny_gemma3, tmp_path):
     res = CliRunner().invoke(cli, ["eval-ppl", str(tiny_gemma2), "--quantized", str(path), *EVAL])
     assert res.exit_code == 2
     assert "describes a different model" in res.stderr
+
+
+def test_artifact_without_tokenizer_model_is_scored_with_the_references_tokens(tiny_gemma2, artifacts, tmp_path):
+    """transformers 5 saves tokenizer.json only: such an artifact is scored on the reference's tokens."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(artifacts["rtn4"], bare)
+    (bare / "tokenizer.model").unlink()
+    res = _run("eval-ppl", str(tiny_gemma2), "--quantized", str(bare), "--quantized", str(artifacts["rtn4"]), *EVAL)
+    a, b = res["models"]
+    assert a["ppl"] == b["ppl"] and a["kld_mean"] == b["kld_mean"]
