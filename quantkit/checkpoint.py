@@ -13,7 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import tensorio
 from .config import ModelConfig, load_config
@@ -41,6 +43,7 @@ ELEMENT_BYTES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
 # dtype of each pack-quantized tensor (by its name's last part)
+BLOCK_DTYPES = {"ggml_blocks": ("U8",), "ggml_type": ("I32",), "weight_shape": ("I64",)}  # a linear as ggml blocks
 PACKED_DTYPES = {"weight_packed": ("I32",), "weight_zero_point": ("I32",), "weight_shape": ("I64", "I32"),
                  "weight_scale": tuple(DTYPE_NAMES)}  # fmt: skip
 
@@ -80,6 +83,8 @@ def quant_spec_from_config(raw: dict, source: str) -> QuantSpec | None:
         return None
     if not isinstance(qc, dict):
         raise QuantkitError(f"{source}: quantization_config is {qc!r}, not an object")
+    if (qc.get("quant_method"), qc.get("format")) == ("quantkit", "ggml-blocks"):
+        return None  # linears stored as ggml blocks (Checkpoint.blocks)
     if qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "pack-quantized":
         raise QuantkitError(
             f"{source}: quantization_config {qc.get('quant_method')!r}/{qc.get('format')!r} is not read; "
@@ -274,6 +279,15 @@ class Checkpoint:
         names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
         return {n[len(p) :]: self.get(n, dtype, check_finite) for n in names}
 
+    def has_blocks(self, name: str) -> bool:
+        """Whether linear ``name`` (a module path) is stored as ggml blocks (quantize --format gguf)."""
+        return f"{name}.ggml_blocks" in self.locations
+
+    def blocks(self, name: str) -> tuple[GGMLQuantizationType, np.ndarray]:
+        """The ggml type and blocks (uint8 [O, row bytes]) of a linear stored as ggml blocks."""
+        qtype = GGMLQuantizationType(int(self.get(f"{name}.ggml_type")[0]))
+        return qtype, self.get(f"{name}.ggml_blocks").numpy()
+
     def is_linear_quantized(self, name: str) -> bool:
         """``name``: a linear's module path, e.g. 'model.layers.0.mlp.up_proj'."""
         return f"{name}.weight_packed" in self.locations
@@ -331,12 +345,37 @@ def _check_packed(ckpt: Checkpoint, module: str, shape: tuple[int, ...]) -> set[
     return {f"{module}.{p}" for p in parts}
 
 
+def _check_blocks(ckpt: Checkpoint, module: str, shape: tuple[int, ...]) -> set[str]:
+    """Dtypes and shapes of one linear stored as ggml blocks; returns their tensor names."""
+    names = {part: f"{module}.{part}" for part in BLOCK_DTYPES}
+    for part, name in names.items():
+        if name not in ckpt.locations:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} missing from the quantized checkpoint")
+        dt = ckpt.dtype_of(name)
+        if dt not in BLOCK_DTYPES[part]:
+            raise QuantkitError(f"{ckpt.path}: tensor {name!r} is {dt}; expected {BLOCK_DTYPES[part][0]}")
+    got = tuple(int(v) for v in ckpt.get(names["weight_shape"]))
+    if got != shape:
+        raise QuantkitError(f"{ckpt.path}: {module}.weight_shape is {list(got)}, config.json implies {list(shape)}")
+    try:
+        qtype = GGMLQuantizationType(int(ckpt.get(names["ggml_type"])[0]))
+    except ValueError:
+        raise QuantkitError(f"{ckpt.path}: {module}.ggml_type is not a ggml type id") from None
+    blk, size = GGML_QUANT_SIZES[qtype]
+    if shape[1] % blk or ckpt.shape_of(names["ggml_blocks"]) != (shape[0], shape[1] // blk * size):
+        raise QuantkitError(f"{ckpt.path}: {module}.ggml_blocks does not hold {list(shape)} {qtype.name} weights")
+    return set(names.values())
+
+
 def _validate(ckpt: Checkpoint) -> None:
     cfg = ckpt.config
     emb = "model.embed_tokens.weight"
     known = {emb}
     for name, shape in expected_shapes(cfg).items():
         module = name.removesuffix(".weight")
+        if ckpt.has_blocks(module):
+            known |= _check_blocks(ckpt, module, shape)
+            continue
         if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
             known |= _check_packed(ckpt, module, shape)
             continue
@@ -362,7 +401,7 @@ def _validate(ckpt: Checkpoint) -> None:
         raise QuantkitError(
             f"{ckpt.path}: {emb} has shape {list(emb_shape)}, config.json implies [{cfg.vocab_size}, {cfg.hidden_size}]"
         )
-    for name in known - {n for n in known if n.rsplit(".", 1)[-1] in PACKED_DTYPES}:
+    for name in known - {n for n in known if n.rsplit(".", 1)[-1] in PACKED_DTYPES | BLOCK_DTYPES}:
         dt = ckpt.dtype_of(name)
         if dt not in DTYPE_NAMES:
             raise QuantkitError(f"{ckpt.path}: tensor {name!r} has dtype {dt}; expected BF16, F16 or F32")

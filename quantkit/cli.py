@@ -6,6 +6,7 @@ import contextvars
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -21,7 +22,9 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
-GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q6_k", "q4_k_m"]
+# export_gguf.FILE_TYPES' keys (kept here so that --help does not import torch)
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"]
+GGUF_TYPES += ["q3_k_m", "q4_k_m", "q5_k_m"]
 
 
 class DeviceType(click.ParamType):
@@ -190,9 +193,14 @@ def inspect(model_dir: str, as_json: bool) -> None:
     show_default=True,
     help="GGUF type with --format gguf.",
 )
+@click.option(
+    "--imatrix-out",
+    type=click.Path(),
+    help="GPTQ: also write the calibration's importance as a llama.cpp imatrix (for llama-quantize --imatrix).",
+)
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def quantize(model_dir, out, recipe, fmt, gguf_type, device, overwrite, as_json, **flags) -> None:
+def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwrite, as_json, **flags) -> None:
     """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint.
 
     Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 --method gptq -o ./gemma-2-9b-w4g128
@@ -207,6 +215,8 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, overwrite, as_json,
     kind = "file" if fmt == "gguf" else "dir"
     inputs = [model_dir, opts.calib]
     check_output(out, inputs, kind=kind, overwrite=overwrite)
+    if imatrix_out:
+        check_output(imatrix_out, [*inputs, out], kind="file", overwrite=overwrite)
     ckpt = open_checkpoint(model_dir)
     need = quantized_artifact_bytes(ckpt, opts.bits, opts.group_size, opts.sym)
     if fmt == "gguf":
@@ -220,11 +230,14 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, overwrite, as_json,
             "lower --nsamples or --seqlen",
         )
     if fmt == "gguf":
-        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device)
+        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out)
     else:
-        report = quantize_checkpoint(model_dir, out, opts, device=device, progress=_progress())
+        report = quantize_checkpoint(model_dir, out, opts, device, _progress(), imatrix_out=imatrix_out)
+    grid = f"int{opts.bits} g{opts.group_size}"
+    if fmt == "gguf" and opts.method == "gptq":
+        grid = f"into {gguf_type} blocks"
     summary = (
-        f"{out}: {opts.method} int{opts.bits} g{opts.group_size} {'sym' if opts.sym else 'asym'}, "
+        f"{out}: {opts.method} {grid} {'sym' if opts.sym else 'asym'}, "
         f"{report['bits_per_weight']:.3f} bits/weight, mean weight rel. error {report['mean_weight_rel_err']:.3e}, "
         f"{report['seconds']:.1f} s, peak {report['peak_memory_bytes'] / 2**30:.2f} GiB"
     )
@@ -239,23 +252,35 @@ def _gguf_bytes(ckpt, qtype: str) -> int:
     return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
 
 
-def _quantize_to_gguf(model_dir, out, opts, gguf_type, device) -> dict:
-    """Quantize with fp16 scales into a hidden temporary artifact, then write its codes into GGUF blocks."""
-    import tempfile
+def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> dict:
+    """Quantize into a hidden artifact beside ``out``, then write its codes into the GGUF's blocks.
+
+    GPTQ rounds every linear onto the fixed grid of the ggml type the GGUF stores it in (any legacy or K
+    type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are."""
     from pathlib import Path
 
+    from .atomic import is_artifact
     from .export_gguf import export_gguf
     from .quantize import quantize_checkpoint
 
-    if opts.scale_dtype == "auto":
-        opts = opts.replace(scale_dtype="float16")
-    parent = Path(out).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{Path(out).name}.partial-", dir=parent) as tmp:
-        report = quantize_checkpoint(model_dir, Path(tmp) / "artifact", opts, device=device, progress=_progress())
-        report["gguf"] = export_gguf(Path(tmp) / "artifact", out, gguf_type, progress=_progress())
-        lossless = report["gguf"]["counts"]["lossless"]
-        click.echo(f"{out}: {lossless} linear weights written into {gguf_type} blocks without re-rounding", err=True)
+    out = Path(out)
+    artifact = out.parent / f".{out.name}.artifact"  # resumable like any quantize output; ours alone
+    if is_artifact(artifact):  # left by a run killed between its two steps
+        shutil.rmtree(artifact)
+    if opts.method == "gptq":
+        report = quantize_checkpoint(
+            model_dir, artifact, opts, device, _progress(), gguf_type=gguf_type, imatrix_out=imatrix_out
+        )
+    else:
+        if opts.scale_dtype == "auto":
+            opts = opts.replace(scale_dtype="float16")
+        report = quantize_checkpoint(model_dir, artifact, opts, device, _progress())
+    try:
+        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=_progress())
+    finally:
+        shutil.rmtree(artifact, ignore_errors=True)
+    lossless = report["gguf"]["counts"]["lossless"]
+    click.echo(f"{out}: {lossless} linear weights written into their GGUF blocks without re-rounding", err=True)
     return report
 
 
@@ -299,7 +324,12 @@ def _format_export(r: dict) -> str:
 
 @cli.command("eval-ppl")
 @click.argument("model_dir", type=click.Path())
-@click.option("--quantized", type=click.Path(), help="A quantized artifact of MODEL_DIR to compare against it.")
+@click.option(
+    "--quantized",
+    multiple=True,
+    type=click.Path(),
+    help="A quantized artifact directory or GGUF file of MODEL_DIR; repeat to score several in one pass.",
+)
 @click.option("--dataset", type=click.Path(), help="Evaluation text (default: WikiText-2 test, raw).")
 @click.option(
     "--ctx",
@@ -313,34 +343,50 @@ def _format_export(r: dict) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--stream/--no-stream", default=None, help="Layer-streamed evaluation (default: when needed).")
+@click.option("--plot", type=click.Path(), help="Draw KLD and delta-ppl against bits/weight to this image.")
+@_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, as_json) -> None:
+def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, plot, overwrite, as_json):
     """Perplexity of MODEL_DIR (llama-perplexity's method), and with --quantized the drift: Δppl, KL
-    divergence, top-1 agreement, on the same tokens.
+    divergence, top-1 agreement, on the same tokens. Several --quantized (packed artifacts and GGUF files,
+    mixed) are scored against one reference pass and reported in one table.
 
-    Example: quantkit eval-ppl ./gemma-2-9b --quantized ./gemma-2-9b-w4g128 --chunks 40
+    Example: quantkit eval-ppl ./gemma-2-9b --quantized ./w4g128 --quantized model-q4_0.gguf --chunks 40
     """
     import torch
 
     from .budget import eval_bytes, refuse_if_over_memory
     from .checkpoint import open_checkpoint
     from .data import default_evaluation_text, perplexity_chunks
-    from .evaluate import evaluate
+    from .evaluate import evaluate_many
+    from .report import format_table, open_quantized, rows
+    from .report import plot as draw
     from .tokenizer import Tokenizer
 
+    if plot and not quantized:
+        raise QuantkitError("--plot: give at least one --quantized model to plot")
+    if plot:
+        from .atomic import check_output
+
+        check_output(plot, [model_dir, *quantized], kind="file", overwrite=overwrite)
     ref = open_checkpoint(model_dir)
-    quant = open_checkpoint(quantized) if quantized else None
-    if quant is not None and quant.config != ref.config:
-        raise QuantkitError(f"{quantized}: its config.json describes a different model than {model_dir}")
+    quants = [open_quantized(q, ref) for q in quantized]
     data = dataset or default_evaluation_text()
     ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
     act = 4 if dtype == "float32" else 2
-    need = eval_bytes(ref.config, ids.shape[0], ctx, batch_size, act) * (2 if quant is not None else 1)
+    need = eval_bytes(ref.config, ids.shape[0], ctx, batch_size, act) * (1 + len(quants))
     refuse_if_over_memory(need, f"--ctx {ctx} x --batch-size {batch_size}", "lower --ctx or --batch-size")
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    res = evaluate(ref, ids, quant, dtype=dt, device=device, stream=stream, batch_size=batch_size, progress=_progress())
-    res["dataset"] = str(data)
-    _emit(res, as_json, _format_eval(res))
+    results = evaluate_many(
+        ref, ids, quants, dtype=dt, device=device, stream=stream, batch_size=batch_size, progress=_progress()
+    )
+    res = dict(results[0], dataset=str(data))
+    if quants:
+        res["models"] = rows(quants, results)
+    if plot:
+        res["plot"] = str(draw(res["models"], plot, f"{ref.path.name}: {res['chunks']} x {res['ctx']} tokens"))
+    text = _format_eval(res) if len(quants) <= 1 else format_table(res["reference"], res["models"])
+    _emit(res, as_json, text)
 
 
 def _format_eval(r: dict) -> str:

@@ -45,13 +45,14 @@ from .checkpoint import Checkpoint, layer_shapes, open_checkpoint
 from .config import SLIDING, ModelConfig
 from .errors import QuantkitError
 from .ggml_blocks import (
+    K_MIXES,
     K_QUANTIZERS,
     TORCH_QUANTIZERS,
     dequantize_rows,
     fallback_type,
+    k_mix_type,
     q4_0_from_codes,
     q4_1_from_codes,
-    q4_k_m_type,
     q8_0_from_codes,
     quantize_rows,
     quantize_rows_torch,
@@ -72,6 +73,9 @@ FILE_TYPES: dict[str, tuple[QT, FT]] = {
     "q4_k": (QT.Q4_K, FT.MOSTLY_Q4_K_S),  # pure Q4_K: llama-quantize --pure Q4_K_S
     "q6_k": (QT.Q6_K, FT.MOSTLY_Q6_K),
     "q4_k_m": (QT.Q4_K, FT.MOSTLY_Q4_K_M),
+    "q5_k": (QT.Q5_K, FT.MOSTLY_Q5_K_S),  # pure Q5_K
+    "q3_k_m": (QT.Q3_K, FT.MOSTLY_Q3_K_M),
+    "q5_k_m": (QT.Q5_K, FT.MOSTLY_Q5_K_M),
 }
 FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
 LAYERS_27B = {"gemma2": 46, "gemma3_text": 62}  # llama.cpp scales attention by (H/nH)^-0.5 for these
@@ -102,8 +106,8 @@ class PlannedTensor:
 
 def weight_type(qtype: str, kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
     """llama-quantize's type for one 2-D weight of a ``qtype`` file (kind: GGUF kind, e.g. 'attn_v')."""
-    if qtype == "q4_k_m":
-        return q4_k_m_type(kind, layer, n_layers, row_len)
+    if qtype in K_MIXES:
+        return k_mix_type(qtype, kind, layer, n_layers, row_len)
     main = FILE_TYPES[qtype][0]
     if kind == "token_embd" and main not in (*FLOAT_TYPES, QT.Q8_0):
         main = QT.Q6_K  # the tied embedding is the output tensor
@@ -330,7 +334,12 @@ def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[
         data = (ckpt.get(t.hf_name, torch.float32, check_finite=True) + 1.0).numpy()
         return data.view(np.uint8), entry | {"method": "norm", "exact": True}
     module = t.hf_name.removesuffix(".weight")
-    if ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
+    if ckpt.has_blocks(module):  # GPTQ wrote this tensor's blocks: copied when the planned type is theirs
+        qtype, blocks = ckpt.blocks(module)
+        if qtype == t.qtype:
+            return blocks, entry | {"method": "lossless", "exact": True}
+        w = dequantize_rows(blocks, qtype)
+    elif ckpt.quant_spec is not None and ckpt.is_linear_quantized(module):
         qw = ckpt.quantized_weight(module)
         blocks = blocks_from_codes(qw, t.qtype)
         if blocks is not None:
@@ -435,7 +444,10 @@ class ShardReader:
 
 def _dense(ckpt: Checkpoint, t: PlannedTensor) -> bool:
     """Whether ``t`` is read raw from the shards (everything but the linears of a quantized artifact)."""
-    return t.is_norm or ckpt.quant_spec is None or not ckpt.is_linear_quantized(t.hf_name.removesuffix(".weight"))
+    module = t.hf_name.removesuffix(".weight")
+    if ckpt.has_blocks(module):
+        return False
+    return t.is_norm or ckpt.quant_spec is None or not ckpt.is_linear_quantized(module)
 
 
 def plan_jobs(ckpt: Checkpoint, plan: list[PlannedTensor], reader: ShardReader) -> Iterator[Job]:
@@ -473,6 +485,8 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
     """The bytes of one job (``src``: its rows from read_job) and the facts its tensor's report entry needs
     (method, exact)."""
     t = job.tensor
+    if src is not None and not torch.isfinite(src).all():
+        raise QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
     if src is None:
         data, entry = encode_tensor(ckpt, t)
         return data, {"method": entry["method"], "exact": entry["exact"]}

@@ -21,6 +21,7 @@ import torch
 
 from . import tensorio
 from .atomic import RESUME_KEY, atomic_dir, atomic_file, resumable_dir
+from .block_grids import GridWeight
 from .primitives import QuantizedWeight, QuantSpec, pack_int32
 
 CT_VERSION = "0.20.0"
@@ -44,6 +45,24 @@ def ct_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     if qw.zero is not None:
         out[f"{prefix}.weight_zero_point"] = pack_int32(qw.zero.T.contiguous(), bits).T.contiguous()
     return out
+
+
+GGML_BLOCKS = "ggml-blocks"  # quantkit's own format: linears as the raw blocks of their GGUF types
+
+
+def block_tensors(prefix: str, gw: GridWeight) -> dict[str, torch.Tensor]:
+    """One linear written by GPTQ onto a ggml type's grid: its blocks as GGUF stores them (uint8
+    [O, row bytes]), the ggml type id and the shape. Only ``export --format gguf`` reads these."""
+    return {
+        f"{prefix}.ggml_blocks": torch.from_numpy(gw.blocks()),
+        f"{prefix}.ggml_type": torch.tensor([int(gw.grid.qtype)], dtype=torch.int32),
+        f"{prefix}.weight_shape": torch.tensor(gw.shape, dtype=torch.int64),
+    }
+
+
+def blocks_quantization_config(gguf_type: str) -> dict[str, Any]:
+    """config.json ``quantization_config`` of an artifact whose linears are ggml blocks for ``gguf_type``."""
+    return {"quant_method": "quantkit", "format": GGML_BLOCKS, "gguf_type": gguf_type}
 
 
 def quantization_config(spec: QuantSpec, actorder: bool = False, observer: str = "minmax") -> dict[str, Any]:
@@ -138,8 +157,9 @@ class ArtifactWriter:
         if self._pending_bytes >= self.shard_bytes:
             self.flush()
 
-    def add_quantized(self, prefix: str, qw: QuantizedWeight) -> None:
-        for name, t in ct_tensors(prefix, qw).items():
+    def add_quantized(self, prefix: str, qw: QuantizedWeight | GridWeight) -> None:
+        tensors = block_tensors(prefix, qw) if isinstance(qw, GridWeight) else ct_tensors(prefix, qw)
+        for name, t in tensors.items():
             self.add(name, t)
 
     def flush(self) -> None:

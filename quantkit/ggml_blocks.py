@@ -22,7 +22,9 @@ from gguf import quants as gq
 
 from quantkit.kquants import quantize_q4_k, quantize_q6_k
 
-GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0)
+GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
+# no reference quantizer here: quantkit's own grid search (block_grids) with unit weights
+GRID_ONLY_TYPES = (QT.Q3_K, QT.Q5_K)
 K_QUANTIZERS = {QT.Q4_K: quantize_q4_k, QT.Q6_K: quantize_q6_k}
 CHUNK_BLOCKS = 1024  # K-quant super-blocks per numpy pass (256K weights): fastest of 256-2048 here
 
@@ -132,6 +134,11 @@ def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
         return _quantize_k(x, qtype)
     if qtype in TORCH_QUANTIZERS:
         return quantize_rows_torch(torch.from_numpy(x), qtype).numpy()
+    if qtype in GRID_ONLY_TYPES:
+        from .block_grids import choose_grid, rtn_on_grid
+
+        w = torch.from_numpy(x)
+        return rtn_on_grid(w, choose_grid(w, qtype)).blocks()
     if qtype not in GGUF_PY_TYPES:
         raise NotImplementedError(f"no quantizer for {qtype.name}")
     out = np.ascontiguousarray(gq.quantize(x, qtype))
@@ -223,7 +230,7 @@ HF_KINDS = {
     "down_proj": "ffn_down",
     "embed_tokens": "token_embd",
 }
-FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+FALLBACK = {QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 
 def tensor_kind(name: str) -> str:
@@ -245,23 +252,39 @@ def fallback_type(qtype: QT, row_len: int) -> QT:
     return alt if row_len % block_size(alt) == 0 else QT.F16
 
 
-def q4_k_m_type(hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
-    """Type llama-quantize gives a 2-D weight in a Q4_K_M file without imatrix (tied embeddings, Gemma).
+K_MIXES = {"q3_k_m": QT.Q3_K, "q4_k_m": QT.Q4_K, "q5_k_m": QT.Q5_K}  # mix -> its default type
 
-    token_embd (the tied output) -> Q6_K; attn_v and ffn_down on use_more_bits layers -> Q6_K; any other
-    weight -> Q4_K; norms stay F32. Then the row-length fallback (Q4_K -> Q5_0, Q6_K -> Q8_0, else F16).
-    """
+
+def k_mix_type(mix: str, hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
+    """Type llama-quantize gives a 2-D weight in a Q3_K_M / Q4_K_M / Q5_K_M file (tied embeddings, Gemma).
+
+    token_embd (the tied output) -> Q6_K. Q4_K_M / Q5_K_M: attn_v and ffn_down on use_more_bits layers -> Q6_K.
+    Q3_K_M: attn_v -> Q5_K on layers 0-1, else Q4_K; ffn_down -> Q5_K on the first n/16 layers, else Q4_K;
+    attn_output -> Q4_K. Any other weight gets the mix's type; norms stay F32. Then the row-length fallback
+    (Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16)."""
     kind = tensor_kind(hf_or_gguf_kind)
     if kind.endswith("norm"):
         return QT.F32
-    qtype = QT.Q4_K
+    qtype = K_MIXES[mix]
     if kind == "token_embd":
+        return fallback_type(QT.Q6_K, row_len)
+    if kind in ("attn_v", "ffn_down") and layer is None:
+        raise ValueError(f"{kind} needs a layer index")
+    if mix == "q3_k_m":
+        if kind == "attn_v":
+            qtype = QT.Q5_K if layer < 2 else QT.Q4_K
+        elif kind == "ffn_down":
+            qtype = QT.Q5_K if layer < n_layers // 16 else QT.Q4_K
+        elif kind == "attn_output":
+            qtype = QT.Q4_K
+    elif kind in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers):
         qtype = QT.Q6_K
-    elif kind in ("attn_v", "ffn_down"):
-        if layer is None:
-            raise ValueError(f"{kind} needs a layer index")
-        qtype = QT.Q6_K if use_more_bits(layer, n_layers) else QT.Q4_K
     return fallback_type(qtype, row_len)
+
+
+def q4_k_m_type(hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
+    """``k_mix_type`` for Q4_K_M."""
+    return k_mix_type("q4_k_m", hf_or_gguf_kind, layer, n_layers, row_len)
 
 
 # ------------------------------------------------- libggml's C reference, for tests and benchmarks only

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .block_grids import BlockGrid, GridWeight
 from .errors import QuantkitError
 from .primitives import QuantizedWeight, QuantSpec, choose_qparams, dequantize, quantize
 
@@ -33,7 +34,7 @@ class Hessian:
 
 @dataclass(frozen=True)
 class GPTQResult:
-    weight: QuantizedWeight
+    weight: QuantizedWeight | GridWeight
     loss: float  # Σ (w - q)² / (2 d²), the paper's objective
     damp: float  # the damping fraction that made H positive definite
     sq_output_err: float  # tr(D H Dᵀ) with D = W - Q and the undamped H: the output error, free from the solver
@@ -103,11 +104,14 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     actorder: bool = False,
+    grid: BlockGrid | None = None,
 ) -> GPTQResult:
     """Quantize W [O, I] against the input Hessian H [I, I] (left unchanged), or against a precomputed
     ``InverseFactor`` of it (then ``percdamp`` and ``actorder`` were decided when it was made). With
     act-order columns are processed in order of decreasing diag(H) and group parameters are static
-    (computed from the unmodified W), so the result stays a plain per-group grid (g_idx = i // g)."""
+    (computed from the unmodified W), so the result stays a plain per-group grid (g_idx = i // g).
+    With ``grid`` (a ggml type's fixed grid, chosen beforehand from the original W) every column is rounded
+    onto its group's (s, b) instead and the result holds codes for that grid (``spec`` is not used)."""
     if isinstance(H, torch.Tensor):
         hess = Hessian(H.shape[0], H.device)
         hess.H = H.to(torch.float32).clone()
@@ -119,11 +123,14 @@ def gptq_quantize(
     W[:, fac.dead] = 0.0
     W0 = W.clone()  # [O, I], the weight GPTQ approximates (dead inputs zeroed)
     o, n = W.shape
-    g = n if spec.group_size == -1 else spec.group_size
+    if grid is not None:
+        g = grid.layout.g
+    else:
+        g = n if spec.group_size == -1 else spec.group_size
     blocksize = max(blocksize, g) if g < n else blocksize  # a group never straddles two blocks
 
-    static = actorder or spec.group_size == -1
-    if static:
+    static = actorder or grid is not None or spec.group_size == -1
+    if static and grid is None:
         scale_all, zero_all = _group_params(W, spec, scale_dtype)  # [O, G]
     perm, Hinv = fac.perm, fac.U
     if actorder:
@@ -139,20 +146,23 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for t in range(i2 - i1):
             c = i1 + t
-            if static:
-                grp = int(perm[c]) // g
-                scale, zero = (
-                    scale_all[:, grp : grp + 1],
-                    None if zero_all is None else zero_all[:, grp : grp + 1],
-                )
-            elif c % g == 0:  # parameters from the error-updated columns of this group
-                scale, zero = choose_qparams(W1[:, t : t + g], spec, scale_dtype)
-                scales.append(scale)
-                zeros.append(zero)
             w = W1[:, t : t + 1]  # [O, 1]
-            q = quantize(w, scale, zero, spec)
+            if grid is not None:
+                q, dq = grid.quantize(w, int(perm[c]) // g)
+            else:
+                if static:
+                    grp = int(perm[c]) // g
+                    scale, zero = (
+                        scale_all[:, grp : grp + 1],
+                        None if zero_all is None else zero_all[:, grp : grp + 1],
+                    )
+                elif c % g == 0:  # parameters from the error-updated columns of this group
+                    scale, zero = choose_qparams(W1[:, t : t + g], spec, scale_dtype)
+                    scales.append(scale)
+                    zeros.append(zero)
+                q = quantize(w, scale, zero, spec)
+                dq = dequantize(q, scale, zero)
             codes[:, c : c + 1] = q
-            dq = dequantize(q, scale, zero)
             d = Hinv1[t, t]
             err = (w - dq) / d
             W1[:, t:] -= err @ Hinv1[t : t + 1, t:]
@@ -163,14 +173,17 @@ def gptq_quantize(
 
     invperm = torch.argsort(perm)
     codes = codes[:, invperm]
-    if static:
-        scale, zero = scale_all, zero_all
+    if grid is not None:
+        qw = GridWeight(grid, codes.cpu())
     else:
-        scale = torch.cat(scales, dim=1)
-        zero = None if spec.sym else torch.cat(zeros, dim=1)
-    qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
+        if static:
+            scale, zero = scale_all, zero_all
+        else:
+            scale = torch.cat(scales, dim=1)
+            zero = None if spec.sym else torch.cat(zeros, dim=1)
+        qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
     # W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs' diagonal
-    D = W0.sub_(dequantize(codes, scale, zero)).double()  # [O, I]
+    D = W0.sub_(qw.dequantize().to(dev)).double()  # [O, I]
     sq_out = float(sq_err - fac.lam * (D**2).sum() - (D[:, fac.dead] ** 2).sum())
     return GPTQResult(qw, float(sq_err) / 2, fac.damp, max(sq_out, 0.0))
 

@@ -68,11 +68,22 @@ class PackedLinear(nn.Module):
 
 def linears_from_checkpoint(ckpt, i: int) -> dict[str, nn.Module]:
     """PackedLinear modules for every quantized linear of layer i of a pack-quantized checkpoint."""
+    from .ggml_blocks import dequantize_rows
     from .model import LINEAR_NAMES
 
-    out = {}
+    out: dict[str, nn.Module] = {}
     for name in LINEAR_NAMES:
         path = f"model.layers.{i}.{name}"
-        if ckpt.is_linear_quantized(path):
+        if ckpt.has_blocks(path):
+            qtype, blocks = ckpt.blocks(path)
+            out[name] = dense_linear(torch.from_numpy(dequantize_rows(blocks, qtype)))
+        elif ckpt.is_linear_quantized(path):
             out[name] = PackedLinear(ckpt.quantized_weight(path))
     return out
+
+
+def dense_linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free nn.Linear holding ``weight`` [O, I] as it is."""
+    module = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    return module

@@ -27,13 +27,16 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
+from .block_grids import LAYOUTS, BlockGrid, GridWeight, choose_grid, rtn_on_grid
 from .checkpoint import DTYPE_NAMES, Checkpoint, layer_prefix, open_checkpoint
 from .data import calibration_windows, default_calibration_text
 from .errors import QuantkitError
-from .export_safetensors import ArtifactWriter, quantization_config
+from .export_gguf import plan_tensors
+from .export_safetensors import ArtifactWriter, blocks_quantization_config, quantization_config
 from .gptq import Hessian, gptq_quantize, inverse_factor, weighted_norms
+from .imatrix import ImportanceStats, write_imatrix
 from .model import LINEAR_NAMES, Gemma
-from .packed import PackedLinear
+from .packed import PackedLinear, dense_linear
 from .primitives import QuantizedWeight, rtn
 from .recipes import QuantizeOptions
 from .tokenizer import Tokenizer
@@ -60,7 +63,7 @@ def check_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> None:
         opts.spec.check_divides(name, in_features)
 
 
-def _weight_error(w: torch.Tensor, qw: QuantizedWeight) -> float:
+def _weight_error(w: torch.Tensor, qw: QuantizedWeight | GridWeight) -> float:
     w = w.float()
     return float(((w - qw.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
 
@@ -121,8 +124,13 @@ class _LayerCalibrator:
     def _quantize(self, names: tuple[str, ...], hess: Hessian) -> None:
         o, p = self.opts, layer_prefix(self.i)
         ws = {n: self.ckpt.get(f"{p}{n}.weight", check_finite=True) for n in names}
-        with self.dia:  # tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
-            rtns = {n: rtn(w.float(), o.spec, self.sdt) for n, w in ws.items()}
+        if self.run_state.imatrix is not None:
+            for n in names:
+                self.run_state.imatrix.add_from_hessian(self.i, n, hess.H, hess.n)
+        with self.dia:  # the grids, tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
+            grids = {n: self._grid(p + n, w, hess.H) for n, w in ws.items()}
+            rtns = {n: rtn(w.float(), o.spec, self.sdt) if grids[n] is None else rtn_on_grid(w, grids[n])
+                    for n, w in ws.items()}  # fmt: skip
             norms = {
                 n: weighted_norms([w, w.float() - rtns[n].dequantize()], hess.H) for n, w in ws.items()
             }  # [den, rtn num]
@@ -130,9 +138,13 @@ class _LayerCalibrator:
             fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
-                res = gptq_quantize(w.to(self.device), fac, o.spec, self.sdt, o.blocksize)
+                res = gptq_quantize(w.to(self.device), fac, o.spec, self.sdt, o.blocksize, grid=grids[name])
             self.writer.add_quantized(p + name, res.weight)
-            self.model.set_linear(self.i, name, PackedLinear(res.weight).to(self.device))
+            quantized = res.weight
+            module = (
+                PackedLinear(quantized) if grids[name] is None else dense_linear(quantized.dequantize(self.model.dtype))
+            )
+            self.model.set_linear(self.i, name, module.to(self.device))
             den, rtn_num = norms[name]
             with self.dia:
                 self.run_state.stats[p + name] = {
@@ -141,6 +153,14 @@ class _LayerCalibrator:
                     "rtn_output_rel_err": rtn_num / den if den > 0 else 0.0,
                     "damp": res.damp,
                 }
+                if grids[name] is not None:
+                    self.run_state.stats[p + name]["ggml_type"] = grids[name].qtype.name
+
+    def _grid(self, path: str, w: torch.Tensor, H: torch.Tensor) -> BlockGrid | None:
+        """The fixed ggml grid this linear is rounded onto when the target is a GGUF type (else None),
+        chosen from the original weights weighted by diag(H)."""
+        qtype = self.run_state.block_types.get(path + ".weight")
+        return None if qtype is None else choose_grid(w, qtype, H.diagonal())
 
     def _hessian(self, n_in: int) -> Hessian:
         return Hessian(n_in, self.device)
@@ -199,17 +219,20 @@ class _LayerCalibrator:
 class _Run:
     """Where a run starts (0, or the layer a killed run had reached) and what it has recorded so far."""
 
-    def __init__(self, writer: ArtifactWriter):
+    def __init__(self, writer: ArtifactWriter, block_types: dict | None = None, imatrix: bool = False):
         done = writer.resumed or {}
         self.start: int = done.get("layers_done", 0)
         self.stats: dict = done.get("stats", {})
         self.layers: list[dict] = done.get("layers", [])
+        self.block_types: dict = block_types or {}  # HF weight name -> ggml type, when the target is a GGUF
+        self.imatrix = ImportanceStats.from_tensors(writer.resumed_tensors() if self.start else {}) if imatrix else None
 
     def end_layer(self, writer: ArtifactWriter, i: int, seconds: dict | None = None, inputs=None) -> None:
         """Layer i is complete: its tensors go to disk as whole shards, with the next layer's inputs."""
         self.layers.append({"layer": i, **(seconds or {}), "peak_rss_gib": round(_peak_memory_bytes("cpu") / 2**30, 3)})
         progress = {"layers_done": i + 1, "stats": self.stats, "layers": self.layers}
-        writer.commit(progress, None if inputs is None else {f"b{j:05d}": h for j, h in enumerate(inputs)})
+        saved = {} if inputs is None else {f"b{j:05d}": h for j, h in enumerate(inputs)}
+        writer.commit(progress, saved | ({} if self.imatrix is None else self.imatrix.to_tensors()))
 
 
 def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, device, run) -> None:
@@ -217,7 +240,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
     model = Gemma(cfg, _DTYPES[opts.calib_dtype], device)
     if run.start:
         saved = writer.resumed_tensors()
-        inps = [saved.pop(k).to(device) for k in sorted(saved)]
+        inps = [saved[k].to(device) for k in sorted(saved) if k.startswith("b")]  # the next layer's inputs
     else:
         calib_path = opts.calib or default_calibration_text()
         ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
@@ -255,8 +278,14 @@ def quantize_checkpoint(
     opts: QuantizeOptions,
     device: str = "cpu",
     progress: bool = True,
+    gguf_type: str | None = None,
+    imatrix_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Quantize ``model_dir`` into ``out_dir`` (written atomically); returns the report (also quantkit.json)."""
+    """Quantize ``model_dir`` into ``out_dir`` (written atomically); returns the report (also quantkit.json).
+
+    With ``gguf_type`` (GPTQ only) every linear is rounded onto the fixed grid of the ggml type that type's
+    GGUF gives it (chosen from the original weights weighted by diag(H)) and stored as those blocks, for
+    ``export_gguf`` to copy. ``imatrix_out``: also write the calibration's importance as a llama.cpp imatrix."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantkitError("--device cuda: no CUDA device is available")
     ckpt = open_checkpoint(model_dir)
@@ -265,13 +294,16 @@ def quantize_checkpoint(
     check_plan(ckpt, opts)
     if opts.method == "gptq" and opts.calib and not Path(opts.calib).is_file():
         raise QuantkitError(f"{opts.calib}: calibration file not found")
+    if (gguf_type or imatrix_out) and opts.method != "gptq":
+        raise QuantkitError("--imatrix-out and GPTQ into GGUF blocks need --method gptq")
+    block_types = _block_types(ckpt, gguf_type) if gguf_type else None
     sdt = _scale_dtype(opts, ckpt)
     t0 = time.perf_counter()
     n_layers = ckpt.config.num_hidden_layers
-    key = resume_key(ckpt, opts, sdt, device)
+    key = resume_key(ckpt, opts, sdt, device, gguf_type, imatrix_out is not None)
     bar = tqdm(total=n_layers, desc=f"{opts.method} layers", unit="layer", disable=not progress)
     with ArtifactWriter(out_dir, resume_key=key) as writer, bar:
-        run = _Run(writer)
+        run = _Run(writer, block_types, imatrix_out is not None)
         if run.start:
             bar.update(run.start)
             msg = f"quantkit: resuming at layer {run.start} of {n_layers} (work in progress in {writer.tmp})"
@@ -285,22 +317,38 @@ def quantize_checkpoint(
         else:
             _gptq_layers(ckpt, opts, writer, sdt, bar, device, run)
         config = dict(ckpt.raw_config)
-        config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order)
+        if gguf_type:
+            config["quantization_config"] = blocks_quantization_config(gguf_type)
+        else:
+            config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order)
         writer.write_json("config.json", config)
         writer.copy_tokenizer(ckpt.path)
         report = _report(ckpt, opts, sdt, run, time.perf_counter() - t0, device)
+        if imatrix_out:
+            calib = Path(opts.calib or default_calibration_text()).name
+            report["imatrix"] = str(write_imatrix(imatrix_out, run.imatrix, calib, opts.seqlen))
         writer.write_json("quantkit.json", report)
     return report
 
 
-def resume_key(ckpt: Checkpoint, opts: QuantizeOptions, sdt, device: str) -> str:
+def _block_types(ckpt: Checkpoint, gguf_type: str) -> dict[str, Any]:
+    """HF weight name -> the ggml type a ``gguf_type`` GGUF stores each decoder-layer linear in."""
+    plan = [t for t in plan_tensors(ckpt.config, gguf_type) if t.hf_name.startswith("model.layers.") and not t.is_norm]
+    unsupported = sorted({t.qtype.name for t in plan if t.qtype not in LAYOUTS})
+    if unsupported:
+        raise QuantkitError(f"--type {gguf_type}: GPTQ cannot write {', '.join(unsupported)} blocks (use --method rtn)")
+    return {t.hf_name: t.qtype for t in plan}
+
+
+def resume_key(ckpt: Checkpoint, opts: QuantizeOptions, sdt, device: str, *target: Any) -> str:
     """A hash of everything that decides the output: options, device, quantkit's version, and the identity
     (name, size, modification time) of every input file. A rerun resumes only when it is unchanged."""
     files = [ckpt.path / n for n in ("config.json", "tokenizer.model", *ckpt.headers)]
     if opts.method == "gptq":
         files.append(Path(opts.calib or default_calibration_text()))
     ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    blob = {"version": __version__, "options": opts.__dict__, "sdt": str(sdt), "device": device, "files": ident}
+    blob = {"version": __version__, "options": opts.__dict__, "sdt": str(sdt), "device": device, "files": ident,
+            "target": target}  # fmt: skip
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
