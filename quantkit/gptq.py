@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QuantkitError
-from .primitives import QuantizedWeight, QuantSpec, choose_qparams, dequantize, quantize
+from .primitives import QuantizedWeight, QuantSpec, dequantize, quantize
+from .scale_search import ScaleSearch, choose_group_params
 
 
 class Hessian:
@@ -57,9 +58,14 @@ def _inverse_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, flo
     raise QuantkitError("GPTQ: the Hessian is not positive definite even with damping 1.0 (are the inputs NaN?)")
 
 
-def _group_params(W: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype):
+def _group_params(W: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search=None, h=None):
     """Static per-group (scale, zero) of W [O, I] computed before any update: [O, G] each."""
-    return choose_qparams(W, spec, scale_dtype)
+    return choose_group_params(W, spec, scale_dtype, search, h)
+
+
+def _importance(search: ScaleSearch | None, H: torch.Tensor, c1: int, c2: int, g: int) -> torch.Tensor | None:
+    """The scale search's weights for columns c1:c2 (None without a search)."""
+    return None if search is None else search.importance(H, slice(c1, c2), g)
 
 
 def gptq_quantize(
@@ -70,6 +76,8 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     actorder: bool = False,
+    search: ScaleSearch | None = None,
+    grid: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> GPTQResult:
     """Quantize W [O, I] against the input Hessian H [I, I]. With ``actorder`` columns are processed in
     order of decreasing diag(H) and group parameters are static (computed from the unmodified W), so the
@@ -83,9 +91,10 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    static = actorder or spec.group_size == -1
+    static = actorder or spec.group_size == -1 or grid is not None  # grid: fixed (scale, zero) [O, G]
     if static:
-        scale_all, zero_all = _group_params(W, spec, scale_dtype)  # [O, G]
+        h = _importance(search, H, 0, n, g)
+        scale_all, zero_all = grid if grid is not None else _group_params(W, spec, scale_dtype, search, h)
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(n, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp = _inverse_factor(H, percdamp)
@@ -107,7 +116,8 @@ def gptq_quantize(
                     None if zero_all is None else zero_all[:, grp : grp + 1],
                 )
             elif c % g == 0:  # parameters from the error-updated columns of this group
-                scale, zero = choose_qparams(W1[:, t : t + g], spec, scale_dtype)
+                h = _importance(search, H, c, c + g, g)  # H is permuted like W; identity order here
+                scale, zero = choose_group_params(W1[:, t : t + g], spec, scale_dtype, search, h)
                 scales.append(scale)
                 zeros.append(zero)
             w = W1[:, t : t + 1]  # [O, 1]

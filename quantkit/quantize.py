@@ -21,11 +21,13 @@ from .checkpoint import DTYPE_NAMES, Checkpoint, layer_prefix, open_checkpoint
 from .data import calibration_windows, default_calibration_text
 from .errors import QuantkitError
 from .export_safetensors import ArtifactWriter, quantization_config
-from .gptq import Hessian, gptq_quantize, output_error
+from .gptq import Hessian, output_error
+from .grid_refine import gptq_refined
 from .model import LINEAR_NAMES, Gemma
 from .packed import PackedLinear
 from .primitives import QuantizedWeight, rtn
 from .recipes import QuantizeOptions
+from .scale_search import rtn_searched
 from .tokenizer import Tokenizer
 
 # true-sequential order; modules of one subset read the same input, so they share one Hessian
@@ -62,7 +64,7 @@ def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter,
             module = name.removesuffix(".weight")
             path = layer_prefix(i) + module
             if module in LINEAR_NAMES:
-                qw = rtn(t, opts.spec, sdt)
+                qw = rtn_searched(t, opts.spec, sdt, opts.search)
                 writer.add_quantized(path, qw)
                 stats[path] = {"weight_rel_err": _weight_error(t, qw)}
                 bar.set_postfix_str(module)
@@ -95,7 +97,9 @@ class _LayerCalibrator:
         o = self.opts
         for name in names:
             w = self.tensors[f"{name}.weight"].float()
-            res = gptq_quantize(w.to(self.device), hess.H, o.spec, self.sdt, o.blocksize, o.damp, o.act_order)
+            res = gptq_refined(
+                w.to(self.device), hess.H, o.spec, self.sdt, o.blocksize, o.damp, o.act_order, o.search, o.refine_iters
+            )
             path = layer_prefix(self.i) + name
             self.writer.add_quantized(path, res.weight)
             self.model.set_linear(self.i, name, PackedLinear(res.weight).to(self.device))

@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import QuantkitError
 from .primitives import QuantSpec
+from .scale_search import ScaleSearch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,6 +38,11 @@ class QuantizeOptions:
     calib_dtype: str = "float32"  # activations carried between layers during calibration
     scale_dtype: str = "auto"  # "auto" = the checkpoint's dtype (compressed-tensors); fp16 for GGUF
     batch_size: int = 8  # calibration sequences per forward
+    # group scale search (quantkit.scale_search): "minmax" | "unit" | "diag" | "block" (weighted by H)
+    scale_search: str = "minmax"
+    search_steps: int = 50  # shrink factors tried, from 1 down to search_min_shrink
+    search_min_shrink: float = 0.5
+    refine_iters: int = 0  # GPTQ: rounds of (least-squares scale refit, GPTQ on that grid); best pass kept
 
     def __post_init__(self):
         if self.method not in ("gptq", "rtn"):
@@ -50,10 +56,17 @@ class QuantizeOptions:
         if self.nsamples < 1 or self.seqlen < 2:
             raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
         QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
+        ScaleSearch(self.scale_search, self.search_steps, self.search_min_shrink)  # validates the search
+        if self.refine_iters < 0:
+            raise QuantkitError(f"refine_iters {self.refine_iters}: must be >= 0")
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym)
+
+    @property
+    def search(self) -> ScaleSearch:
+        return ScaleSearch(self.scale_search, self.search_steps, self.search_min_shrink)
 
     def replace(self, **changes: Any) -> QuantizeOptions:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
