@@ -188,7 +188,8 @@ def quantize_checkpoint(
         else:
             stats = _gptq_layers(ckpt, opts, writer, sdt, bar, device)
         config = dict(ckpt.raw_config)
-        config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order)
+        observer = "mse" if opts.search.enabled else "minmax"  # compressed-tensors' name for a searched range
+        config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order, observer=observer)
         writer.write_json("config.json", config)
         writer.copy_tokenizer(ckpt.path)
         report = _report(ckpt, opts, sdt, stats, time.perf_counter() - t0, device)

@@ -8,6 +8,8 @@ min-max RTN); --json prints the rows as JSON instead.
 
     python scripts/bench_quality.py MODEL_DIR --work /tmp/q [--chunks 40] [--nsamples 64] [--reuse] \\
         [--variant gptq=int4-g128-gptq,act_order=false] [--variant rtn=int4-g128-rtn] ...
+
+Without --variant: RTN, then the GPTQ recipe int4-g128-gptq with its switches (act-order, scale search) off and on.
 """
 
 from __future__ import annotations
@@ -25,7 +27,12 @@ from quantkit.quantize import quantize_checkpoint
 from quantkit.recipes import QuantizeOptions, resolve_options
 from quantkit.tokenizer import Tokenizer
 
-DEFAULT_VARIANTS = ("rtn=int4-g128-rtn", "gptq=int4-g128-gptq")
+DEFAULT_VARIANTS = (  # the recipe, then each of its switches turned off
+    "rtn=int4-g128-rtn",
+    "gptq-minmax-no-act-order=int4-g128-gptq,act_order=false,scale_search=minmax",
+    "gptq-minmax=int4-g128-gptq,scale_search=minmax",
+    "gptq=int4-g128-gptq",
+)
 
 
 def parse_variant(text: str, nsamples: int) -> tuple[str, QuantizeOptions]:
@@ -58,13 +65,21 @@ def quantize_variant(model: Path, out: Path, opts: QuantizeOptions, reuse: bool)
     report_path = out / "quantkit.json"
     if reuse and report_path.is_file():
         report = json.loads(report_path.read_text())
-        if {k: v for k, v in report["options"].items() if k != "scale_dtype"} == {
-            k: v for k, v in opts.__dict__.items() if k != "scale_dtype"
-        }:
+        if _effective(report["options"]) == _effective(opts.__dict__):
             return report
     if out.exists():
         sys.exit(f"bench_quality: {out} exists; remove it or pass --reuse with unchanged options")
     return quantize_checkpoint(model, out, opts, progress=False)
+
+
+def _effective(options: dict) -> dict:
+    """Options that change the artifact: search settings do not when there is no search, and options an older
+    report lacks count as their defaults."""
+    options = {**QuantizeOptions().__dict__, **options}
+    ignored = {"scale_dtype"}
+    if options["scale_search"] == "minmax":
+        ignored |= {"search_steps", "search_min_shrink"}
+    return {k: v for k, v in options.items() if k not in ignored}
 
 
 def worse_than_rtn(report: dict) -> int | None:
