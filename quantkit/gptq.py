@@ -14,7 +14,8 @@ import torch
 
 from .block_grids import BlockGrid, GridWeight
 from .errors import QuantkitError
-from .primitives import QuantizedWeight, QuantSpec, choose_qparams, dequantize, quantize
+from .primitives import QuantizedWeight, QuantSpec, dequantize, quantize
+from .scale_search import ScaleSearch, choose_group_params
 
 
 class Hessian:
@@ -91,9 +92,16 @@ def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False
     raise QuantkitError("GPTQ: the Hessian is not positive definite even with damping 1.0 (are the inputs NaN?)")
 
 
-def _group_params(W: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype):
+def _group_params(W: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search=None, h=None):
     """Static per-group (scale, zero) of W [O, I] computed before any update: [O, G] each."""
-    return choose_qparams(W, spec, scale_dtype)
+    return choose_group_params(W, spec, scale_dtype, search, h)
+
+
+def _group_importance(importance: torch.Tensor | None, c: int, g: int) -> torch.Tensor | None:
+    """The search weights of the group starting at column c: diag [I] -> [g], H blocks [G, g, g] -> [1, g, g]."""
+    if importance is None:
+        return None
+    return importance[c : c + g] if importance.dim() == 1 else importance[c // g : c // g + 1]
 
 
 def gptq_quantize(
@@ -104,14 +112,25 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     actorder: bool = False,
+    *,
     grid: BlockGrid | None = None,
+    search: ScaleSearch | None = None,
+    importance: torch.Tensor | None = None,
+    fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> GPTQResult:
     """Quantize W [O, I] against the input Hessian H [I, I] (left unchanged), or against a precomputed
     ``InverseFactor`` of it (then ``percdamp`` and ``actorder`` were decided when it was made). With
     act-order columns are processed in order of decreasing diag(H) and group parameters are static
     (computed from the unmodified W), so the result stays a plain per-group grid (g_idx = i // g).
     With ``grid`` (a ggml type's fixed grid, chosen beforehand from the original W) every column is rounded
-    onto its group's (s, b) instead and the result holds codes for that grid (``spec`` is not used)."""
+    onto its group's (s, b) instead and the result holds codes for that grid (``spec`` is not used).
+    ``search``: group scales by an importance-weighted search instead of min-max, weighted by ``importance``
+    (``search.importance`` of H over all columns in natural order; taken from H when H is given).
+    ``fixed``: use these (scale, zero) [O, G] as a static grid."""
+    n_in = W.shape[1]
+    g_spec = n_in if spec.group_size == -1 else spec.group_size
+    if isinstance(H, torch.Tensor) and search is not None and importance is None:
+        importance = search.importance(H, slice(0, n_in), g_spec)
     if isinstance(H, torch.Tensor):
         hess = Hessian(H.shape[0], H.device)
         hess.H = H.to(torch.float32).clone()
@@ -129,9 +148,9 @@ def gptq_quantize(
         g = n if spec.group_size == -1 else spec.group_size
     blocksize = max(blocksize, g) if g < n else blocksize  # a group never straddles two blocks
 
-    static = actorder or grid is not None or spec.group_size == -1
+    static = actorder or grid is not None or fixed is not None or spec.group_size == -1
     if static and grid is None:
-        scale_all, zero_all = _group_params(W, spec, scale_dtype)  # [O, G]
+        scale_all, zero_all = fixed if fixed is not None else _group_params(W, spec, scale_dtype, search, importance)
     perm, Hinv = fac.perm, fac.U
     if actorder:
         W = W[:, perm]
@@ -156,8 +175,9 @@ def gptq_quantize(
                         scale_all[:, grp : grp + 1],
                         None if zero_all is None else zero_all[:, grp : grp + 1],
                     )
-                elif c % g == 0:  # parameters from the error-updated columns of this group
-                    scale, zero = choose_qparams(W1[:, t : t + g], spec, scale_dtype)
+                elif c % g == 0:  # parameters from the error-updated columns of this group (natural order)
+                    h = _group_importance(importance, c, g)
+                    scale, zero = choose_group_params(W1[:, t : t + g], spec, scale_dtype, search, h)
                     scales.append(scale)
                     zeros.append(zero)
                 q = quantize(w, scale, zero, spec)

@@ -89,8 +89,13 @@ def choose_qparams(
     """Min-max scale (and zero point) per row and group. w [O, I] -> scale [O, G], zero [O, G] int8 | None."""
     o, i = w.shape
     wg = w.double().reshape(o, spec.groups(i), -1)  # [O, G, g]; fp64 so that rounding up is exact
-    lo = wg.amin(dim=-1).clamp(max=0.0)
-    hi = wg.amax(dim=-1).clamp(min=0.0)
+    return qparams_from_range(wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0), spec, scale_dtype)
+
+
+def qparams_from_range(
+    lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero point) whose grid spans [lo, hi] (fp64 [O, G], lo <= 0 <= hi), as in ``choose_qparams``."""
     if spec.sym:
         scale = torch.maximum(-lo, hi) / ((2**spec.bits - 1) / 2)
     else:

@@ -33,12 +33,14 @@ from .data import calibration_windows, default_calibration_text
 from .errors import QuantkitError
 from .export_gguf import plan_tensors
 from .export_safetensors import ArtifactWriter, blocks_quantization_config, quantization_config
-from .gptq import Hessian, gptq_quantize, inverse_factor, weighted_norms
+from .gptq import GPTQResult, Hessian, gptq_quantize, inverse_factor, weighted_norms
+from .grid_refine import gptq_refined
 from .imatrix import ImportanceStats, write_imatrix
 from .model import LINEAR_NAMES, Gemma
 from .packed import PackedLinear, dense_linear
 from .primitives import QuantizedWeight, rtn
 from .recipes import QuantizeOptions
+from .scale_search import rtn_searched
 from .tokenizer import Tokenizer
 
 # true-sequential order; modules of one subset read the same input, so they share one Hessian
@@ -75,7 +77,7 @@ def _rtn_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter,
             t = ckpt.get(name, check_finite=True)
             module = name[len(p) :].removesuffix(".weight")
             if module in LINEAR_NAMES:
-                qw = rtn(t, opts.spec, sdt)
+                qw = rtn_searched(t, opts.spec, sdt, opts.search)
                 writer.add_quantized(p + module, qw)
                 run.stats[p + module] = {"weight_rel_err": _weight_error(t, qw)}
             else:
@@ -127,6 +129,7 @@ class _LayerCalibrator:
         if self.run_state.imatrix is not None:
             for n in names:
                 self.run_state.imatrix.add_from_hessian(self.i, n, hess.H, hess.n)
+        w0 = next(iter(ws.values()))
         with self.dia:  # the grids, tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
             grids = {n: self._grid(p + n, w, hess.H) for n, w in ws.items()}
             rtns = {n: rtn(w.float(), o.spec, self.sdt) if grids[n] is None else rtn_on_grid(w, grids[n])
@@ -134,11 +137,15 @@ class _LayerCalibrator:
             norms = {
                 n: weighted_norms([w, w.float() - rtns[n].dequantize()], hess.H) for n, w in ws.items()
             }  # [den, rtn num]
+            g = w0.shape[1] if o.spec.group_size == -1 else o.spec.group_size
+            imp = o.search.importance(hess.H, slice(None), g) if o.search.enabled else None
+            imp = None if imp is None else imp.clone()  # H's storage is reused by its factor
+            H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
         with self.sol:
             fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
-                res = gptq_quantize(w.to(self.device), fac, o.spec, self.sdt, o.blocksize, grid=grids[name])
+                res = self._solve(w.to(self.device), fac, grids[name], imp, H_kept)
             self.writer.add_quantized(p + name, res.weight)
             quantized = res.weight
             module = (
@@ -164,6 +171,16 @@ class _LayerCalibrator:
 
     def _hessian(self, n_in: int) -> Hessian:
         return Hessian(n_in, self.device)
+
+    def _solve(self, w: torch.Tensor, fac, grid: BlockGrid | None, imp, H_kept) -> GPTQResult:
+        """GPTQ of one linear: onto ``grid`` (a GGUF type's), else on the recipe's grid (searched scales,
+        optionally refitted)."""
+        o = self.opts
+        if grid is not None:
+            return gptq_quantize(w, fac, o.spec, self.sdt, o.blocksize, grid=grid)
+        if o.refine_iters:
+            return gptq_refined(w, H_kept, o.spec, self.sdt, o.blocksize, o.damp, o.act_order, o.search, o.refine_iters)
+        return gptq_quantize(w, fac, o.spec, self.sdt, o.blocksize, search=o.search, importance=imp)
 
     @torch.no_grad()
     def run(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -320,7 +337,8 @@ def quantize_checkpoint(
         if gguf_type:
             config["quantization_config"] = blocks_quantization_config(gguf_type)
         else:
-            config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order)
+            observer = "mse" if opts.search.enabled else "minmax"  # compressed-tensors' name for a searched range
+            config["quantization_config"] = quantization_config(opts.spec, actorder=opts.act_order, observer=observer)
         writer.write_json("config.json", config)
         writer.copy_tokenizer(ckpt.path)
         report = _report(ckpt, opts, sdt, run, time.perf_counter() - t0, device)

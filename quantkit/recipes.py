@@ -11,6 +11,7 @@ from typing import Any
 from .data import shipped
 from .errors import QuantkitError
 from .primitives import QuantSpec
+from .scale_search import ScaleSearch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,6 +39,11 @@ class QuantizeOptions:
     calib_dtype: str = "float32"  # activations carried between layers during calibration
     scale_dtype: str = "auto"  # "auto" = the checkpoint's dtype (compressed-tensors); fp16 for GGUF
     batch_size: int = 8  # calibration sequences per forward
+    # group scale search (quantkit.scale_search): "minmax" | "unit" | "diag" | "block" (weighted by H)
+    scale_search: str = "minmax"
+    search_steps: int = 50  # shrink factors tried, from 1 down to search_min_shrink
+    search_min_shrink: float = 0.5
+    refine_iters: int = 0  # GPTQ: rounds of (least-squares scale refit, GPTQ on that grid); best pass kept
 
     def __post_init__(self):
         if self.method not in ("gptq", "rtn"):
@@ -53,10 +59,17 @@ class QuantizeOptions:
         if self.batch_size < 1 or self.blocksize < 1 or self.seed < 0:
             raise QuantkitError("batch_size and blocksize must be >= 1, seed >= 0")
         QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
+        ScaleSearch(self.scale_search, self.search_steps, self.search_min_shrink)  # validates the search
+        if self.refine_iters < 0:
+            raise QuantkitError(f"refine_iters {self.refine_iters}: must be >= 0")
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym)
+
+    @property
+    def search(self) -> ScaleSearch:
+        return ScaleSearch(self.scale_search, self.search_steps, self.search_min_shrink)
 
     def replace(self, **changes: Any) -> QuantizeOptions:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

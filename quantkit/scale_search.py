@@ -1,0 +1,125 @@
+"""Importance-weighted scale (clipping) search on quantkit's per-group grid.
+
+Min-max scales waste grid levels on a group's few extreme weights. Here each row's group range is shrunk by
+factors p = 1, ..., ``min_shrink`` and the candidate with the smallest weighted rounding error is kept:
+
+    unit   : Σ_j (w_j − q_j)²                      (no calibration statistics)
+    diag   : Σ_j H_jj (w_j − q_j)²                 (the importance llama.cpp's imatrix collects)
+    block  : (w − q)ᵀ H_gg (w − q)                 (the group's block of the input Hessian)
+
+The grid itself is unchanged (same bits, group size, one scale per group, zero point 0 when symmetric), and
+p = 1 is exactly ``choose_qparams``' min-max result, kept unless another candidate is strictly better, so the
+search never raises its own objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import QuantkitError
+from .primitives import QuantizedWeight, QuantSpec, choose_qparams, qparams_from_range, quantize
+
+OBJECTIVES = ("minmax", "unit", "diag", "block")
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    """How group parameters are chosen: ``objective`` "minmax" (no search) or one of the weighted errors."""
+
+    objective: str = "minmax"
+    steps: int = 50  # candidates p = 1 - k (1 - min_shrink) / (steps - 1), k = 0 .. steps-1
+    min_shrink: float = 0.5
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise QuantkitError(f"scale_search {self.objective!r}: choose from {', '.join(OBJECTIVES)}")
+        if self.steps < 1 or not 0.0 < self.min_shrink <= 1.0:
+            raise QuantkitError("scale_search: steps must be >= 1 and min_shrink in (0, 1]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.objective != "minmax"
+
+    def importance(self, H: torch.Tensor | None, cols: slice, g: int) -> torch.Tensor | None:
+        """What ``search_qparams`` weighs the errors of columns ``cols`` with, from H [I, I] (None: unit)."""
+        if H is None or self.objective == "unit":
+            return None
+        h = H[cols, cols]
+        if self.objective == "diag":
+            return torch.diag(h)  # [n]
+        n = h.shape[0]
+        return h.reshape(n // g, g, n // g, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, g, g]
+
+
+def _weighted_error(d: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
+    """d [O, G, g] errors, h None | [G*g] diag | [G, g, g] blocks -> [O, G] weighted squared error."""
+    if h is None:
+        return (d * d).sum(-1)
+    if h.dim() == 1:
+        return (d * d * h.reshape(1, d.shape[1], -1)).sum(-1)
+    dg = d.transpose(0, 1)  # [G, O, g]
+    return (torch.bmm(dg, h) * dg).sum(-1).T
+
+
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """w − dequantize(quantize(w)) on the given grid, as [O, G, g] (the same fp32 operations, broadcast)."""
+    wg = w.float().reshape(w.shape[0], scale.shape[1], -1)  # [O, G, g]
+    s = scale.float()[..., None]
+    z = 0.0 if zero is None else zero.float()[..., None]
+    c = torch.round(wg / s + z).clamp(spec.qmin, spec.qmax)
+    return wg - (c - z) * s
+
+
+def search_qparams(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype = torch.float32,
+    search: ScaleSearch = ScaleSearch("unit"),
+    h: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row and group, the shrink of the min-max range with the least weighted error.
+
+    w [O, I]; h None (unit weights), [I] (diag importance) or [G, g, g] (Hessian blocks) -> scale [O, G],
+    zero [O, G] int8 | None, in the same form as ``choose_qparams``."""
+    o, i = w.shape
+    G = spec.groups(i)
+    w = w.float()
+    wg = w.double().reshape(o, G, -1)  # [O, G, g]
+    lo = wg.amin(dim=-1).clamp(max=0.0)
+    hi = wg.amax(dim=-1).clamp(min=0.0)
+    h = None if h is None else h.to(w.device, torch.float32)
+    best_scale, best_zero = qparams_from_range(lo, hi, spec, scale_dtype)
+    best = _weighted_error(_rounding_error(w, best_scale, best_zero, spec), h)
+    for k in range(1, search.steps):
+        p = 1.0 - k * (1.0 - search.min_shrink) / (search.steps - 1)
+        scale, zero = qparams_from_range(lo * p, hi * p, spec, scale_dtype)
+        err = _weighted_error(_rounding_error(w, scale, zero, spec), h)
+        better = err < best  # [O, G]; strict, so ties keep the larger range
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def choose_group_params(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype,
+    search: ScaleSearch | None,
+    h: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max parameters, or the searched ones when ``search`` is enabled."""
+    if search is None or not search.enabled:
+        return choose_qparams(w, spec, scale_dtype)
+    return search_qparams(w, spec, scale_dtype, search, h)
+
+
+def rtn_searched(
+    w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search: ScaleSearch, h: torch.Tensor | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest on the searched grid (unit weights unless an importance ``h`` is given)."""
+    scale, zero = choose_group_params(w, spec, scale_dtype, search, h)
+    return QuantizedWeight(quantize(w, scale, zero, spec), scale, zero, spec)
