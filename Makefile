@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 # Tests and the demo load local directories only: transformers must never reach for a hub.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint format recipes demo bench clean
+.PHONY: install test lint format recipes demo bench clean llama-tools
 
 install: $(STAMP)
 
@@ -38,7 +38,14 @@ recipes: install
 	  $(BIN)/quantkit quantize $(TINY) --recipe $$r --nsamples 8 --seqlen 64 -o build/recipes/$$name || exit 1; \
 	done
 
-test: install lint recipes
+# llama-quantize (a test oracle: it must read quantkit's imatrix files), built from the llama.cpp tree in the
+# pinned llama-cpp-python sdist; scripts/build_llamacpp.sh with no LLAMA_TARGETS also builds the benchmark peers.
+LLAMA_QUANTIZE := build/llama.cpp/bin/llama-quantize
+llama-tools: $(LLAMA_QUANTIZE)
+$(LLAMA_QUANTIZE): | install
+	LLAMA_TARGETS=llama-quantize PIP=$(BIN)/pip scripts/build_llamacpp.sh
+
+test: install lint recipes llama-tools
 	$(BIN)/pytest -q
 
 demo: install

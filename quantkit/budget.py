@@ -40,8 +40,9 @@ def quantized_artifact_bytes(ckpt: Checkpoint, bits: int, group_size: int, sym: 
     return n_linear * bits // 8 + groups * per_group + dense + tokenizer_bytes(ckpt) + _SLACK
 
 
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); a generous guess when it cannot be read."""
+def available_memory(unknown: int = 1 << 40) -> int:
+    """MemAvailable from /proc/meminfo (bytes); ``unknown`` when it cannot be read (generous by default, so
+    that nothing is refused for lack of the file)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -49,7 +50,7 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 1 << 40
+    return unknown
 
 
 def calibration_bytes(cfg: ModelConfig, nsamples: int, seqlen: int, batch: int, act_bytes: int) -> int:

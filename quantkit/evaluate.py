@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .budget import available_memory
 from .checkpoint import Checkpoint
 from .model import Gemma, build_model, load_layer_from
 from .packed import linears_from_checkpoint
@@ -168,17 +169,6 @@ def model_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
     return ckpt.num_parameters() * torch.finfo(dtype).bits // 8
 
 
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
 def _whole_model_streams(models, batches, sl, dtype, device) -> Iterator[list[torch.Tensor]]:
     built = [
         build_model(ck, dtype, device, linears_for=(lambda i, ck=ck: linears_from_checkpoint(ck, i)) if q else None)
@@ -206,7 +196,7 @@ def evaluate_many(
     sl = scored(ctx)
     targets = chunks[:, sl.start + 1 : sl.stop + 1]  # [n, S]
     if stream is None:
-        stream = model_bytes(ref, dtype) * (1 + len(quants)) > 0.6 * available_memory()
+        stream = model_bytes(ref, dtype) * (1 + len(quants)) > 0.6 * available_memory(unknown=8 << 30)
     batches = _batches(chunks, batch_size)
     t0 = time.perf_counter()
     models = [(ref, False)] + [(q, True) for q in quants]

@@ -9,6 +9,7 @@ is ever built in memory. The files are ordinary safetensors files (safetensors' 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -42,9 +43,8 @@ def read_tensor(f: BinaryIO, offset: int, dtype: str, shape: list[int]) -> torch
     t = torch.empty(shape, dtype=DTYPES[dtype])
     buf = _as_bytes(t)
     done = 0
-    while done < len(buf):
-        f.seek(offset + done)
-        n = f.readinto(buf[done : done + _CHUNK])
+    while done < len(buf):  # positional reads: threads may share ``f`` (no shared file offset)
+        n = os.preadv(f.fileno(), [buf[done : done + _CHUNK]], offset + done)
         if not n:
             raise EOFError(f"{getattr(f, 'name', 'file')}: ends inside a tensor")
         done += n

@@ -6,7 +6,7 @@ Steps (each printed as the equivalent command):
   2. llama-imatrix on the calibration text (nsamples x 512 tokens, the same budget quantkit's GPTQ gets);
   3. llama-quantize F32 -> each --types entry, plain and with that imatrix;
   4. quantkit: each --recipes entry (packed safetensors) and each --types entry written by GPTQ straight into
-     the GGUF blocks (quantize --format gguf, recipe --gguf-recipe), which also writes its own imatrix;
+     the GGUF blocks (quantize --format gguf with the --gguf-recipe's GPTQ settings), which also writes its own imatrix;
   5. one quantkit eval-ppl pass scoring every packed artifact and GGUF against the reference (exact fp32 math,
      GGUFs dequantized on the fly), and llama-perplexity --kl-divergence of every GGUF against the F32 model.
 Prints one table (size, bits/weight, ppl, dppl %, KLD mean/p99, top-1; llama.cpp's KLD and PPL for GGUFs) and
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--types", default="q4_0,q3_k_m,q4_k_m")
     ap.add_argument("--recipes", default="int4-g128-rtn,int4-g128-gptq")
-    ap.add_argument("--gguf-recipe", default="gguf-gptq")
+    ap.add_argument("--gguf-recipe", default="int4-g128-gptq")
     ap.add_argument("--out", default="build/compare")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=$ROOT/build/llama.cpp
 PIP=${PIP:-$ROOT/.venv/bin/pip}
 JOBS=${JOBS:-$(nproc)}
-TARGETS=(llama-quantize llama-perplexity llama-imatrix)
+read -r -a TARGETS <<< "${LLAMA_TARGETS:-llama-quantize llama-perplexity llama-imatrix}"
 
 mkdir -p "$DEST"
 if [ ! -d "$DEST/src/vendor/llama.cpp" ]; then

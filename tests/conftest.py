@@ -54,3 +54,15 @@ def pytest_sessionfinish(session, exitstatus):
     skipped = reporter.stats.get("skipped", []) if reporter is not None else []
     if os.environ.get("CI") and skipped and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="module")
+def libggml() -> Path:
+    """Path of libggml-base inside the installed llama-cpp-python: ggml's C reference, through ctypes."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python provides the libggml-base C reference")
+    from quantkit.ggml_blocks import libggml_path
+
+    path = libggml_path()
+    if path is None:
+        pytest.skip("llama_cpp is installed but its libggml-base was not found")
+    return path

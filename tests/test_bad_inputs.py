@@ -1035,7 +1035,7 @@ def _fail_writes(mp: pytest.MonkeyPatch, where: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "gguf":
-        mp.setattr(gguf.GGUFWriter, "write_tensor_data", enospc)
+        mp.setattr("quantkit.export_gguf.write_tensor_data", enospc)
     else:
         mp.setattr(f"{where}.write_file", enospc)
 

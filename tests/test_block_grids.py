@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from quantkit.block_grids import LAYOUTS, choose_grid, pack, rtn_on_grid
-from quantkit.ggml_blocks import libggml_path, quantize_rows
+from quantkit.ggml_blocks import quantize_rows
 
 TYPES = list(LAYOUTS)
 
@@ -43,15 +43,6 @@ def test_blocks_decode_to_the_grid_values_in_gguf_py(qtype):
     assert np.array_equal(decoded, grid.dequantize(codes).numpy())
 
 
-@pytest.fixture(scope="module")
-def libggml():
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python provides libggml-base")
-    path = libggml_path()
-    if path is None:
-        pytest.skip("libggml-base not found inside llama_cpp")
-    return ctypes.CDLL(str(path))
-
-
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
 def test_blocks_decode_to_the_grid_values_in_libggml(libggml, qtype):
     W, imp = _weights(4, 768, 1)
@@ -59,7 +50,7 @@ def test_blocks_decode_to_the_grid_values_in_libggml(libggml, qtype):
     codes = _rtn(grid, W)
     blocks = np.ascontiguousarray(pack(grid, codes))
     name = qtype.name[0].lower() + qtype.name[1:]
-    fn = getattr(libggml, f"dequantize_row_{name}")
+    fn = getattr(ctypes.CDLL(str(libggml)), f"dequantize_row_{name}")
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
     out = np.empty(W.numel(), dtype=np.float32)
     fn(blocks.ctypes.data, out.ctypes.data, W.numel())

@@ -15,7 +15,6 @@ from quantkit.ggml_blocks import (
     block_size,
     dequantize_rows,
     fallback_type,
-    libggml_path,
     q4_0_from_codes,
     q4_1_from_codes,
     q4_k_m_type,
@@ -230,15 +229,6 @@ def test_q4_k_m_row_length_fallbacks_for_gemma3_270m() -> None:
 
 
 # ----------------------------------------------------------------------- byte equality with libggml
-
-
-@pytest.fixture(scope="module")
-def libggml():
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python provides the libggml-base C reference")
-    path = libggml_path()
-    if path is None:
-        pytest.skip("llama_cpp is installed but its libggml-base was not found")
-    return path
 
 
 def differing_blocks(ours: np.ndarray, ref: np.ndarray, qtype: QT) -> tuple[np.ndarray, str]:

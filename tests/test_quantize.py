@@ -133,7 +133,7 @@ def test_interrupted_run_leaves_nothing(tiny_gemma2, tmp_path, monkeypatch):
     import quantkit.quantize as qz
 
     calls = {"n": 0}
-    real = qz.rtn
+    real = qz.rtn_searched
 
     def dying_rtn(*a, **k):
         calls["n"] += 1
@@ -141,7 +141,7 @@ def test_interrupted_run_leaves_nothing(tiny_gemma2, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(qz, "rtn", dying_rtn)
+    monkeypatch.setattr(qz, "rtn_searched", dying_rtn)
     out = tmp_path / "q"
     with pytest.raises(KeyboardInterrupt):
         qz.quantize_checkpoint(tiny_gemma2, out, qz.QuantizeOptions(method="rtn"), progress=False)
