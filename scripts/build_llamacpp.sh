@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's command-line tools (llama-quantize, llama-perplexity, llama-imatrix) from the llama.cpp
 # tree vendored in the llama-cpp-python sdist that quantkit's tests pin, into build/llama.cpp/ (gitignored).
-# The binaries are for local benchmarks, so they are compiled for this CPU (GGML_NATIVE on).
+# The binaries serve this machine's benchmarks and tests (make test builds llama-quantize, which must read
+# quantkit's imatrix files), so they are compiled for this CPU (GGML_NATIVE on).
 #
 #     scripts/build_llamacpp.sh            # -> build/llama.cpp/bin/llama-quantize ...
 #     JOBS=2 PIP=.venv/bin/pip SDIST=path/to/llama_cpp_python-0.3.36.tar.gz scripts/build_llamacpp.sh
+#     LLAMA_TARGETS=llama-quantize scripts/build_llamacpp.sh   # one tool only
 # Without SDIST the sdist is fetched with pip (from PyPI or the configured index), once.
 set -euo pipefail
 
