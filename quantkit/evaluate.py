@@ -1,7 +1,7 @@
 """Perplexity (llama-perplexity's method), KL divergence and top-1 agreement of a quantized model against
 its reference, on the same tokens.
 
-Each chunk of ``ctx`` tokens starts with BOS; positions ctx/2 .. ctx-2 are scored (formats.md §7). Log-
+Each chunk of ``ctx`` tokens starts with BOS; positions ctx/2 .. ctx-2 are scored. Log-
 softmax and KL are computed in fp32 from the final (soft-capped) logits; statistics accumulate in fp64.
 Two execution modes give the same numbers: whole-model (both models resident) and layer-streamed (groups
 of chunks through every layer of one model after the other, holding one layer's weights plus one group's

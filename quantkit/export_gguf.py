@@ -1,4 +1,4 @@
-"""Export a Gemma 2 / Gemma 3 checkpoint (dense or pack-quantized) as a llama.cpp GGUF (formats.md §3, §4.8).
+"""Export a Gemma 2 / Gemma 3 checkpoint (dense or pack-quantized) as a llama.cpp GGUF.
 
 Metadata and tensor names follow llama.cpp's converter (§3.2-§3.5); the weight types follow llama-quantize
 (§3.7): one type for every 2-D weight, the tied ``token_embd`` as Q6_K in 4/5-bit files, the row-length
@@ -61,7 +61,7 @@ from .ggml_blocks import (
 from .gguf_names import GGUF_ARCH, GLOBAL_TENSORS, LAYER_TENSORS
 from .primitives import QuantizedWeight
 
-# --qtype -> (type of the 2-D weights, general.file_type) (formats.md §3.6)
+# --qtype -> (type of the 2-D weights, general.file_type)
 FILE_TYPES: dict[str, tuple[QT, FT]] = {
     "f32": (QT.F32, FT.ALL_F32),
     "f16": (QT.F16, FT.MOSTLY_F16),

@@ -1,6 +1,6 @@
 """Write quantized checkpoints in compressed-tensors' ``pack-quantized`` layout (transformers, vLLM).
 
-Per quantized linear P (formats.md §5.1):
+Per quantized linear P:
     P.weight_packed      int32 [O, ceil(I*b/32)]   unsigned codes c + 2^(b-1), packed along I
     P.weight_scale       scale dtype [O, G]
     P.weight_zero_point  int32 [ceil(O*b/32), G]   asymmetric only, packed along O

@@ -1,6 +1,6 @@
 """ggml block formats: quantize float rows to the bytes ggml stores, and map integer codes onto blocks.
 
-formats.md §3.6, §3.7, §4. Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks,
+Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks,
 byte-identical to ggml's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included);
 Q4_1, Q5_0 and F32/F16/BF16 go through gguf-py; Q4_K and Q6_K come from `quantkit.kquants`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -58,7 +58,7 @@ def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
     return out.reshape(R, row_bytes(qtype, n))
 
 
-# ------------------------------------------------------------------ Q8_0 / Q4_0 in torch (formats.md §4.2-§4.3)
+# ------------------------------------------------------------------ Q8_0 / Q4_0 in torch
 
 
 def _fp16_le(d: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def dequantize_rows(data: np.ndarray, qtype: QT) -> np.ndarray:
     return gq.dequantize(np.ascontiguousarray(data), qtype).astype(np.float32, copy=False)
 
 
-# ------------------------------------------------------------- integer codes -> blocks (formats.md §4.8)
+# ------------------------------------------------------------- integer codes -> blocks
 
 
 def _blocks_of(codes: np.ndarray, *scales: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -218,7 +218,7 @@ def q4_1_from_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> n
     return out.reshape(codes.shape[0], -1)
 
 
-# ------------------------------------------------------- llama-quantize type choice (formats.md §3.7)
+# ------------------------------------------------------- llama-quantize type choice
 
 HF_KINDS = {
     "q_proj": "attn_q",

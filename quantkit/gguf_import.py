@@ -1,4 +1,4 @@
-"""Import a Gemma 2 / Gemma 3 GGUF as a Hugging Face checkpoint directory (formats.md §2, §3).
+"""Import a Gemma 2 / Gemma 3 GGUF as a Hugging Face checkpoint directory.
 
 The output directory holds:
 - ``config.json``: ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` in the transformers 4.x flat key style plus
@@ -237,7 +237,7 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> [out, in] shape for ``config`` (formats.md §2.1)."""
+    """HF tensor name -> [out, in] shape for ``config``."""
     cfg = config_from_dict(config)
     return {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size), **expected_shapes(cfg)}
 

@@ -1,4 +1,4 @@
-"""Hugging Face <-> llama.cpp GGUF names for Gemma 2 / Gemma 3 (formats.md §3.4). One table, read both ways."""
+"""Hugging Face <-> llama.cpp GGUF names for Gemma 2 / Gemma 3. One table, read both ways."""
 
 from __future__ import annotations
 

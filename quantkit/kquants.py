@@ -1,8 +1,8 @@
 """Q4_K and Q6_K quantizers in numpy, following ggml's `quantize_row_q4_K_ref` / `quantize_row_q6_K_ref`.
 
-formats.md §4.5, §4.6, §4.6a. gguf-py can dequantize these types but has no quantizer for them.
+gguf-py can dequantize these types but has no quantizer for them.
 
-Byte equality with libggml needs float32 arithmetic in C order (§4.6a). Both quantizers therefore lay a
+Byte equality with libggml needs float32 arithmetic in C order. Both quantizers therefore lay a
 sub-block's elements out along axis 0 -- arrays are [n, S] for S sub-blocks of n elements -- and every sum
 runs as an explicit loop over axis 0 (`_csum`), vectorised over all S sub-blocks at once. Each product is
 formed in the C order too, e.g. `(w * l) * x`. Rounding is ggml's `nearest_int`, round half to even.
@@ -92,7 +92,7 @@ def _qkx2(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _pack_q4_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
-    """6-bit scales and mins, uint8 [B, 8] each -> uint8 [B, 12] (formats.md §4.5)."""
+    """6-bit scales and mins, uint8 [B, 8] each -> uint8 [B, 12]."""
     lo_s, hi_s, lo_m, hi_m = ls[:, :4], ls[:, 4:], lm[:, :4], lm[:, 4:]
     return np.concatenate(
         [lo_s | ((hi_s >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_s & 15) | ((hi_m & 15) << 4)], axis=1
@@ -180,7 +180,7 @@ def _qx(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _pack_q6_k_quants(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """codes uint8 [B, 256] in 0..63 -> ql uint8 [B, 128], qh uint8 [B, 64] (formats.md §4.6)."""
+    """codes uint8 [B, 256] in 0..63 -> ql uint8 [B, 128], qh uint8 [B, 64]."""
     B = q.shape[0]
     q = q.reshape(B, 2, 4, 32)  # half n, quarter k (elements 128n + 32k + l), l
     lo, hi = q & 15, q >> 4

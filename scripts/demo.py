@@ -5,7 +5,7 @@ evaluated against the imported model on WikiText-2 test (perplexity, KL divergen
     python scripts/demo.py [--chunks 40] [--nsamples 64] [--out build/demo] [--json]
 
 The imported baseline is itself a Q4_K_M mix: int4 g128 is a grid its weights are not already on, which is
-why it (not a requant to the source grids) is the meaningful test of a quantizer (formats.md §8.30).
+why it (not a requant to the source grids) is the meaningful test of a quantizer.
 Equivalent CLI steps are printed as they run.
 """
 

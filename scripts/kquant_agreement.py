@@ -8,7 +8,7 @@ The C reference is libggml-base from the installed llama-cpp-python, called thro
         --tensor model.layers.0.mlp.down_proj.weight --rows 256
     python scripts/kquant_agreement.py --gguf gemma-3-270m-q4_k_m.gguf --tensor blk.0.ffn_down.weight
 
-A GGUF tensor is dequantized first, so its values already lie on a ggml grid (formats.md §8 item 30):
+A GGUF tensor is dequantized first, so its values already lie on a ggml grid:
 fine for agreement, but re-quantizing such weights says nothing about quantization quality.
 """
 

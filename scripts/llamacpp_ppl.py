@@ -1,6 +1,6 @@
 """Perplexity of a GGUF computed by llama.cpp (through llama-cpp-python) exactly as llama-perplexity does.
 
-formats.md §7: the text loses one trailing newline, is tokenized once by llama.cpp's own tokenizer with BOS
+llama-perplexity's method: the text loses one trailing newline, is tokenized once by llama.cpp's own tokenizer with BOS
 (special-token text left literal); chunks of n_ctx tokens, each evaluated from an empty KV cache with its first
 token replaced by BOS; the second half of every chunk is scored with an fp32 log-softmax whose exponentials are
 summed in double; PPL = exp(mean NLL) +- PPL * sqrt((mean(NLL^2) - mean(NLL)^2) / (count - 1)).

@@ -149,7 +149,7 @@ def test_tensors_read_back_exactly(export, arch, qtype, tiny_gemma2, tiny_gemma3
         assert (r.tensor_type, entry["type"]) == (t.qtype, t.qtype.name)
         assert [int(n) for n in r.shape] == list(reversed(t.shape))  # ne0 = in
         src = ck.get(t.hf_name, torch.float32)[: t.shape[0]].numpy()
-        if t.is_norm:  # 1 + w in fp32 (formats.md §3.5)
+        if t.is_norm:  # 1 + w in fp32
             assert r.tensor_type == QT.F32
             np.testing.assert_array_equal(values(r), src + np.float32(1))
         else:
@@ -294,7 +294,7 @@ def test_type_choice_with_row_fallbacks():
     ],
 )
 def test_tied_embedding_type(qtype, embd, odd_row):
-    """llama-quantize treats the tied token_embd as the output tensor (formats.md §3.7)."""
+    """llama-quantize treats the tied token_embd as the output tensor."""
     assert eg.weight_type(qtype, "token_embd", None, 42, 3584) == embd
     assert eg.weight_type(qtype, "token_embd", None, 42, 100) == odd_row  # 32 does not divide 100
 
@@ -492,7 +492,7 @@ def test_llamacpp_f32_matches_quantkit(export, arch, tiny_gemma2, tiny_gemma3, m
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_llamacpp_quantized_matches_quantkit_on_gguf_weights(export, arch, qtype, tiny_gemma2, tiny_gemma3):
     """llama.cpp's CPU matmuls quantize activations to 8-bit blocks (Q8_0 for Q8_0/Q4_0 weights, Q8_K for the
-    Q6_K token_embd), which this random model amplifies (formats.md §8 item 25). Measured, llama.cpp vs
+    Q6_K token_embd), which this random model amplifies. Measured, llama.cpp vs
     quantkit on the dequantized GGUF weights: max |dlogit| 0.25 / 0.48 (gemma2 q8_0 / q4_0), 0.37 / 0.50
     (gemma3); mean 0.027 / 0.035 and 0.061 / 0.081. The mean distance to quantkit on the *original* weights
     is 1.5x (q8_0) and 7x (q4_0) larger, which shows llama.cpp runs the quantized weights we wrote."""

@@ -50,7 +50,7 @@ REACH = {QT.F32: 0, QT.F16: 1, QT.BF16: 0, QT.Q8_0: 127, QT.Q4_0: 8, QT.Q5_0: 16
 REACH |= {QT.Q4_K: 2 * 15 * 63, QT.Q6_K: 32 * 128}
 # On x86-64 libggml-base is built without FMA and the numpy K-quants reproduce its float32 C-order
 # arithmetic: measured 0 differing super-blocks. A build that contracts a*b+c into FMA (e.g. aarch64)
-# may flip a code in a few % of blocks (formats.md §4.6a).
+# may flip a code in a few % of blocks.
 K_MISMATCH_LIMIT = 0.0 if platform.machine().lower() in ("x86_64", "amd64") else 0.05
 
 
@@ -249,7 +249,7 @@ def differing_blocks(ours: np.ndarray, ref: np.ndarray, qtype: QT) -> tuple[np.n
 @pytest.mark.parametrize("qtype", REF_TYPES, ids=lambda t: t.name)
 def test_matches_libggml_reference(libggml, qtype: QT) -> None:
     """A few hundred super-blocks (gaussian, heavy-tailed, awkward). gguf-py's legacy types differ from C
-    only in the sign of d on all-zero blocks (formats.md §4.6a), so those blocks are left out there."""
+    only in the sign of d on all-zero blocks, so those blocks are left out there."""
     x = np.concatenate([gaussian(128, 512), heavy_tailed(96, 512, seed=7), awkward_rows()])
     ours, ref = quantize_rows(x, qtype), quantize_rows_ref(x, qtype, libggml)
     bad, first = differing_blocks(ours, ref, qtype)

