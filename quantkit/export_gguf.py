@@ -1,10 +1,10 @@
 """Export a Gemma 2 / Gemma 3 checkpoint (dense or pack-quantized) as a llama.cpp GGUF.
 
-Metadata and tensor names follow llama.cpp's converter (§3.2-§3.5); the weight types follow llama-quantize
+Metadata and tensor names follow llama.cpp's converter; the weight types follow llama-quantize
 (§3.7): one type for every 2-D weight, the tied ``token_embd`` as Q6_K in 4/5-bit files, the row-length
 fallbacks (Q4_K -> Q5_0, Q6_K -> Q8_0, F16), or the Q4_K_M mix. Norms are stored F32 as 1 + w.
 
-Quantized artifacts go into blocks losslessly where the block grid holds their integer grid (§4.8): every
+Quantized artifacts go into blocks losslessly where the block grid holds their integer grid: every
 32-run of a group becomes one block with d = fp16(scale) and the codes copied, when the group size is a
 multiple of 32 and every scale is an fp16 value. Q4_0 takes symmetric codes in [-8, 7]; Q8_0 any codes with
 c - zero in [-128, 127]; Q4_1 any 4-bit codes, with m = fp16(-d * zero) its only rounding. Any other weight is
@@ -141,7 +141,7 @@ def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
 
 def check_llamacpp_compatible(cfg: ModelConfig) -> None:
     """Refuse configs llama.cpp would silently run differently: it derives the attention scale and the
-    sliding pattern from the architecture, and always soft-caps Gemma 2 (§1.3, §8 item 28)."""
+    sliding pattern from the architecture, and always soft-caps Gemma 2."""
     p = SWA_PATTERN[cfg.model_type]
     expected = tuple(SLIDING if i % p < p - 1 else "full_attention" for i in range(cfg.num_hidden_layers))
     if cfg.layer_types != expected:
@@ -163,7 +163,7 @@ def check_llamacpp_compatible(cfg: ModelConfig) -> None:
 
 
 def add_model_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_type: FT) -> None:
-    """general.* and the architecture keys, as convert_hf_to_gguf.py writes them (§3.2, §3.3)."""
+    """general.* and the architecture keys, as convert_hf_to_gguf.py writes them."""
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_file_type(int(file_type))
@@ -228,7 +228,7 @@ def _token_text(value: Any) -> str | None:
 
 
 def build_vocab(ckpt: Checkpoint, tok_config: dict[str, Any]) -> Vocab:
-    """tokens / scores / types of length vocab_size as ``_create_vocab_sentencepiece`` builds them (§3.2)."""
+    """tokens / scores / types of length vocab_size as ``_create_vocab_sentencepiece`` builds them."""
     sp = spm.SentencePieceProcessor()
     sp.Load(str(ckpt.tokenizer_path))
     v = ckpt.config.vocab_size
@@ -260,7 +260,7 @@ def build_vocab(ckpt: Checkpoint, tok_config: dict[str, Any]) -> Vocab:
 
 
 def add_tokenizer_metadata(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
-    """SentencePiece vocab ("llama"), special ids, BOS/EOS flags, no space prefix (§3.2, §8 items 11-12)."""
+    """SentencePiece vocab ("llama"), special ids, BOS/EOS flags, no space prefix."""
     path = ckpt.path / "tokenizer_config.json"
     tok_config = json.loads(path.read_text()) if path.is_file() else {}
     vocab = build_vocab(ckpt, tok_config)
@@ -330,7 +330,7 @@ def quantize_weight(w: np.ndarray, qtype: QT) -> tuple[np.ndarray, bool]:
 def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[str, Any]]:
     """The bytes of one planned tensor and its report entry."""
     entry: dict[str, Any] = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
-    if t.is_norm:  # 1 + w in fp32, stored F32 (§3.5)
+    if t.is_norm:  # 1 + w in fp32, stored F32
         data = (ckpt.get(t.hf_name, torch.float32, check_finite=True) + 1.0).numpy()
         return data.view(np.uint8), entry | {"method": "norm", "exact": True}
     module = t.hf_name.removesuffix(".weight")
@@ -490,7 +490,7 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
     if src is None:
         data, entry = encode_tensor(ckpt, t)
         return data, {"method": entry["method"], "exact": entry["exact"]}
-    if t.is_norm:  # 1 + w in fp32, stored F32 (§3.5)
+    if t.is_norm:  # 1 + w in fp32, stored F32
         return (src.float() + 1.0).numpy().view(np.uint8), {"method": "norm", "exact": True}
     data, exact = encode_rows(src, t.qtype)
     return data, {"method": "lossless" if exact else "requantized", "exact": exact}

@@ -4,9 +4,9 @@ The output directory holds:
 - ``config.json``: ``Gemma2ForCausalLM`` / ``Gemma3ForCausalLM`` in the transformers 4.x flat key style plus
   an explicit ``layer_types`` list (read by 4.x and 5.x alike);
 - ``model.safetensors``: float32, HF tensor names, every tensor = ``gguf.quants.dequantize`` of the GGUF data,
-  norm weights with the GGUF +1 removed in float32 (§3.5). Written one tensor at a time, so peak memory is
+  norm weights with the GGUF +1 removed in float32. Written one tensor at a time, so peak memory is
   about one dequantized tensor, not the whole model;
-- ``tokenizer.model``: a SentencePiece BPE ModelProto rebuilt from ``tokenizer.ggml.*`` (§3.8), plus
+- ``tokenizer.model``: a SentencePiece BPE ModelProto rebuilt from ``tokenizer.ggml.*``, plus
   ``tokenizer_config.json`` and ``generation_config.json``.
 
 Hyper-parameters missing from the GGUF take llama.cpp's defaults for that architecture, so the HF model means

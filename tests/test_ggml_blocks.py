@@ -201,7 +201,7 @@ def test_from_codes_checks_ranges_and_shapes() -> None:
         q4_0_from_codes(codes, scale[:, :2])
 
 
-# --------------------------------------------------------------------------- Q4_K_M type choice (§3.7)
+# --------------------------------------------------------------------------- Q4_K_M type choice
 
 
 def test_q4_k_m_gives_q6_k_to_attn_v_and_ffn_down_on_21_of_42_layers() -> None:
