@@ -1,7 +1,7 @@
 """Export a Gemma 2 / Gemma 3 checkpoint (dense or pack-quantized) as a llama.cpp GGUF.
 
-Metadata and tensor names follow llama.cpp's converter; the weight types follow llama-quantize
-(§3.7): one type for every 2-D weight, the tied ``token_embd`` as Q6_K in 4/5-bit files, the row-length
+Metadata and tensor names follow llama.cpp's converter; the weight types follow llama-quantize:
+one type for every 2-D weight, the tied ``token_embd`` as Q6_K in 4/5-bit files, the row-length
 fallbacks (Q4_K -> Q5_0, Q6_K -> Q8_0, F16), or the Q4_K_M mix. Norms are stored F32 as 1 + w.
 
 Quantized artifacts go into blocks losslessly where the block grid holds their integer grid: every

@@ -108,7 +108,7 @@ def _arch(meta: dict[str, Any], source: str) -> tuple[str, _Arch]:
 
 
 def build_config(meta: dict[str, Any], vocab_size: int, source: str) -> dict[str, Any]:
-    """HF config for the GGUF metadata ``meta`` (architecture keys read per §3.2/§3.3)."""
+    """HF config for the GGUF metadata ``meta`` (the architecture keys llama.cpp's converter writes)."""
     arch_name, arch = _arch(meta, source)
 
     def get(key: str, default: Any = ...) -> Any:
