@@ -1251,7 +1251,11 @@ def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: 
 
 
 SIGNAL_JOBS = {
-    "quantize": ("quantize", "rtn", lambda s, out: ["quantize", str(s["model"]), "--method", "rtn", "-o", str(out)]),
+    "quantize": (
+        "quantize",
+        "rtn_searched",
+        lambda s, out: ["quantize", str(s["model"]), "--method", "rtn", "-o", str(out)],
+    ),
     "export": ("export_gguf", "encode_tensor", lambda s, out: ["export", str(s["art"]), "-o", str(out)]),
 }
 
