@@ -261,10 +261,15 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise QuantkitError(f"{path}: not found (is {model_dir} a Hugging Face model directory?)")
+    return config_from_dict(read_json_object(path), str(path))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold one object; anything else is a one-line error naming the file."""
     try:
-        raw = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QuantkitError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
+    if not isinstance(data, dict):
         raise QuantkitError(f"{path}: expected a JSON object")
-    return config_from_dict(raw, str(path))
+    return data

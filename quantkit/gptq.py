@@ -92,11 +92,6 @@ def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False
     raise QuantkitError("GPTQ: the Hessian is not positive definite even with damping 1.0 (are the inputs NaN?)")
 
 
-def _group_params(W: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search=None, h=None):
-    """Static per-group (scale, zero) of W [O, I] computed before any update: [O, G] each."""
-    return choose_group_params(W, spec, scale_dtype, search, h)
-
-
 def _group_importance(importance: torch.Tensor | None, c: int, g: int) -> torch.Tensor | None:
     """The search weights of the group starting at column c: diag [I] -> [g], H blocks [G, g, g] -> [1, g, g]."""
     if importance is None:
@@ -150,7 +145,8 @@ def gptq_quantize(
 
     static = actorder or grid is not None or fixed is not None or spec.group_size == -1
     if static and grid is None:
-        scale_all, zero_all = fixed if fixed is not None else _group_params(W, spec, scale_dtype, search, importance)
+        # [O, G], from the unmodified W
+        scale_all, zero_all = fixed or choose_group_params(W, spec, scale_dtype, search, importance)
     perm, Hinv = fac.perm, fac.U
     if actorder:
         W = W[:, perm]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import sentencepiece as spm
 
+from .config import read_json_object
 from .errors import QuantkitError
 
 
@@ -40,15 +40,7 @@ class Tokenizer:
 
 
 def _json_object(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantkitError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise QuantkitError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else None
 
 
 def _token_text_ok(value: Any) -> bool:
