@@ -48,6 +48,7 @@ from .ggml_blocks import (
     K_MIXES,
     K_QUANTIZERS,
     TORCH_QUANTIZERS,
+    NonFiniteError,
     dequantize_rows,
     fallback_type,
     k_mix_type,
@@ -485,14 +486,19 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
     """The bytes of one job (``src``: its rows from read_job) and the facts its tensor's report entry needs
     (method, exact)."""
     t = job.tensor
-    if src is not None and not torch.isfinite(src).all():
-        raise QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
+    bad = QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
+    checked = t.qtype in TORCH_QUANTIZERS and not t.is_norm  # these quantizers see NaN/inf themselves
+    if src is not None and not checked and not torch.isfinite(src).all():
+        raise bad
     if src is None:
         data, entry = encode_tensor(ckpt, t)
         return data, {"method": entry["method"], "exact": entry["exact"]}
     if t.is_norm:  # 1 + w in fp32, stored F32
         return (src.float() + 1.0).numpy().view(np.uint8), {"method": "norm", "exact": True}
-    data, exact = encode_rows(src, t.qtype)
+    try:
+        data, exact = encode_rows(src, t.qtype)
+    except NonFiniteError:
+        raise bad from None
     return data, {"method": "lossless" if exact else "requantized", "exact": exact}
 
 

@@ -71,20 +71,19 @@ def _fp16_le(d: torch.Tensor) -> torch.Tensor:
 _BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
 
 
-def quantize_q8_0_torch(x: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 32] blocks -> uint8 [B, 34]: d = amax/127 (fp32), id = 1/d, code = roundf(x*id) (halves
-    away from zero), d stored as fp16."""
-    amax = x.abs().amax(dim=1, keepdim=True)  # [B, 1]
+def quantize_q8_0_torch(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 32] blocks (lo, hi [B, 1]: their min and max) -> uint8 [B, 34]: d = amax/127 (fp32),
+    id = 1/d, code = roundf(x*id) (halves away from zero), d stored as fp16. Overwrites x."""
+    amax = torch.maximum(hi, lo.neg()).abs_()  # max |x|; abs_: +0.0 for an all-zero block, as C's fabsf
     d = amax / torch.full_like(amax, 127.0)  # a true division (ATen may turn "/ scalar" into "* (1/127)")
     inv = (1.0 / d).masked_fill_(d == 0, 0.0)
-    v = x * inv
+    v = x.mul_(inv)  # x is the caller's scratch copy
     v += v.sign().mul_(_BELOW_HALF)
     return torch.cat([_fp16_le(d), v.to(torch.int8).view(torch.uint8)], dim=1)  # the cast truncates
 
 
-def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
+def _signed_absmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """[B, 32] -> [B, 1]: the first element of largest magnitude, with its sign; +0.0 for all-zero blocks."""
-    hi, lo = x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True)
     m = torch.where(hi > -lo, hi, lo)
     tie = (hi == -lo).view(-1).nonzero().view(-1)  # +a and -a both present (or all zeros): which comes first
     if tie.numel():
@@ -95,14 +94,16 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def quantize_q4_0_torch(x: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 32] blocks -> uint8 [B, 18]: m = the signed element of largest magnitude (the first on
-    ties; +0 when the block is all zeros), d = m / -8, id = 1/d, code = min(15, trunc(x*id + 8.5)); byte j
-    holds element j (low nibble) and element j + 16 (high)."""
-    d = _signed_absmax(x) / -8.0  # an all-zero block stores d = -0.0, as C does
+def quantize_q4_0_torch(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 32] blocks (lo, hi [B, 1]: their min and max) -> uint8 [B, 18]: m = the signed element of
+    largest magnitude (the first on ties; +0 when the block is all zeros), d = m / -8, id = 1/d,
+    code = min(15, trunc(x*id + 8.5)); byte j holds element j (low nibble) and element j + 16 (high).
+    Overwrites x."""
+    d = _signed_absmax(x, lo, hi) / -8.0  # an all-zero block stores d = -0.0, as C does
     inv = (1.0 / d).masked_fill_(d == 0, 0.0)
     # C casts to int8_t (truncation; on x86 inf/NaN from a tiny subnormal d become 0), then takes min(15, .)
-    q = (x * inv).add_(8.5).to(torch.int8).clamp_(max=15).view(torch.uint8)  # [B, 32] in 0..15
+    v = x.mul_(inv)  # x is the caller's scratch copy
+    q = v.add_(8.5).to(torch.int8).clamp_(max=15).view(torch.uint8)  # [B, 32] in 0..15
     q64 = q.view(torch.int64)  # [B, 4]: elements 0-7, 8-15 | 16-23, 24-31; a nibble << 4 stays in its byte
     packed = (q64[:, :2] | (q64[:, 2:] << 4)).view(torch.uint8)  # [B, 16]
     return torch.cat([_fp16_le(d), packed], dim=1)
@@ -112,9 +113,14 @@ TORCH_QUANTIZERS = {QT.Q8_0: quantize_q8_0_torch, QT.Q4_0: quantize_q4_0_torch}
 TORCH_CHUNK_BLOCKS = 16384  # 512K weights per torch pass: fastest of 1K-64K blocks (per-op overhead vs. cache)
 
 
+class NonFiniteError(ValueError):
+    """The weights given to a quantizer hold NaN or inf."""
+
+
 def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
     """float [R, n] (float32, bf16 or fp16: converted chunk by chunk) -> uint8 [R, row_bytes], for Q8_0 / Q4_0
-    (torch) and the K-quants (numpy)."""
+    (torch) and the K-quants (numpy). Q8_0 / Q4_0 raise NonFiniteError on NaN or inf: each block's min and
+    max, which both need, are NaN or infinite exactly then (so no separate pass checks the input)."""
     if qtype in K_QUANTIZERS:
         return torch.from_numpy(_quantize_k(x, qtype))
     R, n = x.shape
@@ -122,7 +128,12 @@ def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
     out = torch.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8)
     fn = TORCH_QUANTIZERS[qtype]
     for s in range(0, blocks.shape[0], TORCH_CHUNK_BLOCKS):
-        out[s : s + TORCH_CHUNK_BLOCKS] = fn(blocks[s : s + TORCH_CHUNK_BLOCKS].float())
+        chunk = blocks[s : s + TORCH_CHUNK_BLOCKS]
+        b = chunk.float() if chunk.dtype != torch.float32 else chunk.clone()  # a scratch copy, overwritten
+        lo, hi = torch.aminmax(b, dim=1, keepdim=True)
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            raise NonFiniteError("NaN or inf in the weights")
+        out[s : s + TORCH_CHUNK_BLOCKS] = fn(b, lo, hi)
     return out.reshape(R, row_bytes(qtype, n))
 
 
