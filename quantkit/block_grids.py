@@ -28,7 +28,7 @@ Shapes: W [O, I]; s, b [O, I/g]; codes [O, I]; blocks uint8 [O, I/block * type_b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -84,6 +84,10 @@ class BlockGrid:
         c = torch.round((w - b) / safe).clamp(lay.lo, lay.hi)
         c = torch.where(s == 0, torch.zeros_like(c), c)
         return c.to(torch.int8), s * c + b
+
+    def to(self, device: torch.device | str) -> BlockGrid:
+        """This grid with s and b on ``device`` (the stored fields stay where they are: numpy)."""
+        return replace(self, s=self.s.to(device), b=self.b.to(device))
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         g = self.layout.g

@@ -169,6 +169,11 @@ def inspect(model_dir: str, as_json: bool) -> None:
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for drawing calibration windows. [default: 0]")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ columns by decreasing Hessian diagonal.")
 @click.option(
+    "--fp-targets/--no-fp-targets",
+    default=None,
+    help="GPTQ towards the unquantized model's layer outputs (GPTQ v2; one more forward per layer).",
+)
+@click.option(
     "--damp",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     help="GPTQ damping, fraction of mean diag(H). [default: 0.01]",

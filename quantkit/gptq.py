@@ -33,6 +33,36 @@ class Hessian:
         self.n += m
 
 
+class Drift:
+    """Accumulates D = (2/n) Σ (x_fp − x) xᵀ [I, I] (scaled like ``Hessian``): how the unquantized model's
+    inputs x_fp of a linear differ from the quantized model's inputs x on the same calibration rows. Exactly
+    zero while the two models still agree (e.g. the first layer's q/k/v)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.D = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.D.device, torch.float32)  # [rows, I]
+        d = x_fp.reshape(x.shape).to(self.D.device, torch.float32) - x
+        m = x.shape[0]
+        self.D.addmm_(d.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
+        self.n += m
+
+
+def fp_target(W: torch.Tensor, D: torch.Tensor, fac: InverseFactor) -> torch.Tensor:
+    """The dense weight W* = W + W D Hd⁻¹ [O, I] (fp32, on the factor's device).
+
+    GPTQ against the unquantized model (GPTQ v2 / GPTAQ): minimise ‖W X_fp − Q X‖² rather than ‖W X − Q X‖²
+    (X: the quantized model's inputs, the rows of H; X_fp: the unquantized model's). Its least-squares
+    solution is W* = W X_fp Xᵀ (X Xᵀ)⁻¹ = W + W D H⁻¹, and ‖W X_fp − Q X‖² = ‖(W* − Q) X‖² + const, so GPTQ
+    of W* against H minimises it. Hd⁻¹ = Uᵀ U in ``perm`` order. W* = W exactly when D = 0."""
+    W = W.to(fac.U.device, torch.float32)
+    M = (W @ D.to(W.device))[:, fac.perm]  # [O, I] in perm order
+    M = (M @ fac.U.T) @ fac.U
+    return W + M[:, torch.argsort(fac.perm)]
+
+
 @dataclass(frozen=True)
 class GPTQResult:
     weight: QuantizedWeight | GridWeight
@@ -139,6 +169,7 @@ def gptq_quantize(
     o, n = W.shape
     if grid is not None:
         g = grid.layout.g
+        grid_dev = grid.to(dev)  # the loop's copy; the result keeps ``grid`` itself
     else:
         g = n if spec.group_size == -1 else spec.group_size
     blocksize = max(blocksize, g) if g < n else blocksize  # a group never straddles two blocks
@@ -148,6 +179,7 @@ def gptq_quantize(
         # [O, G], from the unmodified W
         scale_all, zero_all = fixed or choose_group_params(W, spec, scale_dtype, search, importance)
     perm, Hinv = fac.perm, fac.U
+    group_of = (perm // g).tolist()  # column c's group, read once (no device sync per column)
     if actorder:
         W = W[:, perm]
 
@@ -163,10 +195,10 @@ def gptq_quantize(
             c = i1 + t
             w = W1[:, t : t + 1]  # [O, 1]
             if grid is not None:
-                q, dq = grid.quantize(w, int(perm[c]) // g)
+                q, dq = grid_dev.quantize(w, group_of[c])
             else:
                 if static:
-                    grp = int(perm[c]) // g
+                    grp = group_of[c]
                     scale, zero = (
                         scale_all[:, grp : grp + 1],
                         None if zero_all is None else zero_all[:, grp : grp + 1],

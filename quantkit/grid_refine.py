@@ -33,7 +33,7 @@ def refit_scales(
     M = (HC.reshape(o, G, G, g) * cg[:, None]).sum(-1)  # [O, G, G] = AᵀHA
     rhs = ((W.double() @ Hd).reshape(o, G, g) * cg).sum(-1)  # [O, G] = AᵀHw
     ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # [O]
-    M = M + ridge[:, None, None] * torch.eye(G, dtype=M.dtype)
+    M = M + ridge[:, None, None] * torch.eye(G, dtype=M.dtype, device=M.device)
     s, info = torch.linalg.solve_ex(M, rhs)  # [O, G]
     ok = (info == 0)[:, None] & (s > 0) & torch.isfinite(s)
     return torch.where(ok, s, scale.double()).to(scale.dtype)

