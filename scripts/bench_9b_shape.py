@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,20 +113,25 @@ def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> t
 
     step("quantize int4 g128 RTN -> packed safetensors", [*q, "quantize", model, "--recipe", "int4-g128-rtn",
                                                           "-o", work / "rtn"])  # fmt: skip
+    shutil.rmtree(work / "rtn")  # disk: the full-depth files are 5-19 GB each
     calib = ["--nsamples", args.nsamples, "--seqlen", args.seqlen]
     name = f"quantize int4 g128 GPTQ ({args.nsamples} x {args.seqlen} tokens)"
     step(name, [*q, "quantize", model, "--recipe", "int4-g128-gptq", *calib, "-o", work / "gptq"])
     extra["gptq_layers"] = gptq_layers(json.loads((work / "gptq" / "quantkit.json").read_text()))
+    print("\n".join(layer_lines(extra["gptq_layers"])), file=sys.stderr, flush=True)
     ev = step(
         f"eval-ppl reference vs GPTQ, {args.chunks} chunks (layer-streamed)",
         [*q, "eval-ppl", model, "--quantized", work / "gptq", "--stream", "--chunks", args.chunks, "--json"],
     )
+    shutil.rmtree(work / "gptq")
     eval_res = json.loads(ev["stdout"])
     extra["eval"] = {k: eval_res[k] for k in ("tokens_per_s", "delta_ppl_pct", "kld_mean", "chunks")}
     bins = Path(args.llama_bin) if args.llama_bin else None
     for gtype in ("q4_0", "q4_k_m"):
         out = work / f"model.{gtype}.gguf"
         step(f"export GGUF {gtype.upper()}", [*q, "export", model, "--format", "gguf", "--type", gtype, "-o", out])
+        if gtype != "q4_0":  # llama.cpp reads the Q4_0 file below
+            out.unlink()
     r = step(
         "llama.cpp (llama-cpp-python) loads Q4_0, logits for 8 tokens",
         [sys.executable, "-c", _LLAMA_LOGITS, ROOT / "scripts", work / "model.q4_0.gguf", args.threads],
@@ -174,12 +180,15 @@ def table(args: argparse.Namespace, rows: list[dict], extra: dict) -> str:
         "",
         "GPTQ per layer (peak RSS so far; seconds: forward, Hessian, solver, diagnostics, layer; layer / (fwd+H)):",
     ]
-    lines += [
+    return "\n".join(lines + layer_lines(extra["gptq_layers"]))
+
+
+def layer_lines(layers: list[dict]) -> list[str]:
+    return [
         f"  layer {r['layer']:2d}: {r['peak_rss_gib']:.2f} GiB | {r['forward_s']:.1f} {r['hessian_s']:.1f} "
         f"{r['solver_s']:.1f} {r['diagnostics_s']:.1f} {r['layer_s']:.1f} | {r['ratio_to_forward_hessian']:.2f}"
-        for r in extra["gptq_layers"]
+        for r in layers
     ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
