@@ -266,7 +266,7 @@ class Checkpoint:
         t = tensorio.read_tensor(f, start + info["data_offsets"][0], info["dtype"], info["shape"])
         if dtype is not None:
             t = t.to(dtype)
-        if check_finite and not torch.isfinite(t).all():
+        if check_finite and not tensorio.all_finite(t):
             raise QuantkitError(f"{self.path / shard}: tensor {name!r} contains NaN or inf values")
         return t
 

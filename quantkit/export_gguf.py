@@ -61,6 +61,7 @@ from .ggml_blocks import (
 )
 from .gguf_names import GGUF_ARCH, GLOBAL_TENSORS, LAYER_TENSORS
 from .primitives import QuantizedWeight
+from .tensorio import all_finite
 
 # --qtype -> (type of the 2-D weights, general.file_type)
 FILE_TYPES: dict[str, tuple[QT, FT]] = {
@@ -488,7 +489,7 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
     t = job.tensor
     bad = QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
     checked = t.qtype in TORCH_QUANTIZERS and not t.is_norm  # these quantizers see NaN/inf themselves
-    if src is not None and not checked and not torch.isfinite(src).all():
+    if src is not None and not checked and not all_finite(src):
         raise bad
     if src is None:
         data, entry = encode_tensor(ckpt, t)

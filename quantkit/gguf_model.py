@@ -18,6 +18,7 @@ from .checkpoint import layer_prefix
 from .config import ModelConfig, config_from_dict
 from .errors import QuantkitError
 from .gguf_import import _arch, _hf_values, _plan_tensors, build_config, open_gguf, read_metadata, read_vocab
+from .tensorio import all_finite
 
 # Fields a GGUF cannot carry exactly (or that do not change the forward pass): ignored when a GGUF is
 # compared with the HF model it was made from.
@@ -74,7 +75,7 @@ class GGUFModel:
         if name not in self._tensors:
             raise QuantkitError(f"{self.path}: tensor {name!r} not in the GGUF")
         t = torch.from_numpy(np.array(_hf_values(self._tensors[name]), dtype=np.float32))  # copy: read-only map
-        if check_finite and not torch.isfinite(t).all():
+        if check_finite and not all_finite(t):
             raise QuantkitError(f"{self.path}: tensor {name!r} contains NaN or inf values")
         return t if dtype is None else t.to(dtype)
 

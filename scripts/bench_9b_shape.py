@@ -6,17 +6,17 @@ layers (42 = the real depth, about 18.5 GB), then runs each step in its own proc
 time and its own peak RSS:
 
   1. quantize int4 g128 RTN -> packed safetensors
-  2. quantize int4 g128 GPTQ on ``--nsamples`` x ``--seqlen`` tokens; quantkit.json gives each layer's peak
-     RSS (flat across layers when memory is bounded by one layer) and its time split: forward, Hessian
-     accumulation, solver, diagnostics (GPTQ's cost over the unavoidable forward + Hessian work)
-  3. eval-ppl, reference vs GPTQ, ``--chunks`` chunks, layer-streamed
-  4. quantkit export of the checkpoint to GGUF Q4_0 and Q4_K_M
-  5. llama.cpp (llama-cpp-python) loads the Q4_0 file and returns finite logits for a few tokens
-  6. peers, when ``--llama-bin DIR`` holds llama.cpp's tools (scripts/build_llamacpp.sh builds them):
+  2. eval-ppl, reference vs RTN, ``--chunks`` chunks, layer-streamed
+  3. quantkit export of the checkpoint to GGUF Q4_0 and Q4_K_M
+  4. llama.cpp (llama-cpp-python) loads the Q4_0 file and returns finite logits for a few tokens
+  5. peers, when ``--llama-bin DIR`` holds llama.cpp's tools (scripts/build_llamacpp.sh builds them):
      llama-quantize BF16 GGUF -> Q4_0 (time, peak RSS) and llama-perplexity on the Q4_0 file (tokens/s)
+  6. quantize int4 g128 GPTQ on ``--nsamples`` x ``--seqlen`` tokens, last, optionally stopped after
+     ``--gptq-timeout`` seconds; each layer's peak RSS so far (flat across layers when memory is bounded by
+     one layer) and its time split: forward, Hessian accumulation, solver, diagnostics
 
     python scripts/bench_9b_shape.py [--layers 42] [--nsamples 8] [--seqlen 512] [--chunks 2] \\
-        [--threads N] [--llama-bin DIR] [--model EXISTING_DIR] [--workdir DIR] [--json]
+        [--threads N] [--llama-bin DIR] [--model EXISTING_DIR] [--workdir DIR] [--gptq-timeout S] [--json]
 
 Everything is written under a temporary directory in ``--workdir`` (default: the current directory) and
 deleted at the end; ``--model`` reuses a checkpoint written before (it is never deleted).
@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,17 +114,11 @@ def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> t
 
     step("quantize int4 g128 RTN -> packed safetensors", [*q, "quantize", model, "--recipe", "int4-g128-rtn",
                                                           "-o", work / "rtn"])  # fmt: skip
-    shutil.rmtree(work / "rtn")  # disk: the full-depth files are 5-19 GB each
-    calib = ["--nsamples", args.nsamples, "--seqlen", args.seqlen]
-    name = f"quantize int4 g128 GPTQ ({args.nsamples} x {args.seqlen} tokens)"
-    step(name, [*q, "quantize", model, "--recipe", "int4-g128-gptq", *calib, "-o", work / "gptq"])
-    extra["gptq_layers"] = gptq_layers(json.loads((work / "gptq" / "quantkit.json").read_text()))
-    print("\n".join(layer_lines(extra["gptq_layers"])), file=sys.stderr, flush=True)
     ev = step(
-        f"eval-ppl reference vs GPTQ, {args.chunks} chunks (layer-streamed)",
-        [*q, "eval-ppl", model, "--quantized", work / "gptq", "--stream", "--chunks", args.chunks, "--json"],
+        f"eval-ppl reference vs RTN, {args.chunks} chunks (layer-streamed)",
+        [*q, "eval-ppl", model, "--quantized", work / "rtn", "--stream", "--chunks", args.chunks, "--json"],
     )
-    shutil.rmtree(work / "gptq")
+    shutil.rmtree(work / "rtn")  # disk: the full-depth files are 5-19 GB each
     eval_res = json.loads(ev["stdout"])
     extra["eval"] = {k: eval_res[k] for k in ("tokens_per_s", "delta_ppl_pct", "kld_mean", "chunks")}
     bins = Path(args.llama_bin) if args.llama_bin else None
@@ -141,7 +136,40 @@ def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> t
         raise SystemExit("llama.cpp returned non-finite logits for the Q4_0 file")
     if bins is not None:
         peer_rows(args, work, model, bins, rows, env, q, extra)
+    (work / "model.q4_0.gguf").unlink()
+    gptq_step(args, work, model, env, q, rows, extra)
     return rows, extra
+
+
+def gptq_step(args, work: Path, model: Path, env: dict, q: list, rows: list[dict], extra: dict) -> None:
+    """GPTQ last, stopped (SIGKILL) after ``--gptq-timeout`` seconds if given: the per-layer figures of the
+    layers done come from the run's resume state, which a kill leaves behind."""
+    cmd = [*q, "quantize", model, "--recipe", "int4-g128-gptq", "--nsamples", args.nsamples, "--seqlen",
+           args.seqlen, "-o", work / "gptq"]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = t0 + args.gptq_timeout if args.gptq_timeout else float("inf")
+    while proc.poll() is None and time.perf_counter() < deadline:
+        time.sleep(1)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if not killed and status:
+        raise SystemExit(f"GPTQ failed:\n{proc.stderr.read().decode()[-3000:]}")
+    if killed:
+        progress = json.loads((work / ".gptq.partial" / "resume-state.json").read_text())["progress"]
+    else:
+        progress = json.loads((work / "gptq" / "quantkit.json").read_text())
+    extra["gptq_layers"] = gptq_layers(progress)
+    done = len(extra["gptq_layers"])
+    name = f"quantize int4 g128 GPTQ ({args.nsamples} x {args.seqlen} tokens)"
+    if killed:
+        name += f", stopped after {done} of {args.layers} layers"
+    rows.append({"step": name, "seconds": seconds, "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30, "peer": ""})
+    print(f"{name}: {seconds:.0f} s, peak RSS {rows[-1]['peak_rss_gib']:.2f} GiB", file=sys.stderr)
+    print("\n".join(layer_lines(extra["gptq_layers"])), file=sys.stderr, flush=True)
 
 
 def peer_rows(args, work: Path, model: Path, bins: Path, rows: list[dict], env: dict, q: list, extra: dict) -> None:
@@ -201,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bin", help="directory with llama-quantize and llama-perplexity (peer figures)")
     ap.add_argument("--model", help="an existing 9B-shaped checkpoint to use instead of writing one")
     ap.add_argument("--workdir", default=".")
+    ap.add_argument("--gptq-timeout", type=float, help="stop GPTQ after this many seconds (it runs last)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
