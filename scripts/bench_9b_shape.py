@@ -112,32 +112,39 @@ def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> t
         print(f"{name}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB", file=sys.stderr)
         return r
 
-    step("quantize int4 g128 RTN -> packed safetensors", [*q, "quantize", model, "--recipe", "int4-g128-rtn",
-                                                          "-o", work / "rtn"])  # fmt: skip
-    ev = step(
-        f"eval-ppl reference vs RTN, {args.chunks} chunks (layer-streamed)",
-        [*q, "eval-ppl", model, "--quantized", work / "rtn", "--stream", "--chunks", args.chunks, "--json"],
-    )
-    shutil.rmtree(work / "rtn")  # disk: the full-depth files are 5-19 GB each
-    eval_res = json.loads(ev["stdout"])
-    extra["eval"] = {k: eval_res[k] for k in ("tokens_per_s", "delta_ppl_pct", "kld_mean", "chunks")}
-    bins = Path(args.llama_bin) if args.llama_bin else None
-    for gtype in ("q4_0", "q4_k_m"):
+    steps = set(args.steps.split(","))
+    q4_0 = work / "model.q4_0.gguf"
+    if "rtn" in steps or "eval" in steps:
+        step("quantize int4 g128 RTN -> packed safetensors", [*q, "quantize", model, "--recipe", "int4-g128-rtn",
+                                                              "-o", work / "rtn"])  # fmt: skip
+    if "eval" in steps:
+        ev = step(
+            f"eval-ppl reference vs RTN, {args.chunks} chunks (layer-streamed)",
+            [*q, "eval-ppl", model, "--quantized", work / "rtn", "--stream", "--chunks", args.chunks, "--json"],
+        )
+        eval_res = json.loads(ev["stdout"])
+        extra["eval"] = {k: eval_res[k] for k in ("tokens_per_s", "delta_ppl_pct", "kld_mean", "chunks")}
+    shutil.rmtree(work / "rtn", ignore_errors=True)  # disk: the full-depth files are 5-19 GB each
+    for gtype in ("q4_0", "q4_k_m") if "export" in steps else ():
         out = work / f"model.{gtype}.gguf"
         step(f"export GGUF {gtype.upper()}", [*q, "export", model, "--format", "gguf", "--type", gtype, "-o", out])
         if gtype != "q4_0":  # llama.cpp reads the Q4_0 file below
             out.unlink()
-    r = step(
-        "llama.cpp (llama-cpp-python) loads Q4_0, logits for 8 tokens",
-        [sys.executable, "-c", _LLAMA_LOGITS, ROOT / "scripts", work / "model.q4_0.gguf", args.threads],
-    )
-    extra["llama_logits"] = json.loads(r["stdout"].strip().splitlines()[-1])
-    if not extra["llama_logits"]["finite"]:
-        raise SystemExit("llama.cpp returned non-finite logits for the Q4_0 file")
-    if bins is not None:
-        peer_rows(args, work, model, bins, rows, env, q, extra)
-    (work / "model.q4_0.gguf").unlink()
-    gptq_step(args, work, model, env, q, rows, extra)
+    if ("llama" in steps or "peers" in steps) and not q4_0.exists():  # their input, made untimed
+        subprocess.run([*q, "export", model, "--format", "gguf", "--type", "q4_0", "-o", q4_0], check=True, env=env)
+    if "llama" in steps:
+        r = step(
+            "llama.cpp (llama-cpp-python) loads Q4_0, logits for 8 tokens",
+            [sys.executable, "-c", _LLAMA_LOGITS, ROOT / "scripts", q4_0, args.threads],
+        )
+        extra["llama_logits"] = json.loads(r["stdout"].strip().splitlines()[-1])
+        if not extra["llama_logits"]["finite"]:
+            raise SystemExit("llama.cpp returned non-finite logits for the Q4_0 file")
+    if "peers" in steps and args.llama_bin:
+        peer_rows(args, work, model, Path(args.llama_bin), rows, env, q, extra)
+    q4_0.unlink(missing_ok=True)
+    if "gptq" in steps:
+        gptq_step(args, work, model, env, q, rows, extra)
     return rows, extra
 
 
@@ -147,19 +154,26 @@ def gptq_step(args, work: Path, model: Path, env: dict, q: list, rows: list[dict
     cmd = [*q, "quantize", model, "--recipe", "int4-g128-gptq", "--nsamples", args.nsamples, "--seqlen",
            args.seqlen, "-o", work / "gptq"]  # fmt: skip
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = open(work / "gptq.err", "w+b")  # noqa: SIM115 (a file, not a pipe: a full pipe would stall it)
+    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = t0 + args.gptq_timeout if args.gptq_timeout else float("inf")
-    while proc.poll() is None and time.perf_counter() < deadline:
+    killed = False
+    while True:  # wait4 (not poll, which would reap it) so that its rusage is ours to read
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() >= deadline:
+            proc.send_signal(signal.SIGKILL)
+            _, status, usage = os.wait4(proc.pid, 0)
+            killed = True
+            break
         time.sleep(1)
-    killed = proc.poll() is None
-    if killed:
-        proc.send_signal(signal.SIGKILL)
-    _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     if not killed and status:
-        raise SystemExit(f"GPTQ failed:\n{proc.stderr.read().decode()[-3000:]}")
-    if killed:
-        progress = json.loads((work / ".gptq.partial" / "resume-state.json").read_text())["progress"]
+        raise SystemExit(f"GPTQ failed:\n{(work / 'gptq.err').read_text()[-3000:]}")
+    state = work / ".gptq.partial" / "resume-state.json"
+    if killed:  # no state yet: stopped inside layer 0
+        progress = json.loads(state.read_text())["progress"] if state.exists() else {"layers": []}
     else:
         progress = json.loads((work / "gptq" / "quantkit.json").read_text())
     extra["gptq_layers"] = gptq_layers(progress)
@@ -176,8 +190,10 @@ def peer_rows(args, work: Path, model: Path, bins: Path, rows: list[dict], env: 
     """llama-quantize BF16 -> Q4_0 and llama-perplexity on the Q4_0 file, beside quantkit's figures."""
     bf16 = work / "model.bf16.gguf"
     subprocess.run([*q, "export", model, "--format", "gguf", "--type", "bf16", "-o", bf16], check=True, env=env)
-    r = timed([bins / "llama-quantize", bf16, work / "peer.q4_0.gguf", "Q4_0", args.threads], env)
+    r = timed([str(c) for c in (bins / "llama-quantize", bf16, work / "peer.q4_0.gguf", "Q4_0", args.threads)], env)
+    (work / "peer.q4_0.gguf").unlink()
     peer = f"llama-quantize BF16->Q4_0: {r['seconds']:.0f} s, {r['peak_rss_gib']:.2f} GiB"
+    extra["llama_quantize_q4_0"] = {"seconds": r["seconds"], "peak_rss_gib": r["peak_rss_gib"]}
     for row in rows:
         if row["step"] == "export GGUF Q4_0":
             row["peer"] = peer
@@ -190,7 +206,7 @@ def peer_rows(args, work: Path, model: Path, bins: Path, rows: list[dict], env: 
     m = re.findall(r"([\d.]+) tokens per second", r["err"] + r["stdout"])
     if m:
         extra["llama_perplexity_tok_s"] = float(m[0])
-        for row in rows:
+        for row in rows if "eval" in extra else ():
             if row["step"].startswith("eval-ppl"):
                 row["peer"] = f"llama-perplexity on the Q4_0 file: {float(m[0]):.0f} tok/s (quantkit: " + (
                     f"{extra['eval']['tokens_per_s']:.0f} tok/s, both models)"
@@ -229,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llama-bin", help="directory with llama-quantize and llama-perplexity (peer figures)")
     ap.add_argument("--model", help="an existing 9B-shaped checkpoint to use instead of writing one")
     ap.add_argument("--workdir", default=".")
+    ap.add_argument("--steps", default="rtn,eval,export,llama,peers,gptq", help="which steps to run")
     ap.add_argument("--gptq-timeout", type=float, help="stop GPTQ after this many seconds (it runs last)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
