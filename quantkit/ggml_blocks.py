@@ -128,8 +128,7 @@ def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
     out = torch.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8)
     fn = TORCH_QUANTIZERS[qtype]
     for s in range(0, blocks.shape[0], TORCH_CHUNK_BLOCKS):
-        chunk = blocks[s : s + TORCH_CHUNK_BLOCKS]
-        b = chunk.float() if chunk.dtype != torch.float32 else chunk.clone()  # a scratch copy, overwritten
+        b = blocks[s : s + TORCH_CHUNK_BLOCKS].to(torch.float32, copy=True)  # a scratch copy, overwritten
         lo, hi = torch.aminmax(b, dim=1, keepdim=True)
         if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
             raise NonFiniteError("NaN or inf in the weights")

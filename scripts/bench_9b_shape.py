@@ -154,8 +154,8 @@ def gptq_step(args, work: Path, model: Path, env: dict, q: list, rows: list[dict
     cmd = [*q, "quantize", model, "--recipe", "int4-g128-gptq", "--nsamples", args.nsamples, "--seqlen",
            args.seqlen, "-o", work / "gptq"]  # fmt: skip
     t0 = time.perf_counter()
-    err = open(work / "gptq.err", "w+b")  # noqa: SIM115 (a file, not a pipe: a full pipe would stall it)
-    proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=err)
+    with open(work / "gptq.err", "wb") as err:  # a file, not a pipe: a full pipe would stall it
+        proc = subprocess.Popen([str(c) for c in cmd], env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = t0 + args.gptq_timeout if args.gptq_timeout else float("inf")
     killed = False
     while True:  # wait4 (not poll, which would reap it) so that its rusage is ours to read

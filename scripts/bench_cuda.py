@@ -25,12 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
+from bench_9b_shape import _PEAK_OF_CHILD  # noqa: E402
 from bench_export import make_9b_shape  # noqa: E402
-
-_PEAK_OF_CHILD = (
-    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)"
-)
 
 
 def real_270m(args: argparse.Namespace) -> dict:
