@@ -49,16 +49,21 @@ class Drift:
         self.D.addmm_(d.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
         self.n += m
 
+    def times(self, W: torch.Tensor) -> torch.Tensor:
+        """W D [O, I] in fp32 on D's device, for ``fp_target``."""
+        return W.to(self.D.device, torch.float32) @ self.D
 
-def fp_target(W: torch.Tensor, D: torch.Tensor, fac: InverseFactor) -> torch.Tensor:
-    """The dense weight W* = W + W D Hd⁻¹ [O, I] (fp32, on the factor's device).
+
+def fp_target(W: torch.Tensor, WD: torch.Tensor, fac: InverseFactor) -> torch.Tensor:
+    """The dense weight W* = W + W D Hd⁻¹ [O, I] (fp32, on the factor's device), from WD = ``Drift.times(W)``.
 
     GPTQ against the unquantized model (GPTQ v2 / GPTAQ): minimise ‖W X_fp − Q X‖² rather than ‖W X − Q X‖²
     (X: the quantized model's inputs, the rows of H; X_fp: the unquantized model's). Its least-squares
     solution is W* = W X_fp Xᵀ (X Xᵀ)⁻¹ = W + W D H⁻¹, and ‖W X_fp − Q X‖² = ‖(W* − Q) X‖² + const, so GPTQ
-    of W* against H minimises it. Hd⁻¹ = Uᵀ U in ``perm`` order. W* = W exactly when D = 0."""
+    of W* against H minimises it. Hd⁻¹ = Uᵀ U in ``perm`` order. W* = W exactly when D = 0. Taking W D
+    rather than D lets the caller free D [I, I] before H is factored."""
     W = W.to(fac.U.device, torch.float32)
-    M = (W @ D.to(W.device))[:, fac.perm]  # [O, I] in perm order
+    M = WD.to(W.device)[:, fac.perm]  # [O, I] in perm order
     M = (M @ fac.U.T) @ fac.U
     return W + M[:, torch.argsort(fac.perm)]
 

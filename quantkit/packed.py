@@ -87,3 +87,16 @@ def dense_linear(weight: torch.Tensor) -> nn.Linear:
     module = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     module.weight = nn.Parameter(weight, requires_grad=False)
     return module
+
+
+class CastLinear(nn.Module):
+    """A bias-free linear that keeps ``weight`` [O, I] in its stored dtype (e.g. a bf16 checkpoint's) and
+    casts it to the input's dtype for each call: the same products as a linear holding the cast copy, at the
+    stored dtype's memory."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))

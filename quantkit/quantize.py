@@ -38,7 +38,7 @@ from .gptq import Drift, GPTQResult, Hessian, fp_target, gptq_quantize, inverse_
 from .grid_refine import gptq_refined
 from .imatrix import ImportanceStats, write_imatrix
 from .model import LINEAR_NAMES, Gemma
-from .packed import PackedLinear, dense_linear
+from .packed import CastLinear, PackedLinear, dense_linear
 from .primitives import QuantizedWeight, rtn
 from .recipes import QuantizeOptions
 from .scale_search import rtn_searched
@@ -112,9 +112,10 @@ class _LayerCalibrator:
       h <- hm = h + post_attn_norm(o(a)); x2 = pre_ff_norm(hm) -> H(gate, up) -> quantize gate, up
       m  = gelu(gate(x2)) * up(x2)                   -> H(down)  -> quantize down
       h <- hm + post_ff_norm(down(m))  (m recomputed) -> the next layer's inputs
-    Dense linears are never loaded: each is read from disk when it is quantized, and its quantized
-    replacement is what the following steps run. Every operation on a batch is the one the whole-batch
-    order would do, so the result is bit-identical to it.
+    Each dense linear is read from disk when it is quantized, and its quantized replacement is what the
+    following steps run; only ``fp_targets``, whose unquantized path runs beside, holds the layer's dense
+    linears (in the checkpoint's dtype). Every operation on a batch is the one the whole-batch order would
+    do, so the result is bit-identical to it.
     """
 
     def __init__(self, model: Gemma, i: int, ckpt: Checkpoint, opts: QuantizeOptions, sdt, writer, run, device):
@@ -145,10 +146,13 @@ class _LayerCalibrator:
             imp = None if imp is None else imp.clone()  # H's storage is reused by its factor
             H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
         with self.sol:
+            wds = {n: drift.times(w) for n, w in ws.items()} if drift is not None else {}
+            if drift is not None:
+                drift.D = None  # [I, I]: gone before the factor needs its two I x I buffers
             fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
-                target = w.to(self.device) if drift is None else fp_target(w, drift.D, fac)
+                target = w.to(self.device) if drift is None else fp_target(w, wds.pop(name), fac)
                 res = self._solve(target, fac, grids[name], imp, H_kept)
             self.writer.add_quantized(p + name, res.weight)
             quantized = res.weight
@@ -186,56 +190,6 @@ class _LayerCalibrator:
             return gptq_refined(w, H_kept, o.spec, self.sdt, o.blocksize, o.damp, o.act_order, o.search, o.refine_iters)
         return gptq_quantize(w, fac, o.spec, self.sdt, o.blocksize, search=o.search, importance=imp)
 
-    @torch.no_grad()
-    def run(self, hs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """hs: this layer's inputs, one [B, T, H] per batch; replaced in place by the layer's outputs."""
-        ly, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
-        extras = ly.attention_inputs(hs[0])  # cos, sin, mask: the same for every batch
-        gelu = torch.nn.functional.gelu
-        hess = self._hessian(hs[0].shape[-1])
-        for h in hs:
-            with self.fwd:
-                x1 = ly.input_layernorm(h)
-            with self.hes:
-                hess.add(x1)
-        self._quantize(SUBSETS[0], hess)
-        a: list[torch.Tensor | None] = []
-        for h in hs:
-            with self.fwd:
-                a.append(attn.core(ly.input_layernorm(h), *extras))
-            if len(a) == 1:
-                hess = self._hessian(a[0].shape[-1])
-            with self.hes:
-                hess.add(a[-1])
-        self._quantize(SUBSETS[1], hess)
-        hess = self._hessian(hs[0].shape[-1])
-        for j in range(len(hs)):
-            with self.fwd:
-                hs[j] = hs[j] + ly.post_attention_layernorm(attn.o_proj(a[j]))  # hm
-                a[j] = None
-                x2 = ly.pre_feedforward_layernorm(hs[j])
-            with self.hes:
-                hess.add(x2)
-        del a
-        self._quantize(SUBSETS[2], hess)
-        hess = None
-        for hm in hs:
-            with self.fwd:
-                x2 = ly.pre_feedforward_layernorm(hm)
-                m = gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
-            if hess is None:
-                hess = self._hessian(m.shape[-1])
-            with self.hes:
-                hess.add(m)
-        del m
-        self._quantize(SUBSETS[3], hess)
-        for j in range(len(hs)):
-            with self.fwd:
-                x2 = ly.pre_feedforward_layernorm(hs[j])
-                m = gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
-                hs[j] = hs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m))
-        return hs
-
     @contextmanager
     def _using(self, modules: dict[str, torch.nn.Module]):
         """The layer with ``modules`` (keyed like LINEAR_NAMES) in place of its linears, then as it was."""
@@ -249,64 +203,76 @@ class _LayerCalibrator:
                 self.model.set_linear(self.i, n, m)
 
     @torch.no_grad()
-    def run_fp(self, hs: list[torch.Tensor], fs: list[torch.Tensor]) -> tuple[list, list]:
-        """``run`` calibrated against the unquantized model (``fp_targets``): ``fs`` are its hidden states
-        [B, T, H] per batch, carried beside the quantized model's ``hs``; each subset's inputs x (quantized
-        path) and x_fp (unquantized path, the layer's dense linears) give H and the drift D, and each linear
-        is quantized towards fp_target(W). Holds the layer's dense linears and both lists; both are replaced
-        in place by the layer's outputs."""
+    def run(self, hs: list[torch.Tensor], fs: list[torch.Tensor] | None = None) -> tuple[list, list | None]:
+        """hs: this layer's inputs, one [B, T, H] per batch; replaced in place by the layer's outputs.
+
+        With ``fs`` (``fp_targets``) the unquantized model's hidden states [B, T, H] per batch are carried
+        beside ``hs``: every step also runs on them with the layer's dense linears, each subset's inputs x
+        (quantized path) and x_fp (unquantized path) give H and the drift D, and each linear is quantized
+        towards fp_target(W); ``fs`` is replaced in place too. Without it the walk and its bytes are plain
+        GPTQ's."""
         ly, attn, mlp = self.layer, self.layer.self_attn, self.layer.mlp
         p = layer_prefix(self.i)
-        dense = {n: dense_linear(self.ckpt.get(f"{p}{n}.weight", check_finite=True).to(self.device, self.model.dtype))
-                 for n in LINEAR_NAMES}  # fmt: skip
-        extras = ly.attention_inputs(hs[0])
+        dense = None
+        if fs is not None:  # the checkpoint's dtype, cast per call: no fp32 copy of the layer
+            dense = {n: CastLinear(self.ckpt.get(f"{p}{n}.weight", check_finite=True).to(self.device))
+                     for n in LINEAR_NAMES}  # fmt: skip
+        extras = ly.attention_inputs(hs[0])  # cos, sin, mask: the same for every batch
         gelu = torch.nn.functional.gelu
 
-        def stats(pairs) -> tuple[Hessian, Drift]:
+        def both(fn, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """fn on batch j of the quantized path, and of the unquantized one when it is carried."""
+            with self.fwd:
+                x = fn(hs[j])
+                if dense is None:
+                    return x, None
+                with self._using(dense):
+                    return x, fn(fs[j])
+
+        def stats(pairs) -> tuple[Hessian, Drift | None]:
             hess = drift = None
             for x, x_fp in pairs:
                 if hess is None:
-                    hess, drift = self._hessian(x.shape[-1]), Drift(x.shape[-1], self.device)
+                    hess = self._hessian(x.shape[-1])
+                    drift = None if dense is None else Drift(x.shape[-1], self.device)
                 with self.hes:
                     hess.add(x)
-                    drift.add(x_fp, x)
+                    if drift is not None:
+                        drift.add(x_fp, x)
             return hess, drift
 
         def mlp_in(h: torch.Tensor) -> torch.Tensor:
             x2 = ly.pre_feedforward_layernorm(h)
             return gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
 
-        def both(fn, j: int):  # fn on the quantized path (batch j), then on the unquantized one
+        def residual(j: int, fn, x: tuple[torch.Tensor, torch.Tensor | None]) -> None:
             with self.fwd:
-                x = fn(hs[j])
-                with self._using(dense):
-                    return x, fn(fs[j])
+                hs[j] = hs[j] + fn(x[0])
+                if dense is not None:
+                    with self._using(dense):
+                        fs[j] = fs[j] + fn(x[1])
 
+        # Piecewise, batch by batch: only the hidden states (and, briefly, the attention outputs) are kept
         n = range(len(hs))
         self._quantize(SUBSETS[0], *stats(both(ly.input_layernorm, j) for j in n))
         a = [both(lambda h: attn.core(ly.input_layernorm(h), *extras), j) for j in n]
         self._quantize(SUBSETS[1], *stats(a))
         for j in n:
-            with self.fwd:
-                hs[j] = hs[j] + ly.post_attention_layernorm(attn.o_proj(a[j][0]))
-                with self._using(dense):
-                    fs[j] = fs[j] + ly.post_attention_layernorm(attn.o_proj(a[j][1]))
+            residual(j, lambda x: ly.post_attention_layernorm(attn.o_proj(x)), a[j])  # h <- hm
+            a[j] = None
         del a
         self._quantize(SUBSETS[2], *stats(both(ly.pre_feedforward_layernorm, j) for j in n))
-        self._quantize(SUBSETS[3], *stats(both(mlp_in, j) for j in n))
+        self._quantize(SUBSETS[3], *stats(both(mlp_in, j) for j in n))  # m recomputed, never all held
         for j in n:
-            m, m_fp = both(mlp_in, j)
-            with self.fwd:
-                hs[j] = hs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m))
-                with self._using(dense):
-                    fs[j] = fs[j] + ly.post_feedforward_layernorm(mlp.down_proj(m_fp))
+            residual(j, lambda m: ly.post_feedforward_layernorm(mlp.down_proj(m)), both(mlp_in, j))
         return hs, fs
 
 
 class _Run:
     """Where a run starts (0, or the layer a killed run had reached) and what it has recorded so far."""
 
-    def __init__(self, writer: ArtifactWriter, block_types: dict | None = None, imatrix: bool = False):
+    def __init__(self, writer: ArtifactWriter, device: str, block_types: dict | None = None, imatrix: bool = False):
+        self.device = device
         done = writer.resumed or {}
         self.start: int = done.get("layers_done", 0)
         self.stats: dict = done.get("stats", {})
@@ -317,8 +283,9 @@ class _Run:
     def end_layer(self, writer: ArtifactWriter, i: int, seconds: dict | None = None, inputs=None, fp=None) -> None:
         """Layer i is complete: its tensors go to disk as whole shards, with the next layer's inputs."""
         self.layers.append({"layer": i, **(seconds or {}), "peak_rss_gib": round(_peak_rss_bytes() / 2**30, 3)})
-        if torch.cuda.is_initialized():
-            self.layers[-1]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        gpu = _peak_gpu_bytes(self.device)
+        if gpu is not None:
+            self.layers[-1]["peak_gpu_gib"] = round(gpu / 2**30, 3)
         progress = {"layers_done": i + 1, "stats": self.stats, "layers": self.layers}
         saved = {} if inputs is None else {f"b{j:05d}": h for j, h in enumerate(inputs)}
         saved |= {} if fp is None else {f"f{j:05d}": h for j, h in enumerate(fp)}  # the unquantized model's
@@ -348,10 +315,7 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
         model.load_layer_norms(i, small)
         t0 = time.perf_counter()
         cal = _LayerCalibrator(model, i, ckpt, opts, sdt, writer, run, device)
-        if fps is None:
-            inps = cal.run(inps)
-        else:
-            inps, fps = cal.run_fp(inps, fps)
+        inps, fps = cal.run(inps, fps)
         cal.seconds["layer_s"] = time.perf_counter() - t0
         for name, t in small.items():
             writer.add(p + name, t)
@@ -401,7 +365,7 @@ def quantize_checkpoint(
     key = resume_key(ckpt, opts, sdt, device, gguf_type, imatrix_out is not None)
     bar = tqdm(total=n_layers, desc=f"{opts.method} layers", unit="layer", disable=not progress)
     with ArtifactWriter(out_dir, resume_key=key) as writer, bar:
-        run = _Run(writer, block_types, imatrix_out is not None)
+        run = _Run(writer, device, block_types, imatrix_out is not None)
         if run.start:
             bar.update(run.start)
             msg = f"quantkit: resuming at layer {run.start} of {n_layers} (work in progress in {writer.tmp})"

@@ -9,6 +9,7 @@ from conftest import CALIB_TEXT
 from safetensors.torch import load_file
 
 from quantkit.gptq import Drift, Hessian, fp_target, gptq_quantize, inverse_factor
+from quantkit.packed import CastLinear, dense_linear
 from quantkit.primitives import QuantSpec
 from quantkit.quantize import quantize_checkpoint
 from quantkit.recipes import resolve_options
@@ -34,7 +35,7 @@ def test_no_drift_gives_w_itself():
     h, d = _stats(x, x)
     assert torch.count_nonzero(d.D) == 0
     W = torch.randn(32, 128)
-    assert torch.equal(fp_target(W, d.D, inverse_factor(h, 0.01, actorder=True)), W)
+    assert torch.equal(fp_target(W, d.times(W), inverse_factor(h, 0.01, actorder=True)), W)
 
 
 def test_target_is_the_least_squares_weight():
@@ -43,7 +44,7 @@ def test_target_is_the_least_squares_weight():
     x = x_fp + 0.2 * _correlated(2048, 96, 2)
     h, d = _stats(x_fp, x)
     W = torch.randn(16, 96, dtype=torch.float64)
-    Ws = fp_target(W.float(), d.D, inverse_factor(h, 1e-6)).double()
+    Ws = fp_target(W.float(), d.times(W.float()), inverse_factor(h, 1e-6)).double()
     grad = (Ws @ x.double().T - W @ x_fp.double().T) @ x.double()  # [O, I]
     assert grad.norm() < 1e-3 * (W @ x_fp.double().T @ x.double()).norm()
 
@@ -59,7 +60,7 @@ def test_lowers_error_against_the_unquantized_outputs():
 
     plain = gptq_quantize(W, h.H, SPEC, actorder=True)  # H left unchanged
     fac = inverse_factor(h, 0.01, actorder=True)
-    v2 = gptq_quantize(fp_target(W, d.D, fac), fac, SPEC)
+    v2 = gptq_quantize(fp_target(W, d.times(W), fac), fac, SPEC)
     assert err(v2.weight) < 0.8 * err(plain.weight)
 
 
@@ -77,3 +78,15 @@ def test_first_subset_unchanged_then_differs(tiny_gemma2, tmp_path):
         assert torch.equal(a[f"{p}{m}.weight_packed"], b[f"{p}{m}.weight_packed"]), m
     assert not torch.equal(a[f"{p}mlp.down_proj.weight_packed"], b[f"{p}mlp.down_proj.weight_packed"])
     assert report["options"]["fp_targets"] is True
+
+
+def test_cast_linear_is_the_linear_of_its_cast_copy():
+    """The unquantized path keeps the checkpoint's bf16 weights and casts per call: the same products, bit
+    for bit, as a linear holding the fp32 copy (half the memory for a bf16 checkpoint)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, generator=g)
+    y = CastLinear(w)(x)
+    assert CastLinear(w).weight.dtype == torch.bfloat16
+    assert y.dtype == torch.float32
+    assert torch.equal(y, dense_linear(w.float())(x))
