@@ -203,14 +203,25 @@ def peer_rows(args, work: Path, model: Path, bins: Path, rows: list[dict], env: 
     cmd = [bins / "llama-perplexity", "-m", work / "model.q4_0.gguf", "-f", default_evaluation_text(), "-c", "512",
            "--chunks", args.chunks, "-t", args.threads]  # fmt: skip
     r = timed([str(c) for c in cmd], env)
-    m = re.findall(r"([\d.]+) tokens per second", r["err"] + r["stdout"])
-    if m:
-        extra["llama_perplexity_tok_s"] = float(m[0])
+    tok_s = perplexity_tokens_per_s(r["err"] + r["stdout"], args.chunks)
+    if tok_s is not None:
+        extra["llama_perplexity_tok_s"] = tok_s
         for row in rows if "eval" in extra else ():
             if row["step"].startswith("eval-ppl"):
-                row["peer"] = f"llama-perplexity on the Q4_0 file: {float(m[0]):.0f} tok/s (quantkit: " + (
+                row["peer"] = f"llama-perplexity on the Q4_0 file: {tok_s:.0f} tok/s (quantkit: " + (
                     f"{extra['eval']['tokens_per_s']:.0f} tok/s, both models)"
                 )
+
+
+def perplexity_tokens_per_s(log: str, chunks: int) -> float | None:
+    """llama-perplexity's speed from its log: it evaluates n_seq chunks of n_ctx tokens per pass and reports
+    the seconds of the first pass (it prints no tokens/s of its own)."""
+    seq = re.search(r"n_ctx=(\d+), batch_size=\d+, n_seq=(\d+)", log)
+    per_pass = re.search(r"([\d.]+) seconds per pass", log)
+    if seq is None or per_pass is None:
+        return None
+    n_ctx, n_seq = int(seq[1]), min(int(seq[2]), chunks)
+    return n_seq * n_ctx / float(per_pass[1])
 
 
 def table(args: argparse.Namespace, rows: list[dict], extra: dict) -> str:
