@@ -55,11 +55,10 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.out_features <= ROW_BLOCK:
             return F.linear(x, self.dequantized(dtype=x.dtype))
-        blocks = [
-            F.linear(x, self.dequantized(slice(r, r + ROW_BLOCK), x.dtype))
-            for r in range(0, self.out_features, ROW_BLOCK)
-        ]
-        return torch.cat(blocks, dim=-1)
+        out = x.new_empty((*x.shape[:-1], self.out_features))  # filled block by block: no second copy
+        for r in range(0, self.out_features, ROW_BLOCK):
+            out[..., r : r + ROW_BLOCK] = F.linear(x, self.dequantized(slice(r, r + ROW_BLOCK), x.dtype))
+        return out
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -241,9 +241,9 @@ class _LayerCalibrator:
                         drift.add(x_fp, x)
             return hess, drift
 
-        def mlp_in(h: torch.Tensor) -> torch.Tensor:
+        def mlp_in(h: torch.Tensor) -> torch.Tensor:  # gelu(gate(x2)) * up(x2), the product in place
             x2 = ly.pre_feedforward_layernorm(h)
-            return gelu(mlp.gate_proj(x2), approximate="tanh") * mlp.up_proj(x2)
+            return gelu(mlp.gate_proj(x2), approximate="tanh").mul_(mlp.up_proj(x2))
 
         def residual(j: int, fn, x: tuple[torch.Tensor, torch.Tensor | None]) -> None:
             with self.fwd:
