@@ -88,8 +88,9 @@ def choose_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and zero point) per row and group. w [O, I] -> scale [O, G], zero [O, G] int8 | None."""
     o, i = w.shape
-    wg = w.double().reshape(o, spec.groups(i), -1)  # [O, G, g]; fp64 so that rounding up is exact
-    return qparams_from_range(wg.amin(dim=-1).clamp(max=0.0), wg.amax(dim=-1).clamp(min=0.0), spec, scale_dtype)
+    wg = w.reshape(o, spec.groups(i), -1)  # [O, G, g]; each extreme is exact in fp64, where rounding up is exact
+    lo, hi = wg.amin(dim=-1).double().clamp(max=0.0), wg.amax(dim=-1).double().clamp(min=0.0)
+    return qparams_from_range(lo, hi, spec, scale_dtype)
 
 
 def qparams_from_range(

@@ -72,6 +72,9 @@ def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return wg - (c - z) * s
 
 
+SEARCH_ELEMENTS = 1 << 22  # weights searched per pass: bounds the [rows, G, g] fp32 temporaries to ~16 MB each
+
+
 def search_qparams(
     w: torch.Tensor,
     spec: QuantSpec,
@@ -82,21 +85,31 @@ def search_qparams(
     """Per row and group, the shrink of the min-max range with the least weighted error.
 
     w [O, I]; h None (unit weights), [I] (diag importance) or [G, g, g] (Hessian blocks) -> scale [O, G],
-    zero [O, G] int8 | None, in the same form as ``choose_qparams``."""
+    zero [O, G] int8 | None, in the same form as ``choose_qparams``. Rows are independent, so they are
+    searched a slice at a time."""
     o, i = w.shape
-    G = spec.groups(i)
-    w = w.float()
-    wg = w.double().reshape(o, G, -1)  # [O, G, g]
-    lo = wg.amin(dim=-1).clamp(max=0.0)
-    hi = wg.amax(dim=-1).clamp(min=0.0)
     h = None if h is None else h.to(w.device, torch.float32)
+    rows = max(1, SEARCH_ELEMENTS // i)
+    parts = [_search_rows(w[r : r + rows].float(), spec, scale_dtype, search, h) for r in range(0, o, rows)]
+    scale = torch.cat([sc for sc, _ in parts])
+    return scale, None if spec.sym else torch.cat([z for _, z in parts])
+
+
+def _search_rows(
+    w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search: ScaleSearch, h: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``search_qparams`` of the fp32 rows w [R, I]."""
+    o, i = w.shape
+    wg = w.reshape(o, spec.groups(i), -1)  # [R, G, g]
+    lo = wg.amin(dim=-1).double().clamp(max=0.0)  # a float32 extreme is exact in fp64
+    hi = wg.amax(dim=-1).double().clamp(min=0.0)
     best_scale, best_zero = qparams_from_range(lo, hi, spec, scale_dtype)
     best = _weighted_error(_rounding_error(w, best_scale, best_zero, spec), h)
     for k in range(1, search.steps):
         p = 1.0 - k * (1.0 - search.min_shrink) / (search.steps - 1)
         scale, zero = qparams_from_range(lo * p, hi * p, spec, scale_dtype)
         err = _weighted_error(_rounding_error(w, scale, zero, spec), h)
-        better = err < best  # [O, G]; strict, so ties keep the larger range
+        better = err < best  # [R, G]; strict, so ties keep the larger range
         best = torch.where(better, err, best)
         best_scale = torch.where(better, scale, best_scale)
         if zero is not None:
