@@ -42,9 +42,11 @@ class Drift:
         self.D = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
 
-    def add(self, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+    def add(self, x_fp: torch.Tensor, x: torch.Tensor, consume: bool = False) -> None:
+        """``consume``: x_fp is not needed afterwards, so x_fp − x may be formed in its storage."""
         x = x.reshape(-1, x.shape[-1]).to(self.D.device, torch.float32)  # [rows, I]
-        d = x_fp.reshape(x.shape).to(self.D.device, torch.float32) - x
+        x_fp = x_fp.reshape(x.shape).to(self.D.device, torch.float32)
+        d = x_fp.sub_(x) if consume else x_fp - x
         m = x.shape[0]
         self.D.addmm_(d.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
         self.n += m

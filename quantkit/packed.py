@@ -90,12 +90,18 @@ def dense_linear(weight: torch.Tensor) -> nn.Linear:
 
 class CastLinear(nn.Module):
     """A bias-free linear that keeps ``weight`` [O, I] in its stored dtype (e.g. a bf16 checkpoint's) and
-    casts it to the input's dtype for each call: the same products as a linear holding the cast copy, at the
-    stored dtype's memory."""
+    casts it to the input's dtype for each call, a block of rows at a time: the products of a linear
+    holding the cast copy, at the stored dtype's memory."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # cast ROW_BLOCK rows at a time, as PackedLinear
+        o = self.weight.shape[0]
+        if o <= ROW_BLOCK:
+            return F.linear(x, self.weight.to(x.dtype))
+        out = x.new_empty((*x.shape[:-1], o))
+        for r in range(0, o, ROW_BLOCK):
+            out[..., r : r + ROW_BLOCK] = F.linear(x, self.weight[r : r + ROW_BLOCK].to(x.dtype))
+        return out

@@ -15,6 +15,7 @@ Ctrl-C removes the directory instead.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import resource
@@ -124,6 +125,7 @@ class _LayerCalibrator:
         self.seconds = dict.fromkeys(("forward_s", "hessian_s", "solver_s", "diagnostics_s"), 0.0)
         self.fwd, self.hes = _Timer(self.seconds, "forward_s"), _Timer(self.seconds, "hessian_s")
         self.sol, self.dia = _Timer(self.seconds, "solver_s"), _Timer(self.seconds, "diagnostics_s")
+        self.peaks: dict[str, float] = {}  # the process's peak RSS (GiB) once each subset is quantized
 
     def _quantize(self, names: tuple[str, ...], hess: Hessian, drift: Drift | None = None) -> None:
         """Quantize the linears ``names`` (one subset: they read the same input, whose Hessian is ``hess``);
@@ -170,6 +172,7 @@ class _LayerCalibrator:
                 }
                 if grids[name] is not None:
                     self.run_state.stats[p + name]["ggml_type"] = grids[name].qtype.name
+        self.peaks["+".join(n.split(".")[-1] for n in names)] = round(_peak_rss_bytes() / 2**30, 3)
 
     def _grid(self, path: str, w: torch.Tensor, H: torch.Tensor) -> BlockGrid | None:
         """The fixed ggml grid this linear is rounded onto when the target is a GGUF type (else None),
@@ -229,7 +232,8 @@ class _LayerCalibrator:
                 with self._using(dense):
                     return x, fn(fs[j])
 
-        def stats(pairs) -> tuple[Hessian, Drift | None]:
+        def stats(pairs, consume: bool = True) -> tuple[Hessian, Drift | None]:
+            """H (and D) of the pairs; ``consume``: the unquantized inputs are not used again."""
             hess = drift = None
             for x, x_fp in pairs:
                 if hess is None:
@@ -238,7 +242,7 @@ class _LayerCalibrator:
                 with self.hes:
                     hess.add(x)
                     if drift is not None:
-                        drift.add(x_fp, x)
+                        drift.add(x_fp, x, consume)
             return hess, drift
 
         def mlp_in(h: torch.Tensor) -> torch.Tensor:  # gelu(gate(x2)) * up(x2), the product in place
@@ -256,7 +260,7 @@ class _LayerCalibrator:
         n = range(len(hs))
         self._quantize(SUBSETS[0], *stats(both(ly.input_layernorm, j) for j in n))
         a = [both(lambda h: attn.core(ly.input_layernorm(h), *extras), j) for j in n]
-        self._quantize(SUBSETS[1], *stats(a))
+        self._quantize(SUBSETS[1], *stats(a, consume=False))  # a feeds the residual below
         for j in n:
             residual(j, lambda x: ly.post_attention_layernorm(attn.o_proj(x)), a[j])  # h <- hm
             a[j] = None
@@ -294,6 +298,7 @@ class _Run:
 
 def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter, sdt, bar, device, run) -> None:
     cfg = ckpt.config
+    _unmap_large_frees()
     model = Gemma(cfg, _DTYPES[opts.calib_dtype], device)
     if run.start:
         saved = writer.resumed_tensors()
@@ -320,8 +325,21 @@ def _gptq_layers(ckpt: Checkpoint, opts: QuantizeOptions, writer: ArtifactWriter
         for name, t in small.items():
             writer.add(p + name, t)
         model.unload_layer(i)
-        run.end_layer(writer, i, {k: round(v, 3) for k, v in cal.seconds.items()}, inps, fps)
+        stats = {**{k: round(v, 3) for k, v in cal.seconds.items()}, "peak_rss_gib_by_step": cal.peaks}
+        run.end_layer(writer, i, stats, inps, fps)
         bar.update(1)
+
+
+def _unmap_large_frees(threshold: int = 4 << 20) -> None:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own and unmap it when freed.
+
+    By default glibc raises its mmap threshold adaptively (up to 32 MB), so the many few-MB temporaries
+    of a calibration pass come from its heaps, and freed heap blocks stay resident: RSS then sits well
+    above what is alive. Fixing the threshold returns them at once. A no-op where libc has no mallopt."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _peak_rss_bytes() -> int:

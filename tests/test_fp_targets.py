@@ -8,6 +8,7 @@ import torch
 from conftest import CALIB_TEXT
 from safetensors.torch import load_file
 
+from quantkit import packed
 from quantkit.gptq import Drift, Hessian, fp_target, gptq_quantize, inverse_factor
 from quantkit.packed import CastLinear, dense_linear
 from quantkit.primitives import QuantSpec
@@ -80,9 +81,10 @@ def test_first_subset_unchanged_then_differs(tiny_gemma2, tmp_path):
     assert report["options"]["fp_targets"] is True
 
 
-def test_cast_linear_is_the_linear_of_its_cast_copy():
+def test_cast_linear_is_the_linear_of_its_cast_copy(monkeypatch):
     """The unquantized path keeps the checkpoint's bf16 weights and casts per call: the same products, bit
-    for bit, as a linear holding the fp32 copy (half the memory for a bf16 checkpoint)."""
+    for bit, as a linear holding the fp32 copy (half the memory for a bf16 checkpoint); wide weights are
+    cast a block of rows at a time."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
     x = torch.randn(2, 5, 64, generator=g)
@@ -90,3 +92,5 @@ def test_cast_linear_is_the_linear_of_its_cast_copy():
     assert CastLinear(w).weight.dtype == torch.bfloat16
     assert y.dtype == torch.float32
     assert torch.equal(y, dense_linear(w.float())(x))
+    monkeypatch.setattr(packed, "ROW_BLOCK", 16)  # three row blocks
+    torch.testing.assert_close(CastLinear(w)(x), y, rtol=1e-6, atol=1e-6)

@@ -73,7 +73,8 @@ def test_weighted_search_lowers_rtn_output_error(spec):
 @pytest.mark.parametrize("actorder", [False, True])
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]], ids=str)
 def test_search_lowers_gptq_output_error(spec, actorder):
-    """Symmetric grids (the recipes'); on asymmetric ones with act-order the gain is not reliable."""
+    """Symmetric grids (int4-g32-gptq's, int4-g128-gptq-sym's); on asymmetric ones with act-order the gain on
+    these synthetic inputs is not reliable."""
     w, H = _correlated()
     base = output_error(w, gptq_quantize(w, H, spec, actorder=actorder).weight.dequantize(), H)
     for objective in ("diag", "block"):
