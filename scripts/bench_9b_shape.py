@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NINE_B = {
@@ -246,6 +245,19 @@ def layer_lines(layers: list[dict]) -> list[str]:
     ]
 
 
+def write_checkpoint(path: Path, layers: int) -> Path:
+    """The random 9B-shaped checkpoint, written by a child process. On Linux a process's peak RSS
+    (ru_maxrss) carries over through fork and exec, so if this process generated the 1.8 GB embedding
+    itself, every step started from it would report at least that generation's peak."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from make_tiny_checkpoint import make_tiny_checkpoint; "
+        "from bench_9b_shape import NINE_B; "
+        "make_tiny_checkpoint(sys.argv[2], 'gemma2', num_hidden_layers=int(sys.argv[3]), **NINE_B)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(path), str(layers)], check=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=42)
@@ -267,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             model = Path(args.model)
         else:
             t0 = time.perf_counter()
-            model = make_tiny_checkpoint(work / "m", "gemma2", num_hidden_layers=args.layers, **NINE_B)
+            model = write_checkpoint(work / "m", args.layers)
             print(
                 f"random 9B-shaped checkpoint, {args.layers} layers: {time.perf_counter() - t0:.0f} s", file=sys.stderr
             )
