@@ -13,7 +13,8 @@ Prints one table (size, bits/weight, ppl, dppl %, KLD mean/p99, top-1; llama.cpp
 writes the plot; --json for the rows.
 
     python scripts/bench_compare.py [--model DIR] [--llama-bin build/llama.cpp/bin] [--chunks 40] \\
-        [--nsamples 64] [--types q4_0,q3_k_m,q4_k_m] [--recipes int4-g128-rtn,int4-g128-gptq] [--out build/compare]
+        [--nsamples 64] [--types q4_0,q3_k_m,q4_k_m] [--out build/compare] \\
+        [--recipes int4-g128-rtn,int4-g128-gptq-sym,int4-g128-gptq]
 
 The imported 270M is itself a Q4_K_M mix whose weights already lie on the Q4_K/Q6_K/Q5_0/Q8_0 grids, so
 re-quantizing to the Q4_K family is nearly lossless by construction there: judge on Q4_0, Q3_K_M and int4.
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--types", default="q4_0,q3_k_m,q4_k_m")
-    ap.add_argument("--recipes", default="int4-g128-rtn,int4-g128-gptq")
+    ap.add_argument("--recipes", default="int4-g128-rtn,int4-g128-gptq-sym,int4-g128-gptq")
     ap.add_argument("--gguf-recipe", default="int4-g128-gptq")
     ap.add_argument("--out", default="build/compare")
     ap.add_argument("--json", action="store_true")
