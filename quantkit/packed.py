@@ -8,6 +8,8 @@ between calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +31,17 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     lo = (packed & 0x0F).to(torch.int8) - 8
     hi = (packed >> 4).to(torch.int8) - 8
     return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
+
+
+def blocked_linear(x: torch.Tensor, out_features: int, rows_of: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """y = x · Wᵀ where ``rows_of(rows)`` gives W's rows [r, I] in x's dtype: a weight wider than ROW_BLOCK
+    rows is materialised ROW_BLOCK rows at a time, each product written into one preallocated output."""
+    if out_features <= ROW_BLOCK:
+        return F.linear(x, rows_of(slice(None)))
+    out = x.new_empty((*x.shape[:-1], out_features))
+    for r in range(0, out_features, ROW_BLOCK):
+        out[..., r : r + ROW_BLOCK] = F.linear(x, rows_of(slice(r, r + ROW_BLOCK)))
+    return out
 
 
 class PackedLinear(nn.Module):
@@ -53,12 +66,7 @@ class PackedLinear(nn.Module):
         return self.quantized_weight(rows).dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_features <= ROW_BLOCK:
-            return F.linear(x, self.dequantized(dtype=x.dtype))
-        out = x.new_empty((*x.shape[:-1], self.out_features))  # filled block by block: no second copy
-        for r in range(0, self.out_features, ROW_BLOCK):
-            out[..., r : r + ROW_BLOCK] = F.linear(x, self.dequantized(slice(r, r + ROW_BLOCK), x.dtype))
-        return out
+        return blocked_linear(x, self.out_features, lambda rows: self.dequantized(rows, x.dtype))
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -97,11 +105,5 @@ class CastLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # cast ROW_BLOCK rows at a time, as PackedLinear
-        o = self.weight.shape[0]
-        if o <= ROW_BLOCK:
-            return F.linear(x, self.weight.to(x.dtype))
-        out = x.new_empty((*x.shape[:-1], o))
-        for r in range(0, o, ROW_BLOCK):
-            out[..., r : r + ROW_BLOCK] = F.linear(x, self.weight[r : r + ROW_BLOCK].to(x.dtype))
-        return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blocked_linear(x, self.weight.shape[0], lambda rows: self.weight[rows].to(x.dtype))

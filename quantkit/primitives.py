@@ -87,10 +87,15 @@ def choose_qparams(
     w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and zero point) per row and group. w [O, I] -> scale [O, G], zero [O, G] int8 | None."""
+    return qparams_from_range(*group_range(w, spec), spec, scale_dtype)
+
+
+def group_range(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row and group's range widened to hold 0: w [O, I] -> lo <= 0 <= hi, fp64 [O, G] (a weight's
+    extreme is exact in fp64, where ``qparams_from_range`` rounds up exactly)."""
     o, i = w.shape
-    wg = w.reshape(o, spec.groups(i), -1)  # [O, G, g]; each extreme is exact in fp64, where rounding up is exact
-    lo, hi = wg.amin(dim=-1).double().clamp(max=0.0), wg.amax(dim=-1).double().clamp(min=0.0)
-    return qparams_from_range(lo, hi, spec, scale_dtype)
+    wg = w.reshape(o, spec.groups(i), -1)  # [O, G, g]
+    return wg.amin(dim=-1).double().clamp(max=0.0), wg.amax(dim=-1).double().clamp(min=0.0)
 
 
 def qparams_from_range(

@@ -148,8 +148,9 @@ class _LayerCalibrator:
             imp = None if imp is None else imp.clone()  # H's storage is reused by its factor
             H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
         with self.sol:
-            wds = {n: drift.times(w) for n, w in ws.items()} if drift is not None else {}
+            wds = {}
             if drift is not None:
+                wds = {n: drift.times(w) for n, w in ws.items()}
                 drift.D = None  # [I, I]: gone before the factor needs its two I x I buffers
             fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
         for name, w in ws.items():

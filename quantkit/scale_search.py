@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QuantkitError
-from .primitives import QuantizedWeight, QuantSpec, choose_qparams, qparams_from_range, quantize
+from .primitives import QuantizedWeight, QuantSpec, choose_qparams, group_range, qparams_from_range, quantize
 
 OBJECTIVES = ("minmax", "unit", "diag", "block")
 
@@ -99,10 +99,7 @@ def _search_rows(
     w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search: ScaleSearch, h: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``search_qparams`` of the fp32 rows w [R, I]."""
-    o, i = w.shape
-    wg = w.reshape(o, spec.groups(i), -1)  # [R, G, g]
-    lo = wg.amin(dim=-1).double().clamp(max=0.0)  # a float32 extreme is exact in fp64
-    hi = wg.amax(dim=-1).double().clamp(min=0.0)
+    lo, hi = group_range(w, spec)  # [R, G]
     best_scale, best_zero = qparams_from_range(lo, hi, spec, scale_dtype)
     best = _weighted_error(_rounding_error(w, best_scale, best_zero, spec), h)
     for k in range(1, search.steps):
