@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from quantkit.kquants import quantize_q4_k, quantize_q6_k
+from quantkit.kquants import Scratch, quantize_q4_k, quantize_q6_k
 
 GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 # no reference quantizer here: quantkit's own grid search (block_grids) with unit weights
@@ -46,24 +48,35 @@ def _check_rows(x: np.ndarray, qtype: QT) -> None:
         raise ValueError(f"row length {x.shape[1]} is not a multiple of {qtype.name}'s block {blk}")
 
 
+class NonFiniteError(ValueError):
+    """The weights given to a quantizer hold NaN or inf."""
+
+
+def _finite(a: np.ndarray) -> bool:
+    """Whether float32 ``a`` holds no NaN or inf: its sum is finite exactly then, unless finite values
+    overflow it, and only such a sum is checked element by element."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.add.reduce(a, axis=None))) or bool(np.isfinite(a).all())
+
+
 def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
-    """K-quant rows chunk by chunk; a torch tensor (any float dtype) is converted to float32 per chunk."""
+    """K-quant rows chunk by chunk (a torch tensor of any float dtype is converted to float32 per chunk);
+    raises NonFiniteError on NaN or inf."""
     R, n = x.shape
     blocks = x.reshape(-1, 256)  # [R * n/256, 256]: super-blocks in row order
     out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    ws = Scratch()  # this call's buffers, reused by every chunk
+    f32 = torch.empty(min(CHUNK_BLOCKS, blocks.shape[0]), 256) if isinstance(x, torch.Tensor) else None
     for s in range(0, blocks.shape[0], CHUNK_BLOCKS):
         chunk = blocks[s : s + CHUNK_BLOCKS]
-        chunk = chunk.float().numpy() if isinstance(chunk, torch.Tensor) else chunk
-        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](chunk)
+        chunk = f32[: chunk.shape[0]].copy_(chunk).numpy() if f32 is not None else chunk
+        if not _finite(chunk):
+            raise NonFiniteError("NaN or inf in the weights")
+        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](chunk, ws)
     return out.reshape(R, row_bytes(qtype, n))
 
 
 # ------------------------------------------------------------------ Q8_0 / Q4_0 in torch
-
-
-def _fp16_le(d: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 1] -> uint8 [B, 2]: IEEE half, round to nearest even, little-endian (x86 / arm64)."""
-    return d.to(torch.float16).view(torch.uint8)
 
 
 # roundf(v) = trunc(v + copysign(H, v)) with H the float32 just below 0.5: an exact tie v = k + 0.5 reaches
@@ -71,15 +84,42 @@ def _fp16_le(d: torch.Tensor) -> torch.Tensor:
 _BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
 
 
-def quantize_q8_0_torch(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 32] blocks (lo, hi [B, 1]: their min and max) -> uint8 [B, 34]: d = amax/127 (fp32),
-    id = 1/d, code = roundf(x*id) (halves away from zero), d stored as fp16. Overwrites x."""
+@dataclass
+class _Scratch:
+    """Buffers one chunk of B blocks reuses: a fresh multi-MB tensor per op costs its page faults again."""
+
+    x: torch.Tensor  # float32 [B, 32]: the blocks, overwritten by the quantizer
+    t: torch.Tensor  # float32 [B, 32]
+    q: torch.Tensor  # int8 [B, 32]
+
+    @classmethod
+    def of(cls, B: int) -> _Scratch:
+        return cls(torch.empty(B, 32), torch.empty(B, 32), torch.empty(B, 32, dtype=torch.int8))
+
+    def view(self, B: int) -> _Scratch:
+        return _Scratch(self.x[:B], self.t[:B], self.q[:B])
+
+
+def _store_fp16(out: torch.Tensor, d: torch.Tensor) -> None:
+    """float32 [B, 1] -> out uint8 [B, 2]: IEEE half, round to nearest even, little-endian (x86 / arm64)."""
+    out.copy_(d.to(torch.float16).view(torch.uint8))
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d, and 0 where d == 0 (ggml's `id = d ? 1.0f/d : 0.0f`)."""
+    return (1.0 / d).masked_fill_(d == 0, 0.0)
+
+
+def quantize_q8_0_torch(s: _Scratch, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> None:
+    """Blocks s.x (lo, hi [B, 1]: their min and max) -> out uint8 [B, 34]: d = amax/127 (fp32), id = 1/d,
+    code = roundf(x*id) (halves away from zero), d stored as fp16. Overwrites s."""
     amax = torch.maximum(hi, lo.neg()).abs_()  # max |x|; abs_: +0.0 for an all-zero block, as C's fabsf
     d = amax / torch.full_like(amax, 127.0)  # a true division (ATen may turn "/ scalar" into "* (1/127)")
-    inv = (1.0 / d).masked_fill_(d == 0, 0.0)
-    v = x.mul_(inv)  # x is the caller's scratch copy
-    v += v.sign().mul_(_BELOW_HALF)
-    return torch.cat([_fp16_le(d), v.to(torch.int8).view(torch.uint8)], dim=1)  # the cast truncates
+    v = s.x.mul_(_inverse(d))
+    v += torch.sign(v, out=s.t).mul_(_BELOW_HALF)
+    s.q.copy_(v)  # the cast truncates
+    _store_fp16(out[:, :2], d)
+    out[:, 2:].copy_(s.q.view(torch.uint8))
 
 
 def _signed_absmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -94,45 +134,50 @@ def _signed_absmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch
     return m
 
 
-def quantize_q4_0_torch(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 32] blocks (lo, hi [B, 1]: their min and max) -> uint8 [B, 18]: m = the signed element of
+def quantize_q4_0_torch(s: _Scratch, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> None:
+    """Blocks s.x (lo, hi [B, 1]: their min and max) -> out uint8 [B, 18]: m = the signed element of
     largest magnitude (the first on ties; +0 when the block is all zeros), d = m / -8, id = 1/d,
     code = min(15, trunc(x*id + 8.5)); byte j holds element j (low nibble) and element j + 16 (high).
-    Overwrites x."""
-    d = _signed_absmax(x, lo, hi) / -8.0  # an all-zero block stores d = -0.0, as C does
-    inv = (1.0 / d).masked_fill_(d == 0, 0.0)
+    Overwrites s."""
+    d = _signed_absmax(s.x, lo, hi) / -8.0  # an all-zero block stores d = -0.0, as C does
     # C casts to int8_t (truncation; on x86 inf/NaN from a tiny subnormal d become 0), then takes min(15, .)
-    v = x.mul_(inv)  # x is the caller's scratch copy
-    q = v.add_(8.5).to(torch.int8).clamp_(max=15).view(torch.uint8)  # [B, 32] in 0..15
-    q64 = q.view(torch.int64)  # [B, 4]: elements 0-7, 8-15 | 16-23, 24-31; a nibble << 4 stays in its byte
-    packed = (q64[:, :2] | (q64[:, 2:] << 4)).view(torch.uint8)  # [B, 16]
-    return torch.cat([_fp16_le(d), packed], dim=1)
+    s.q.copy_(s.x.mul_(_inverse(d)).add_(8.5))
+    q64 = s.q.clamp_(max=15).view(torch.int64)  # [B, 4]: elements 0-7, 8-15 | 16-23, 24-31, 0..15 each
+    _store_fp16(out[:, :2], d)
+    out[:, 2:].copy_((q64[:, :2] | (q64[:, 2:] << 4)).view(torch.uint8))  # [B, 16]
 
 
 TORCH_QUANTIZERS = {QT.Q8_0: quantize_q8_0_torch, QT.Q4_0: quantize_q4_0_torch}
 TORCH_CHUNK_BLOCKS = 16384  # 512K weights per torch pass: fastest of 1K-64K blocks (per-op overhead vs. cache)
 
 
-class NonFiniteError(ValueError):
-    """The weights given to a quantizer hold NaN or inf."""
+def _all_finite(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Whether blocks with these mins and maxes hold no NaN or inf: a block's min or max is NaN or infinite
+    exactly then. One sum decides the common case; only a sum that overflows looks element by element."""
+    if math.isfinite(float(lo.sum()) + float(hi.sum())):
+        return True
+    return bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
 
 
 def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
     """float [R, n] (float32, bf16 or fp16: converted chunk by chunk) -> uint8 [R, row_bytes], for Q8_0 / Q4_0
-    (torch) and the K-quants (numpy). Q8_0 / Q4_0 raise NonFiniteError on NaN or inf: each block's min and
-    max, which both need, are NaN or infinite exactly then (so no separate pass checks the input)."""
+    (torch) and the K-quants (numpy). Raises NonFiniteError on NaN or inf: Q8_0 / Q4_0 see them in each
+    block's min and max, which both need (so no separate pass checks the input), the K-quants in a sum."""
     if qtype in K_QUANTIZERS:
         return torch.from_numpy(_quantize_k(x, qtype))
     R, n = x.shape
     blocks = x.reshape(-1, 32)  # [R * n/32, 32]
     out = torch.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8)
-    fn = TORCH_QUANTIZERS[qtype]
+    fn, scratch = TORCH_QUANTIZERS[qtype], _Scratch.of(min(TORCH_CHUNK_BLOCKS, blocks.shape[0]))
     for s in range(0, blocks.shape[0], TORCH_CHUNK_BLOCKS):
-        b = blocks[s : s + TORCH_CHUNK_BLOCKS].to(torch.float32, copy=True)  # a scratch copy, overwritten
-        lo, hi = torch.aminmax(b, dim=1, keepdim=True)
-        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        src = blocks[s : s + TORCH_CHUNK_BLOCKS]
+        buf = scratch.view(src.shape[0])
+        buf.x.copy_(src)
+        # amax and amin separately: aminmax over a 32-wide row is ~5x slower than the two
+        hi, lo = buf.x.amax(dim=1, keepdim=True), buf.x.amin(dim=1, keepdim=True)
+        if not _all_finite(lo, hi):
             raise NonFiniteError("NaN or inf in the weights")
-        out[s : s + TORCH_CHUNK_BLOCKS] = fn(b, lo, hi)
+        fn(buf, lo, hi, out[s : s + src.shape[0]])
     return out.reshape(R, row_bytes(qtype, n))
 
 

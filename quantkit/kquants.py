@@ -4,8 +4,12 @@ gguf-py can dequantize these types but has no quantizer for them.
 
 Byte equality with libggml needs float32 arithmetic in C order. Both quantizers therefore lay a
 sub-block's elements out along axis 0 -- arrays are [n, S] for S sub-blocks of n elements -- and every sum
-runs as an explicit loop over axis 0 (`_csum`), vectorised over all S sub-blocks at once. Each product is
-formed in the C order too, e.g. `(w * l) * x`. Rounding is ggml's `nearest_int`, round half to even.
+runs as a loop over axis 0, vectorised over all S sub-blocks at once. Each product is formed in the C
+order too, e.g. `(w * l) * x`. Rounding is ggml's `nearest_int`, round half to even.
+
+Speed: each trial of the scale searches is a handful of passes over [n, S] buffers that a `Scratch` keeps
+from chunk to chunk (a fresh multi-MB array per pass costs its page faults every time), and each
+sum of products is one `einsum` pass (`_dot`) instead of a product pass plus a sum pass.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml's threshold for an all-zero group
 
 
+class Scratch:
+    """Named float32 buffers, grown on demand and reused: one per thread (a job's chunks share it)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        size = int(np.prod(shape))
+        buf = self._flat.get(name)
+        if buf is None or buf.size < size:
+            buf = self._flat[name] = np.empty(size, dtype=F32)
+        return buf[:size].reshape(shape)
+
+
 def _csum(a: np.ndarray) -> np.ndarray:
     """Sum over axis 0 in index order, in float32: a C `for` loop, vectorised over the other axes.
 
@@ -27,6 +45,14 @@ def _csum(a: np.ndarray) -> np.ndarray:
     (pairwise summation applies only along the inner, contiguous axis), which is exactly this loop; the
     byte-equality tests against libggml would catch any other order."""
     return np.add.reduce(a, axis=0)
+
+
+def _dot(*factors: np.ndarray) -> np.ndarray:
+    """sum over axis 0 of the product of [n, S] factors: for each column, a C loop `s += (a*b)*c` in index
+    order, float32 products multiplied left to right -- einsum's sum-of-products loop does exactly that
+    in one pass (the byte-equality tests against libggml check it)."""
+    spec = ",".join("ij" for _ in factors) + "->j"
+    return np.einsum(spec, *factors)
 
 
 def _nearest(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -39,56 +65,67 @@ def _fp16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype(np.float16).astype("<f2").view(np.uint8).reshape(-1, 2)
 
 
+def _columns(x: np.ndarray, n: int, ws: Scratch) -> np.ndarray:
+    """float32 [B, 256] -> [n, 256B/n]: each n-element sub-block becomes a column (a scratch copy)."""
+    xs = ws.get("xs", (n, x.size // n))
+    np.copyto(xs, x.reshape(-1, n).T)
+    return xs
+
+
 # ---------------------------------------------------------------------------------------------- Q4_K
 
 
-def _qkx2(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _qkx2(x: np.ndarray, w: np.ndarray, ws: Scratch) -> tuple[np.ndarray, ...]:
     """ggml make_qkx2_quants(nmax=15, rmin=-1, rdelta=0.1, nstep=20, squared error).
 
-    x, w: [32, S] -> scale [S], min [S] (>= 0; value = scale*L - min), codes L [32, S] in 0..15.
-    Fits x ~ a*L + b by weighted least squares for 21 trial inverse scales and keeps the best.
+    x, w: [32, S] -> scale [S], min [S] (>= 0; value = scale*L - min), and what the codes L (0..15) are
+    recomputed from where a caller needs them: the best trial's inverse scale and offset [S], and the
+    flat sub-blocks (all codes 0). Fits x ~ a*L + b by weighted least squares for 21 trial inverse scales
+    and keeps the best.
     """
     lo = np.minimum(x.min(axis=0), 0)  # [S]
     hi = x.max(axis=0)
     flat = hi == lo  # all codes 0, scale 0, min -lo
     lo = np.where(flat, hi - 1, lo)  # keeps hi - lo non-zero; flat results are overwritten at the end
-    sum_w, sum_x = _csum(w), _csum(w * x)
+    sum_w, sum_x = _csum(w), _dot(w, x)
+
+    la, tmp = ws.get("la", x.shape), ws.get("tmp", x.shape)  # [32, S] scratch
+
+    def codes(iscale: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        return _nearest(np.multiply(iscale, np.subtract(x, lo, out=la), out=la), 0, 15)
+
+    def error(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # sum w * (a*L + b - x)^2
+        diff = np.subtract(np.add(np.multiply(a, la, out=tmp), b, out=tmp), x, out=tmp)
+        return _dot(w, np.multiply(diff, diff, out=tmp))
 
     iscale = F32(15) / (hi - lo)
     scale = F32(1) / iscale
-    L = _nearest(iscale * (x - lo), 0, 15)
-    diff = scale * L + lo - x
-    best = _csum(w * (diff * diff))
-    # the codes of the best step are recomputed once at the end from that step's inverse scale and min
+    codes(iscale, lo)
+    best = error(scale, lo)
+    # the codes of the best step are recomputed by the caller, only where it needs them
     best_is, best_lo = iscale, lo.copy()
-    la, wl, tmp = np.empty_like(x), np.empty_like(x), np.empty_like(x)  # [32, S] scratch, reused
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for step in range(21):
             # as in C, later steps measure from the best min found so far
             iscale = (F32(-1) + F32(0.1) * F32(step) + F32(15)) / (hi - lo)
-            np.multiply(iscale, np.subtract(x, lo, out=la), out=la)
-            _nearest(la, 0, 15)
-            np.multiply(w, la, out=wl)
-            sum_l, sum_l2, sum_xl = _csum(wl), _csum(np.multiply(wl, la, out=tmp)), _csum(np.multiply(wl, x, out=tmp))
+            codes(iscale, lo)
+            sum_l, sum_l2, sum_xl = _dot(w, la), _dot(w, la, la), _dot(w, la, x)  # C: w*l, w*l*l, w*l*x
             D = sum_w * sum_l2 - sum_l * sum_l
             a = (sum_w * sum_xl - sum_x * sum_l) / D
             b = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = b > 0  # the min may not be positive: refit the scale with b = 0
             a = np.where(clamp, sum_xl / sum_l2, a)
             b = np.where(clamp, F32(0), b)
-            diff = np.subtract(np.add(np.multiply(a, la, out=tmp), b, out=tmp), x, out=tmp)  # a*L + b - x
-            err = _csum(np.multiply(w, np.multiply(diff, diff, out=tmp), out=tmp))
+            err = error(a, b)
             better = (D > 0) & (err < best)
             np.copyto(best_is, iscale, where=better)
             np.copyto(best_lo, lo, where=better)
             np.copyto(best, err, where=better)
             np.copyto(scale, a, where=better)
             np.copyto(lo, b, where=better)
-        L = _nearest(best_is * (x - best_lo), 0, 15)
     scale = np.where(flat, F32(0), scale)
     lo = np.where(flat, np.minimum(hi, 0), lo)
-    L = np.where(flat, F32(0), L)
-    return scale, -lo, L
+    return scale, -lo, best_is, best_lo, flat
 
 
 def _pack_q4_k_scales(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -105,12 +142,15 @@ def _to_6bit(v: np.ndarray, inv: np.ndarray) -> np.ndarray:
     return np.minimum(q, 63).astype(np.uint8)
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+def quantize_q4_k(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
     """float32 [B, 256] super-blocks -> uint8 [B, 144] Q4_K blocks."""
+    ws = ws or Scratch()
     B = x.shape[0]
-    xs = np.ascontiguousarray(x.reshape(B * 8, 32).T)  # [32, 8B]: sub-block elements on axis 0
-    av_x = np.sqrt(_csum(xs * xs) / F32(32))  # [8B]
-    scale, mn, L = _qkx2(xs, av_x + np.abs(xs))  # importance weights sqrt(mean x^2) + |x|
+    xs = _columns(x, 32, ws)  # [32, 8B]: sub-block elements on axis 0
+    av_x = np.sqrt(_dot(xs, xs) / F32(32))  # [8B]
+    w = np.abs(xs, out=ws.get("w", xs.shape))
+    w += av_x  # importance weights sqrt(mean x^2) + |x|
+    scale, mn, best_is, best_lo, flat = _qkx2(xs, w, ws)
     scale, mn = scale.reshape(B, 8), mn.reshape(B, 8)
 
     max_scale = np.maximum(scale.max(axis=1), 0)  # [B]
@@ -121,15 +161,19 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
     d16 = (max_scale / F32(63)).astype(np.float16)
     dmin16 = (max_min / F32(63)).astype(np.float16)
 
-    # re-quantize with the stored (fp16-rounded, 6-bit) scales; sub-blocks with d = 0 keep the search codes
+    # re-quantize with the stored (fp16-rounded, 6-bit) scales
     d = (d16.astype(F32)[:, None] * ls.astype(F32))[:, :, None]  # [B, 8, 1]
     dm = (dmin16.astype(F32)[:, None] * lm.astype(F32))[:, :, None]
-    xb = x.reshape(B, 8, 32)
+    q = ws.get("q", (B, 8, 32))
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = _nearest((xb + dm) / d, 0, 15)
-    q = np.where(d != 0, q, L.T.reshape(B, 8, 32)).astype(np.uint8)
-
-    qs = q.reshape(B, 4, 2, 32)  # chunk of 64 = sub-blocks 2c (low nibble), 2c+1 (high nibble)
+        _nearest(np.divide(np.add(x.reshape(B, 8, 32), dm, out=q), d, out=q), 0, 15)
+    # sub-blocks with d = 0 keep the search's codes (C skips them)
+    keep = np.flatnonzero(d.reshape(-1) == 0)
+    if keep.size:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            L = _nearest(best_is[keep] * (xs[:, keep] - best_lo[keep]), 0, 15)
+        q.reshape(-1, 32)[keep] = np.where(flat[keep], F32(0), L).T
+    qs = q.astype(np.uint8).reshape(B, 4, 2, 32)  # chunk of 64 = sub-blocks 2c (low nibble), 2c+1 (high)
     qs = (qs[:, :, 0] | (qs[:, :, 1] << 4)).reshape(B, 128)
     return np.concatenate([_fp16_bytes(d16), _fp16_bytes(dmin16), _pack_q4_k_scales(ls, lm), qs], axis=1)
 
@@ -137,46 +181,50 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- Q6_K
 
 
-def _qx_sums(
-    x: np.ndarray, w: np.ndarray, wx: np.ndarray, iscale: np.ndarray, bufs: tuple[np.ndarray, np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """For codes l = clamp(nearest(iscale*x), -32, 31): the C-order sums sum w*x*l and sum w*l*l.
-    wx = w*x is the first product of C's left-to-right w*x*l, so it is formed once for all trials."""
-    l, tmp = bufs  # noqa: E741  [16, S]
-    _nearest(np.multiply(iscale, x, out=l), -32, 31)
-    sumlx = _csum(np.multiply(wx, l, out=tmp))
-    np.multiply(w, l, out=tmp)
-    return sumlx, _csum(np.multiply(tmp, l, out=tmp))
+def _signed_absmax(x: np.ndarray, ws: Scratch) -> np.ndarray:
+    """[n, S] -> [S]: per column, the first element of largest magnitude, with its sign (C's strict '>'
+    scan); 0 for all-zero columns. Only columns holding both +a and -a need the scan's order."""
+    amax = np.abs(x, out=ws.get("abs", x.shape)).max(axis=0)
+    hi, lo = x.max(axis=0), x.min(axis=0)
+    m = np.where(hi == amax, amax, -amax)
+    tie = np.flatnonzero((hi == amax) & (lo == -amax) & (amax > 0))
+    if tie.size:
+        sub = x[:, tie]
+        m[tie] = sub[np.abs(sub).argmax(axis=0), np.arange(tie.size)]
+    return m
 
 
-def _qx(x: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _qx(x: np.ndarray, ws: Scratch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml make_qx_quants(nmax=32, rmse_type=1): weights x^2, 19 trial scales -32.9/m .. -31.1/m.
 
-    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), codes L [16, S] in 0..63. rows: the same
-    values as [S, 16] (the argmax runs along the contiguous axis there).
+    x: [16, S] -> signed scale [S] (value = scale*(L - 32)), the best trial's inverse scale [S] (the codes
+    are L = 32 + clamp(nearest(iscale*x), -32, 31), recomputed by the caller where it needs them) and the
+    all-zero columns (codes 0).
     """
-    S = x.shape[1]
-    imax = np.abs(rows).argmax(axis=1)  # first element of largest magnitude, as C's strict '>'
-    m = rows[np.arange(S), imax]  # [S], signed
+    m = _signed_absmax(x, ws)
     zero = np.abs(m) < GROUP_MAX_EPS
     m = np.where(zero, F32(1), m)
-    w = x * x
-    wx = w * x
-    bufs = np.empty_like(x), np.empty_like(x)  # [16, S] scratch, reused by every trial
+    w = np.multiply(x, x, out=ws.get("w", x.shape))
+    wx = np.multiply(w, x, out=ws.get("wx", x.shape))  # the first product of C's left-to-right w*x*l
+    l = ws.get("l", x.shape)  # noqa: E741  [16, S]
+
+    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # sum w*x*l, sum w*l*l
+        _nearest(np.multiply(iscale, x, out=l), -32, 31)
+        return _dot(wx, l), _dot(w, l, l)
+
     with np.errstate(divide="ignore", invalid="ignore"):
         best_is = F32(-32) / m
-        sumlx, suml2 = _qx_sums(x, w, wx, best_is, bufs)
+        sumlx, suml2 = sums(best_is)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for t in (*range(-9, 0), *range(1, 10)):
             iscale = -(F32(32) + F32(0.1) * F32(t)) / m
-            sumlx, suml2 = _qx_sums(x, w, wx, iscale, bufs)
+            sumlx, suml2 = sums(iscale)
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            np.copyto(best_is, iscale, where=better)  # its codes are recomputed once at the end
+            np.copyto(best_is, iscale, where=better)
             np.copyto(scale, sumlx / suml2, where=better)
             np.copyto(best, scale * sumlx, where=better)
-        L = _nearest(best_is * x, -32, 31)
-    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L + F32(32))
+    return np.where(zero, F32(0), scale), best_is, zero
 
 
 def _pack_q6_k_quants(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,11 +237,12 @@ def _pack_q6_k_quants(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ql, qh.reshape(B, 64)
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+def quantize_q6_k(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
     """float32 [B, 256] super-blocks -> uint8 [B, 210] Q6_K blocks."""
+    ws = ws or Scratch()
     B = x.shape[0]
-    xs = np.ascontiguousarray(x.reshape(B * 16, 16).T)  # [16, 16B]
-    scale, L = _qx(xs, x.reshape(B * 16, 16))
+    xs = _columns(x, 16, ws)  # [16, 16B]
+    scale, best_is, zero_sub = _qx(xs, ws)
     scale = scale.reshape(B, 16)
 
     imax = np.abs(scale).argmax(axis=1)
@@ -204,11 +253,17 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     sc = np.minimum(np.rint(iscale[:, None] * scale), 127).astype(np.int8)  # [B, 16]
 
     d = (d16.astype(F32)[:, None] * sc.astype(F32))[:, :, None]  # [B, 16, 1]
+    q = ws.get("q", (B, 16, 16))
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = _nearest(x.reshape(B, 16, 16) / d, -32, 31) + F32(32)
-    q = np.where(d != 0, q, L.T.reshape(B, 16, 16)).astype(np.uint8).reshape(B, QK_K)
-
-    ql, qh = _pack_q6_k_quants(q)
+        _nearest(np.divide(x.reshape(B, 16, 16), d, out=q), -32, 31)
+    q += F32(32)
+    # sub-blocks with d = 0 keep the search's codes (C skips them)
+    keep = np.flatnonzero(d.reshape(-1) == 0)
+    if keep.size:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            L = _nearest(best_is[keep] * xs[:, keep], -32, 31) + F32(32)
+        q.reshape(-1, 16)[keep] = np.where(zero_sub[keep], F32(0), L).T
+    ql, qh = _pack_q6_k_quants(q.astype(np.uint8).reshape(B, QK_K))
     out = np.concatenate([ql, qh, sc.view(np.uint8), _fp16_bytes(d16)], axis=1)
     out[zero] = 0
     return out

@@ -530,3 +530,27 @@ def test_llamacpp_perplexity_matches_quantkit(export, tiny_gemma2):
 def quantkit_logits_batch(model: Gemma, ids: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return model(ids).numpy()
+
+
+def test_vocab_writer_packs_arrays_as_gguf_py_does(tmp_path: Path) -> None:
+    """The one-pass array packing writes the same bytes as gguf-py's item-by-item packing: tokens with
+    non-ASCII text, float scores, int types, and arrays it leaves to gguf-py (bools, a single item)."""
+    rng = np.random.default_rng(0)
+    alphabet = list("abcé漢<>▁ ")
+    tokens = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 9)))) for _ in range(5000)]
+    scores, types = rng.normal(size=5000).tolist(), rng.integers(1, 7, 5000).tolist()
+
+    def write(cls: type, path: Path) -> bytes:
+        w = cls(path, "gemma2")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_array("test.bools", [True, False])
+        w.add_array("test.one", [3])
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        return path.read_bytes()
+
+    assert write(eg.VocabWriter, tmp_path / "ours.gguf") == write(gguf.GGUFWriter, tmp_path / "gguf_py.gguf")
