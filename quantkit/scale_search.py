@@ -98,14 +98,32 @@ def search_qparams(
 def _search_rows(
     w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype, search: ScaleSearch, h: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``search_qparams`` of the fp32 rows w [R, I]."""
+    """``search_qparams`` of the fp32 rows w [R, I]. Every candidate's errors are formed in the same two
+    scratch buffers (a fresh 16 MB tensor per operation costs its page faults again), with the operations
+    and their order of ``_rounding_error`` and ``_weighted_error`` (a test checks the results are equal)."""
     lo, hi = group_range(w, spec)  # [R, G]
+    wg = w.reshape(w.shape[0], lo.shape[1], -1)  # [R, G, g]
+    e = torch.empty_like(wg)  # the rounding errors
+    t = torch.empty(wg.shape[1], wg.shape[0], wg.shape[2]) if h is not None and h.dim() == 3 else None  # [G, R, g]
+
+    def error(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:  # [R, G]
+        s = scale.float()[..., None]
+        torch.div(wg, s, out=e).add_(0.0 if zero is None else zero.float()[..., None])
+        e.round_().clamp_(spec.qmin, spec.qmax).sub_(0.0 if zero is None else zero.float()[..., None])
+        torch.sub(wg, e.mul_(s), out=e)  # w - (c - z) s
+        if h is None:
+            return e.mul_(e).sum(-1)
+        if h.dim() == 1:
+            return e.mul_(e).mul_(h.reshape(1, e.shape[1], -1)).sum(-1)
+        eg = e.transpose(0, 1)  # [G, R, g]
+        return torch.bmm(eg, h, out=t).mul_(eg).sum(-1).T
+
     best_scale, best_zero = qparams_from_range(lo, hi, spec, scale_dtype)
-    best = _weighted_error(_rounding_error(w, best_scale, best_zero, spec), h)
+    best = error(best_scale, best_zero)
     for k in range(1, search.steps):
         p = 1.0 - k * (1.0 - search.min_shrink) / (search.steps - 1)
         scale, zero = qparams_from_range(lo * p, hi * p, spec, scale_dtype)
-        err = _weighted_error(_rounding_error(w, scale, zero, spec), h)
+        err = error(scale, zero)
         better = err < best  # [R, G]; strict, so ties keep the larger range
         best = torch.where(better, err, best)
         best_scale = torch.where(better, scale, best_scale)

@@ -4,7 +4,8 @@ Makes (or reuses, ``--model DIR``) a random bf16 checkpoint with the 9B's exact 
 decoder layers (42: the full 18.5 GB in 4 shards; the 256000 x 3584 embedding is full size at any depth),
 exports it once as a BF16 GGUF for llama-quantize, then for each type runs ``quantkit export`` and
 ``llama-quantize BF16-GGUF TYPE NTHREADS`` (both on every core), each in its own process with its own peak
-RSS, and checks that the two files' tensors are byte-identical. Also times ``cat`` of the shards to
+RSS, and checks that the two files' tensors are byte-identical (by per-tensor SHA-256: ours is deleted
+before the peer writes, so one quantized file is on disk at a time). Also times ``cat`` of the shards to
 /dev/null: reading the input is the floor under both. Build llama-quantize first: scripts/build_llamacpp.sh.
 
     python scripts/bench_export.py [--layers 42] [--types q4_0,q8_0,q4_k_m] [--model DIR] [--keep] [--json]
@@ -13,6 +14,7 @@ RSS, and checks that the two files' tensors are byte-identical. Also times ``cat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -130,21 +132,23 @@ def make_9b_shape(out: Path, layers: int, shards: int = 4, seed: int = 0) -> Pat
 # ------------------------------------------------------------------------------------------ comparing
 
 
-def compare_tensors(ours: Path, peer: Path) -> dict:
-    """Tensors present in both files: how many, how many have the same type and identical bytes."""
+def tensor_digests(path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (type, sha256 of its bytes) for every tensor of a GGUF: lets one file be deleted before the
+    other is written (at full depth two quantized 9B files and the inputs do not fit every disk)."""
     from gguf import GGUFReader
 
-    a = {t.name: t for t in GGUFReader(ours).tensors}
-    b = {t.name: t for t in GGUFReader(peer).tensors}
-    same, differ = 0, []
-    for name in a.keys() & b.keys():
-        ta, tb = a[name], b[name]
-        if ta.tensor_type == tb.tensor_type and np.array_equal(ta.data.view(np.uint8), tb.data.view(np.uint8)):
-            same += 1
-        else:
-            differ.append(f"{name} ({ta.tensor_type.name} vs {tb.tensor_type.name})")
+    return {
+        t.name: (t.tensor_type.name, hashlib.sha256(t.data.view(np.uint8).reshape(-1)).hexdigest())
+        for t in GGUFReader(path).tensors
+    }
+
+
+def compare_tensors(a: dict[str, tuple[str, str]], b: dict[str, tuple[str, str]]) -> dict:
+    """Tensors present in both digests: how many, how many have the same type and identical bytes."""
+    common = a.keys() & b.keys()
+    differ = sorted(f"{n} ({a[n][0]} vs {b[n][0]})" for n in common if a[n] != b[n])
     only = sorted(a.keys() ^ b.keys())
-    return {"tensors": len(a), "identical": same, "differ": sorted(differ)[:10], "only_in_one": only[:10]}
+    return {"tensors": len(a), "identical": len(common) - len(differ), "differ": differ[:10], "only_in_one": only[:10]}
 
 
 # The same quantizer as the llama-quantize binary (its main() calls llama_model_quantize with these
@@ -194,8 +198,11 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
     for qtype in args.types.split(","):
         ours, peer = work / f"quantkit.{qtype}.gguf", work / f"llama-quantize.{qtype}.gguf"
         mine = timed([*q, str(model), "--format", "gguf", "--type", qtype, "-o", str(ours)])
+        ours_digests = tensor_digests(ours)
+        if not args.keep:
+            ours.unlink()
         other = timed(peer_command(Path(args.llama_quantize), bf16, peer, qtype, threads))
-        same = compare_tensors(ours, peer)
+        same = compare_tensors(ours_digests, tensor_digests(peer))
         ratio = mine["seconds"] / other["seconds"]
         rows.append({"step": f"quantkit export {qtype}", **mine, "ratio": ratio, "bytes": same})
         rows.append({"step": f"llama-quantize BF16 -> {PEER_TYPES[qtype]}", **other, "ratio": 1.0})
@@ -205,7 +212,6 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
             file=sys.stderr,
         )
         if not args.keep:
-            ours.unlink()
             peer.unlink()
     peer = "llama-quantize" if Path(args.llama_quantize).is_file() else "llama-cpp-python llama_model_quantize"
     return {"layers": args.layers, "model": str(model), "threads": threads, "peer": peer, **cat, "rows": rows}

@@ -12,7 +12,7 @@ from conftest import CALIB_TEXT
 from quantkit.errors import QuantkitError
 from quantkit.gptq import gptq_quantize, output_error
 from quantkit.grid_refine import gptq_refined, refit_scales
-from quantkit.primitives import QuantSpec, choose_qparams, dequantize, rtn
+from quantkit.primitives import QuantSpec, choose_qparams, dequantize, group_range, qparams_from_range, rtn
 from quantkit.quantize import quantize_checkpoint
 from quantkit.recipes import resolve_options
 from quantkit.scale_search import ScaleSearch, _rounding_error, _weighted_error, rtn_searched, search_qparams
@@ -55,6 +55,31 @@ def test_search_never_raises_its_objective(spec, objective):
     assert (e1 <= e0).all()
     assert e1.sum() < 0.97 * e0.sum(), (e1.sum(), e0.sum())  # and it does find better grids
     assert (s1 <= s0).all()  # only shrinks
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("objective", ["unit", "diag", "block"])
+def test_search_in_scratch_buffers_equals_the_plain_loop(spec, objective):
+    """The search forms its errors in place; the plain loop over ``_rounding_error`` and ``_weighted_error``
+    (fresh tensors) must pick bit-identical scales and zero points, for every scale dtype."""
+    w, H = _correlated(o=64, seed=3)
+    search = ScaleSearch(objective, steps=20)
+    h = search.importance(H, slice(None), spec.group_size)
+    hf = None if h is None else h.float()
+    for sdt in (torch.float32, torch.float16):
+        lo, hi = group_range(w, spec)
+        want_s, want_z = qparams_from_range(lo, hi, spec, sdt)
+        best = _weighted_error(_rounding_error(w, want_s, want_z, spec), hf)
+        for k in range(1, search.steps):
+            p = 1.0 - k * (1.0 - search.min_shrink) / (search.steps - 1)
+            s, z = qparams_from_range(lo * p, hi * p, spec, sdt)
+            err = _weighted_error(_rounding_error(w, s, z, spec), hf)
+            better = err < best
+            best, want_s = torch.where(better, err, best), torch.where(better, s, want_s)
+            want_z = None if z is None else torch.where(better, z, want_z)
+        got_s, got_z = search_qparams(w, spec, sdt, search, h)
+        assert torch.equal(got_s, want_s) and got_s.dtype == want_s.dtype
+        assert (got_z is None) == spec.sym and (spec.sym or torch.equal(got_z, want_z))
 
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=str)
