@@ -104,12 +104,16 @@ def _search_rows(
     lo, hi = group_range(w, spec)  # [R, G]
     wg = w.reshape(w.shape[0], lo.shape[1], -1)  # [R, G, g]
     e = torch.empty_like(wg)  # the rounding errors
-    t = torch.empty(wg.shape[1], wg.shape[0], wg.shape[2]) if h is not None and h.dim() == 3 else None  # [G, R, g]
+    t = (
+        torch.empty_like(wg.transpose(0, 1), memory_format=torch.contiguous_format)
+        if h is not None and h.dim() == 3
+        else None
+    )  # [G, R, g]
 
     def error(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:  # [R, G]
-        s = scale.float()[..., None]
-        torch.div(wg, s, out=e).add_(0.0 if zero is None else zero.float()[..., None])
-        e.round_().clamp_(spec.qmin, spec.qmax).sub_(0.0 if zero is None else zero.float()[..., None])
+        s, z = scale.float()[..., None], 0.0 if zero is None else zero.float()[..., None]
+        torch.div(wg, s, out=e).add_(z)
+        e.round_().clamp_(spec.qmin, spec.qmax).sub_(z)
         torch.sub(wg, e.mul_(s), out=e)  # w - (c - z) s
         if h is None:
             return e.mul_(e).sum(-1)
