@@ -16,7 +16,8 @@ time and its own peak RSS:
      one layer) and its time split: forward, Hessian accumulation, solver, diagnostics
 
     python scripts/bench_9b_shape.py [--layers 42] [--nsamples 8] [--seqlen 512] [--chunks 2] \\
-        [--threads N] [--llama-bin DIR] [--model EXISTING_DIR] [--workdir DIR] [--gptq-timeout S] [--json]
+        [--threads N] [--llama-bin DIR] [--model EXISTING_DIR] [--workdir DIR] [--gptq-timeout S] \\
+        [--gptq-recipe NAME|plain] [--json]
 
 Everything is written under a temporary directory in ``--workdir`` (default: the current directory) and
 deleted at the end; ``--model`` reuses a checkpoint written before (it is never deleted).
@@ -150,7 +151,8 @@ def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> t
 def gptq_step(args, work: Path, model: Path, env: dict, q: list, rows: list[dict], extra: dict) -> None:
     """GPTQ last, stopped (SIGKILL) after ``--gptq-timeout`` seconds if given: the per-layer figures of the
     layers done come from the run's resume state, which a kill leaves behind."""
-    cmd = [*q, "quantize", model, "--recipe", "int4-g128-gptq", "--nsamples", args.nsamples, "--seqlen",
+    settings = ["--recipe", args.gptq_recipe] if args.gptq_recipe != "plain" else ["--bits", 4, "--group", 128]
+    cmd = [*q, "quantize", model, *settings, "--method", "gptq", "--nsamples", args.nsamples, "--seqlen",
            args.seqlen, "-o", work / "gptq"]  # fmt: skip
     t0 = time.perf_counter()
     with open(work / "gptq.err", "wb") as err:  # a file, not a pipe: a full pipe would stall it
@@ -177,7 +179,7 @@ def gptq_step(args, work: Path, model: Path, env: dict, q: list, rows: list[dict
         progress = json.loads((work / "gptq" / "quantkit.json").read_text())
     extra["gptq_layers"] = gptq_layers(progress)
     done = len(extra["gptq_layers"])
-    name = f"quantize int4 g128 GPTQ ({args.nsamples} x {args.seqlen} tokens)"
+    name = f"quantize int4 g128 GPTQ, {args.gptq_recipe} ({args.nsamples} x {args.seqlen} tokens)"
     if killed:
         name += f", stopped after {done} of {args.layers} layers"
     rows.append({"step": name, "seconds": seconds, "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30, "peer": ""})
@@ -269,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="an existing 9B-shaped checkpoint to use instead of writing one")
     ap.add_argument("--workdir", default=".")
     ap.add_argument("--steps", default="rtn,eval,export,llama,peers,gptq", help="which steps to run")
+    ap.add_argument(
+        "--gptq-recipe",
+        default="int4-g128-gptq",
+        help="the GPTQ step's recipe, or 'plain' for `--bits 4 --group 128 --method gptq` (symmetric, min-max "
+        "groups, no act-order, no fp_targets)",
+    )
     ap.add_argument("--gptq-timeout", type=float, help="stop GPTQ after this many seconds (it runs last)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
