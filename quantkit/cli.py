@@ -14,15 +14,15 @@ import traceback
 
 import click
 
-from . import __version__
-from .errors import EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, QuantkitError, Terminated, user_message
+from quantkit import __version__
+from quantkit.errors import EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, QuantkitError, Terminated, user_message
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
-# export_gguf.FILE_TYPES' keys (kept here so that --help does not import torch)
+# formats.gguf.policy.FILE_TYPES' keys (kept here so that --help does not import torch)
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"]
 GGUF_TYPES += ["q3_k_m", "q4_k_m", "q5_k_m"]
 
@@ -146,8 +146,8 @@ def inspect(model_dir: str, as_json: bool) -> None:
 
     Example: quantkit inspect ./gemma-2-9b
     """
-    from .checkpoint import open_checkpoint
-    from .summary import describe, format_summary
+    from quantkit.eval.summary import describe, format_summary
+    from quantkit.io.checkpoint import open_checkpoint
 
     d = describe(open_checkpoint(model_dir, require_tokenizer=False))
     _emit(d, as_json, format_summary(d))
@@ -210,11 +210,11 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
 
     Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 --method gptq -o ./gemma-2-9b-w4g128
     """
-    from .atomic import check_output
-    from .budget import calibration_bytes, quantized_artifact_bytes, refuse_if_over_memory
-    from .checkpoint import open_checkpoint
-    from .quantize import quantize_checkpoint
-    from .recipes import resolve_options
+    from quantkit.io.atomic import check_output
+    from quantkit.io.budget import calibration_bytes, quantized_artifact_bytes, refuse_if_over_memory
+    from quantkit.io.checkpoint import open_checkpoint
+    from quantkit.quant.quantize import quantize_checkpoint
+    from quantkit.quant.recipes import resolve_options
 
     opts = resolve_options(recipe, **flags)
     kind = "file" if fmt == "gguf" else "dir"
@@ -251,8 +251,8 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
 
 def _gguf_bytes(ckpt, qtype: str) -> int:
     """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
-    from .budget import tokenizer_bytes
-    from .export_gguf import plan_tensors
+    from quantkit.formats.gguf.policy import plan_tensors
+    from quantkit.io.budget import tokenizer_bytes
 
     return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
 
@@ -264,9 +264,9 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> d
     type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are."""
     from pathlib import Path
 
-    from .atomic import is_artifact
-    from .export_gguf import export_gguf
-    from .quantize import quantize_checkpoint
+    from quantkit.formats.gguf.export import export_gguf
+    from quantkit.io.atomic import is_artifact
+    from quantkit.quant.quantize import quantize_checkpoint
 
     out = Path(out)
     artifact = out.parent / f".{out.name}.artifact"  # resumable like any quantize output; ours alone
@@ -305,9 +305,9 @@ def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: b
 
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
-    from .atomic import check_output
-    from .checkpoint import open_checkpoint
-    from .export_gguf import export_gguf
+    from quantkit.formats.gguf.export import export_gguf
+    from quantkit.io.atomic import check_output
+    from quantkit.io.checkpoint import open_checkpoint
 
     check_output(out, [src], kind="file", overwrite=overwrite)
     ckpt = open_checkpoint(src)
@@ -358,20 +358,19 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
 
     Example: quantkit eval-ppl ./gemma-2-9b --quantized ./w4g128 --quantized model-q4_0.gguf --chunks 40
     """
-    import torch
-
-    from .budget import eval_bytes, refuse_if_over_memory
-    from .checkpoint import open_checkpoint
-    from .data import default_evaluation_text, perplexity_chunks
-    from .evaluate import evaluate_many
-    from .report import format_table, open_quantized, rows
-    from .report import plot as draw
-    from .tokenizer import Tokenizer
+    from quantkit.eval.evaluate import evaluate_many
+    from quantkit.eval.report import format_table, open_quantized, rows
+    from quantkit.eval.report import plot as draw
+    from quantkit.io.budget import eval_bytes, refuse_if_over_memory
+    from quantkit.io.checkpoint import open_checkpoint
+    from quantkit.io.dtypes import torch_dtype
+    from quantkit.io.texts import default_evaluation_text, perplexity_chunks
+    from quantkit.io.tokenizer import Tokenizer
 
     if plot and not quantized:
         raise QuantkitError("--plot: give at least one --quantized model to plot")
     if plot:
-        from .atomic import check_output
+        from quantkit.io.atomic import check_output
 
         check_output(plot, [model_dir, *quantized], kind="file", overwrite=overwrite)
     ref = open_checkpoint(model_dir)
@@ -381,7 +380,7 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
     act = 4 if dtype == "float32" else 2
     need = eval_bytes(ref.config, ids.shape[0], ctx, batch_size, act) * (1 + len(quants))
     refuse_if_over_memory(need, f"--ctx {ctx} x --batch-size {batch_size}", "lower --ctx or --batch-size")
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dt = torch_dtype(dtype)
     results = evaluate_many(
         ref, ids, quants, dtype=dt, device=device, stream=stream, batch_size=batch_size, progress=_progress()
     )
@@ -421,9 +420,9 @@ def import_gguf_cmd(gguf_file: str, out_dir: str, overwrite: bool) -> None:
     """
     import time
 
-    from .atomic import check_output
-    from .checkpoint import dir_size
-    from .gguf_import import import_gguf
+    from quantkit.formats.gguf.importer import import_gguf
+    from quantkit.io.atomic import check_output
+    from quantkit.io.checkpoint import dir_size
 
     check_output(out_dir, [gguf_file], kind="dir", overwrite=overwrite)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from quantkit.io.config import ModelConfig
 
 LINEAR_NAMES = (
     "self_attn.q_proj",

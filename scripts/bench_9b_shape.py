@@ -199,9 +199,9 @@ def peer_rows(args, work: Path, model: Path, bins: Path, rows: list[dict], env: 
         if row["step"] == "export GGUF Q4_0":
             row["peer"] = peer
     bf16.unlink()
-    from quantkit.data import default_evaluation_text
+    from wikitext import evaluation_text
 
-    cmd = [bins / "llama-perplexity", "-m", work / "model.q4_0.gguf", "-f", default_evaluation_text(), "-c", "512",
+    cmd = [bins / "llama-perplexity", "-m", work / "model.q4_0.gguf", "-f", evaluation_text(), "-c", "512",
            "--chunks", args.chunks, "-t", args.threads]  # fmt: skip
     r = timed([str(c) for c in cmd], env)
     tok_s = perplexity_tokens_per_s(r["err"] + r["stdout"], args.chunks)

@@ -34,12 +34,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo import fetch_model  # noqa: E402
+from wikitext import calibration_text, evaluation_text  # noqa: E402
 
-from quantkit.checkpoint import open_checkpoint  # noqa: E402
-from quantkit.data import default_calibration_text, default_evaluation_text, perplexity_chunks  # noqa: E402
-from quantkit.evaluate import evaluate_many  # noqa: E402
-from quantkit.report import format_table, open_quantized, plot, rows  # noqa: E402
-from quantkit.tokenizer import Tokenizer  # noqa: E402
+from quantkit.eval.evaluate import evaluate_many  # noqa: E402
+from quantkit.eval.report import format_table, open_quantized, plot, rows  # noqa: E402
+from quantkit.io.checkpoint import open_checkpoint  # noqa: E402
+from quantkit.io.texts import perplexity_chunks  # noqa: E402
+from quantkit.io.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TYPES = {"q4_0": "Q4_0", "q3_k_m": "Q3_K_M", "q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q8_0": "Q8_0"}
@@ -86,7 +87,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     out, bin_dir = Path(args.out), Path(args.llama_bin)
     out.mkdir(parents=True, exist_ok=True)
     model = Path(args.model) if args.model else fetch_model(ROOT / "build" / "demo")
-    calib, text = Path(args.calib or default_calibration_text()), Path(args.text or default_evaluation_text())
+    calib, text = Path(args.calib or calibration_text()), Path(args.text or evaluation_text())
     f32 = out / "f32.gguf"
     if not f32.is_file():
         sh(quantkit("export", str(model), "--type", "f32", "-o", str(f32)))

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from llamacpp_ppl import load_llama, perplexity, read_text, tokenize  # noqa: E402
 
-from quantkit.checkpoint import open_checkpoint  # noqa: E402
-from quantkit.export_gguf import FILE_TYPES, export_gguf  # noqa: E402
+from quantkit.formats.gguf.export import export_gguf  # noqa: E402
+from quantkit.formats.gguf.policy import FILE_TYPES  # noqa: E402
+from quantkit.io.checkpoint import open_checkpoint  # noqa: E402
 
 DEFAULT_TYPES = "f32,q8_0,q4_0,q4_k_m"
 

@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quantkit.packed import PackedLinear
-from quantkit.primitives import QuantSpec, rtn
+from quantkit.formats.packed.linear import PackedLinear
+from quantkit.quant.primitives import QuantSpec, rtn
 
 SHAPES = {
     "9b": {"q_proj": (4096, 3584), "down_proj": (3584, 14336)},

@@ -20,12 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from quantkit.checkpoint import open_checkpoint
-from quantkit.data import default_evaluation_text, perplexity_chunks
-from quantkit.evaluate import evaluate_many
-from quantkit.quantize import quantize_checkpoint
-from quantkit.recipes import QuantizeOptions, resolve_options
-from quantkit.tokenizer import Tokenizer
+from wikitext import evaluation_text
+
+from quantkit.eval.evaluate import evaluate_many
+from quantkit.io.checkpoint import open_checkpoint
+from quantkit.io.texts import perplexity_chunks
+from quantkit.io.tokenizer import Tokenizer
+from quantkit.quant.quantize import quantize_checkpoint
+from quantkit.quant.recipes import QuantizeOptions, resolve_options
 
 DEFAULT_VARIANTS = (  # the recipe, then each of its switches turned off
     "rtn=int4-g128-rtn",
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quantize_only:
         return
     ref = open_checkpoint(args.model)
-    chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), args.text or default_evaluation_text(), 512, args.chunks)
+    chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), args.text or evaluation_text(), 512, args.chunks)
     quants = [open_checkpoint(args.work / name) for name, _ in variants]
     results = evaluate_many(ref, chunks, quants, progress=False)
     rows = [_row(name, reports[name], res) for (name, _), res in zip(variants, results, strict=True)]

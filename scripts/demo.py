@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 import torch
+from wikitext import calibration_text, evaluation_text
 
-from quantkit.checkpoint import dir_size, open_checkpoint
-from quantkit.data import default_calibration_text, default_evaluation_text, perplexity_chunks
-from quantkit.evaluate import evaluate_many
-from quantkit.gguf_import import import_gguf
-from quantkit.quantize import quantize_checkpoint
-from quantkit.recipes import resolve_options
-from quantkit.tokenizer import Tokenizer
+from quantkit.eval.evaluate import evaluate_many
+from quantkit.formats.gguf.importer import import_gguf
+from quantkit.io.checkpoint import dir_size, open_checkpoint
+from quantkit.io.texts import perplexity_chunks
+from quantkit.io.tokenizer import Tokenizer
+from quantkit.quant.quantize import quantize_checkpoint
+from quantkit.quant.recipes import resolve_options
 
 RECIPES = ("int8-g128-rtn", "int4-g128-rtn", "int4-g128-gptq-sym", "int4-g128-gptq")
 
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = fetch_model(out)
-    calib, text = Path(args.calib or default_calibration_text()), Path(args.text or default_evaluation_text())
+    calib, text = Path(args.calib or calibration_text()), Path(args.text or evaluation_text())
     rows, quants = [], []
     for name in RECIPES:
         dest = out / name

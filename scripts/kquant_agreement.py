@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from quantkit.ggml_blocks import block_size, libggml_path, quantize_rows, quantize_rows_ref, row_bytes
+from quantkit.formats.gguf.blocks import block_size, quantize_rows, row_bytes
+from quantkit.formats.gguf.reference import libggml_path, quantize_rows_ref
 
 TYPES = (QT.Q4_K, QT.Q6_K, QT.Q4_0, QT.Q8_0)
 ROW = 4096  # random rows: 16 super-blocks each

@@ -14,7 +14,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the full WikiText-2 beside a checkout (CI has it)
+WIKI_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"  # calibration only
+WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"  # evaluation only
 TEST_TEXT = ROOT / "data" / "wiki.test.excerpt.raw"
 CALIB_TEXT = ROOT / "data" / "wiki.valid.excerpt.txt"
 
@@ -60,7 +62,7 @@ def pytest_sessionfinish(session, exitstatus):
 def libggml() -> Path:
     """Path of libggml-base inside the installed llama-cpp-python: ggml's C reference, through ctypes."""
     pytest.importorskip("llama_cpp", reason="llama-cpp-python provides the libggml-base C reference")
-    from quantkit.ggml_blocks import libggml_path
+    from quantkit.formats.gguf.reference import libggml_path
 
     path = libggml_path()
     if path is None:

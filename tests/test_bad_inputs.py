@@ -45,8 +45,8 @@ DELETE = object()
 @pytest.fixture(scope="module")
 def sources(tiny_gemma2, tmp_path_factory) -> dict[str, Path]:
     """The tiny checkpoint, an RTN artifact of it and an f32 GGUF of it (made once, copied per case)."""
-    from quantkit.export_gguf import export_gguf
-    from quantkit.quantize import QuantizeOptions, quantize_checkpoint
+    from quantkit.formats.gguf.export import export_gguf
+    from quantkit.quant.quantize import QuantizeOptions, quantize_checkpoint
 
     d = tmp_path_factory.mktemp("bad-inputs-src")
     quantize_checkpoint(tiny_gemma2, d / "art", QuantizeOptions(method="rtn", group_size=32), progress=False)
@@ -722,7 +722,7 @@ def added_tokens_bad(ws):
     return rtn(ws)
 
 
-@case("quantize", "out: no space left on device", patch=lambda mp: _fail_writes(mp, "quantkit.tensorio"))
+@case("quantize", "out: no space left on device", patch=lambda mp: _fail_writes(mp, "quantkit.io.tensorio"))
 def disk_full_while_writing(ws):
     return rtn(ws)
 
@@ -1035,7 +1035,7 @@ def _fail_writes(mp: pytest.MonkeyPatch, where: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "gguf":
-        mp.setattr("quantkit.export_gguf.write_tensor_data", enospc)
+        mp.setattr("quantkit.formats.gguf.export.write_tensor_data", enospc)
     else:
         mp.setattr(f"{where}.write_file", enospc)
 
@@ -1080,12 +1080,12 @@ def test_corpus_covers_every_command():
 
 
 def test_a_bug_keeps_its_traceback(tiny_gemma2, monkeypatch):
-    import quantkit.summary
+    import quantkit.eval.summary
 
     def broken(ckpt):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(quantkit.summary, "describe", broken)
+    monkeypatch.setattr(quantkit.eval.summary, "describe", broken)
     res = CliRunner().invoke(cli, ["inspect", str(tiny_gemma2)])
     assert res.exit_code == 1
     assert "Traceback" in res.stderr and "ZeroDivisionError: a bug" in res.stderr
@@ -1101,7 +1101,7 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path, monkeypatch):
 
 def test_output_made_meanwhile_is_not_replaced(sources, tmp_path, monkeypatch):
     """A concurrent run finishes first: without --overwrite the later one leaves its artifact alone."""
-    import quantkit.quantize as qz
+    import quantkit.quant.quantize as qz
 
     out = tmp_path / "q"
     real = qz._report
@@ -1184,9 +1184,9 @@ def _full_disk_mid_write(sources: dict[str, Path], fs: Path) -> None:
     """The writers themselves (past the up-front check) on a full disk: each failure names the output and
     says the disk is full; nothing is left behind."""
     from quantkit.errors import user_message
-    from quantkit.export_gguf import export_gguf
-    from quantkit.gguf_import import import_gguf
-    from quantkit.quantize import QuantizeOptions, quantize_checkpoint
+    from quantkit.formats.gguf.export import export_gguf
+    from quantkit.formats.gguf.importer import import_gguf
+    from quantkit.quant.quantize import QuantizeOptions, quantize_checkpoint
 
     opts = QuantizeOptions(method="rtn")
     for out, expect, write in (
@@ -1252,11 +1252,11 @@ def _wait_for_partial(parent: Path, name: str, proc: subprocess.Popen, timeout: 
 
 SIGNAL_JOBS = {
     "quantize": (
-        "quantize",
+        "quant.quantize",
         "rtn_searched",
         lambda s, out: ["quantize", str(s["model"]), "--method", "rtn", "-o", str(out)],
     ),
-    "export": ("export_gguf", "encode_tensor", lambda s, out: ["export", str(s["art"]), "-o", str(out)]),
+    "export": ("formats.gguf.export", "encode_tensor", lambda s, out: ["export", str(s["art"]), "-o", str(out)]),
 }
 
 

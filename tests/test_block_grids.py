@@ -11,8 +11,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from quantkit.block_grids import LAYOUTS, choose_grid, pack, rtn_on_grid
-from quantkit.ggml_blocks import quantize_rows
+from quantkit.formats.gguf.blocks import quantize_rows
+from quantkit.formats.gguf.grids import LAYOUTS, choose_grid, pack, rtn_on_grid
 
 TYPES = list(LAYOUTS)
 
@@ -93,8 +93,8 @@ def _correlated_hessian(i: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q3_K, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
 def test_gptq_on_a_fixed_grid(qtype):
-    from quantkit.gptq import gptq_quantize
-    from quantkit.primitives import QuantSpec
+    from quantkit.quant.gptq import gptq_quantize
+    from quantkit.quant.primitives import QuantSpec
 
     W, _ = _weights(32, 256, 4)
     # with H = I nothing is fed back: GPTQ rounds exactly like round-to-nearest on the grid

@@ -141,7 +141,7 @@ def _all_tensors(d: Path) -> dict[str, torch.Tensor]:
 
 def test_config_styles_agree(tiny_gemma3, tmp_path):
     """transformers 5.x style (rope_parameters per layer type, layer_types) reads as the 4.x style does."""
-    from quantkit.config import config_from_dict
+    from quantkit.io.config import config_from_dict
 
     raw = json.loads((tiny_gemma3 / "config.json").read_text())
     v5 = {

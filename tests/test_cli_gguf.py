@@ -11,8 +11,8 @@ from conftest import CALIB_TEXT
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from quantkit.checkpoint import open_checkpoint
 from quantkit.cli import cli
+from quantkit.io.checkpoint import open_checkpoint
 
 GPTQ = ["--method", "gptq", "--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
 

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from conftest import TEST_TEXT
 from transformers import AutoModelForCausalLM
 
-import quantkit.packed as packed
-from quantkit.checkpoint import open_checkpoint
+import quantkit.formats.packed.linear as packed
 from quantkit.cli import cli
-from quantkit.data import perplexity_chunks
-from quantkit.evaluate import evaluate
-from quantkit.primitives import QuantSpec, rtn
-from quantkit.tokenizer import Tokenizer
+from quantkit.eval.evaluate import evaluate
+from quantkit.io.checkpoint import open_checkpoint
+from quantkit.io.texts import perplexity_chunks
+from quantkit.io.tokenizer import Tokenizer
+from quantkit.quant.primitives import QuantSpec, rtn
 
 CTX, CHUNKS = 64, 6
 

@@ -14,15 +14,16 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from quantkit import export_gguf as eg
-from quantkit.checkpoint import Checkpoint, open_checkpoint
-from quantkit.config import config_from_dict
 from quantkit.errors import QuantkitError
-from quantkit.export_safetensors import ArtifactWriter, quantization_config
-from quantkit.ggml_blocks import dequantize_rows, quantize_rows
+from quantkit.formats.gguf import export as eg
+from quantkit.formats.gguf import policy
+from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
+from quantkit.formats.packed.write import ArtifactWriter, quantization_config
+from quantkit.io.checkpoint import Checkpoint, open_checkpoint
+from quantkit.io.config import config_from_dict
+from quantkit.io.tokenizer import Tokenizer
 from quantkit.model import LINEAR_NAMES, Gemma, build_model
-from quantkit.primitives import QuantSpec, rtn
-from quantkit.tokenizer import Tokenizer
+from quantkit.quant.primitives import QuantSpec, rtn
 
 TEST_TEXT = Path(__file__).resolve().parents[1] / "data" / "wiki.test.excerpt.raw"
 N_THREADS = 2
@@ -134,13 +135,13 @@ def table_gelu(table: torch.Tensor):
 # --------------------------------------------------------------------------------------- bytes and names
 
 
-@pytest.mark.parametrize("qtype", list(eg.FILE_TYPES))
+@pytest.mark.parametrize("qtype", list(policy.FILE_TYPES))
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_tensors_read_back_exactly(export, arch, qtype, tiny_gemma2, tiny_gemma3):
     path, report = export(arch, qtype)
     ck = open_checkpoint({"gemma2": tiny_gemma2, "gemma3": tiny_gemma3}[arch])
     ts = tensors(path)
-    plan = eg.plan_tensors(ck.config, qtype)
+    plan = policy.plan_tensors(ck.config, qtype)
     assert list(ts) == [t.gguf_name for t in plan]
     assert "output.weight" not in ts
     assert len(ts) == 2 + ck.config.num_hidden_layers * (13 if arch == "gemma3" else 11)
@@ -163,7 +164,7 @@ def test_tensor_names_follow_llamacpp(export):
     names = set(tensors(export("gemma3", "f32")[0]))
     for kind in ("attn_norm", "attn_q_norm", "attn_k_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
         assert f"blk.5.{kind}.weight" in names
-    plan = {t.hf_name: t.gguf_name for t in eg.plan_tensors(synthetic_config("gemma3_text"), "f32")}
+    plan = {t.hf_name: t.gguf_name for t in policy.plan_tensors(synthetic_config("gemma3_text"), "f32")}
     assert plan["model.layers.0.pre_feedforward_layernorm.weight"] == "blk.0.ffn_norm.weight"
     assert plan["model.layers.0.post_attention_layernorm.weight"] == "blk.0.post_attention_norm.weight"
     assert plan["model.layers.0.post_feedforward_layernorm.weight"] == "blk.0.post_ffw_norm.weight"
@@ -268,16 +269,16 @@ def synthetic_config(model_type: str, hidden: int = 256, ff: int = 512, layers: 
 
 def test_type_choice_with_row_fallbacks():
     cfg = synthetic_config("gemma3_text", hidden=640, ff=2048, layers=18)  # Gemma 3 270M shapes
-    types = {t.gguf_name: t.qtype for t in eg.plan_tensors(cfg, "q4_k_m")}
+    types = {t.gguf_name: t.qtype for t in policy.plan_tensors(cfg, "q4_k_m")}
     assert types["token_embd.weight"] == QT.Q8_0  # Q6_K, but 640 % 256 != 0
     assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_up.weight"] == QT.Q5_0  # Q4_K fallback
     assert types["blk.0.attn_output.weight"] == QT.Q4_K  # in = 4 * 256
     assert types["blk.0.ffn_down.weight"] == QT.Q6_K and types["blk.3.ffn_down.weight"] == QT.Q4_K
     assert types["blk.0.attn_v.weight"] == QT.Q8_0 and types["blk.3.attn_v.weight"] == QT.Q5_0
     assert types["blk.0.attn_norm.weight"] == QT.F32
-    q4_0 = {t.gguf_name: t.qtype for t in eg.plan_tensors(cfg, "q4_0")}
+    q4_0 = {t.gguf_name: t.qtype for t in policy.plan_tensors(cfg, "q4_0")}
     assert q4_0["token_embd.weight"] == QT.Q8_0 and q4_0["blk.0.ffn_down.weight"] == QT.Q4_0
-    q6_k = {t.gguf_name: t.qtype for t in eg.plan_tensors(cfg, "q6_k")}
+    q6_k = {t.gguf_name: t.qtype for t in policy.plan_tensors(cfg, "q6_k")}
     assert q6_k["blk.0.attn_q.weight"] == QT.Q8_0 and q6_k["blk.0.ffn_down.weight"] == QT.Q6_K
 
 
@@ -295,8 +296,8 @@ def test_type_choice_with_row_fallbacks():
 )
 def test_tied_embedding_type(qtype, embd, odd_row):
     """llama-quantize treats the tied token_embd as the output tensor."""
-    assert eg.weight_type(qtype, "token_embd", None, 42, 3584) == embd
-    assert eg.weight_type(qtype, "token_embd", None, 42, 100) == odd_row  # 32 does not divide 100
+    assert policy.weight_type(qtype, "token_embd", None, 42, 3584) == embd
+    assert policy.weight_type(qtype, "token_embd", None, 42, 100) == odd_row  # 32 does not divide 100
 
 
 def test_unknown_type_and_unsupported_configs(tiny_gemma2, tmp_path):
@@ -382,7 +383,7 @@ def q4_1_bound(scale: torch.Tensor, zero: torch.Tensor, want: np.ndarray) -> np.
 # ------------------------------------------------------------------------------------------- streaming
 
 
-def whole_tensor(ck: Checkpoint, t: eg.PlannedTensor) -> tuple[np.ndarray, str]:
+def whole_tensor(ck: Checkpoint, t: policy.PlannedTensor) -> tuple[np.ndarray, str]:
     """The tensor encoded in one piece from safetensors' own reader (the pre-streaming code path): its
     bytes and its report method."""
     data, entry = eg.encode_tensor(ck, t)
@@ -395,8 +396,8 @@ def test_streamed_jobs_equal_whole_tensor_encoding(tiny_gemma3, tmp_path, monkey
     tensor's bytes equal encoding it whole, and raw reads replace safetensors' memory maps entirely."""
     ck = open_checkpoint(tiny_gemma3)
     monkeypatch.setattr(eg, "JOB_ELEMENTS", 1800)
-    expected = {t.gguf_name: whole_tensor(ck, t) for t in eg.plan_tensors(ck.config, qtype)}
-    jobs = list(eg.plan_jobs(ck, eg.plan_tensors(ck.config, qtype), eg.ShardReader(ck)))
+    expected = {t.gguf_name: whole_tensor(ck, t) for t in policy.plan_tensors(ck.config, qtype)}
+    jobs = list(eg.plan_jobs(ck, policy.plan_tensors(ck.config, qtype), eg.ShardReader(ck)))
     assert len(jobs) > 3 * len(expected)
 
     def no_mmap(*args, **kwargs):

@@ -8,12 +8,12 @@ import torch
 from conftest import CALIB_TEXT
 from safetensors.torch import load_file
 
-from quantkit import packed
-from quantkit.gptq import Drift, Hessian, fp_target, gptq_quantize, inverse_factor
-from quantkit.packed import CastLinear, dense_linear
-from quantkit.primitives import QuantSpec
-from quantkit.quantize import quantize_checkpoint
-from quantkit.recipes import resolve_options
+from quantkit.formats.packed import linear as packed
+from quantkit.formats.packed.linear import CastLinear, dense_linear
+from quantkit.quant.gptq import Drift, Hessian, fp_target, gptq_quantize, inverse_factor
+from quantkit.quant.primitives import QuantSpec
+from quantkit.quant.quantize import quantize_checkpoint
+from quantkit.quant.recipes import resolve_options
 
 SPEC = QuantSpec(4, 64, True)
 

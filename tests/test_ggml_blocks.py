@@ -10,20 +10,17 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from quantkit.ggml_blocks import (
-    REF_TYPES,
+from quantkit.formats.gguf.blocks import (
     block_size,
     dequantize_rows,
-    fallback_type,
     q4_0_from_codes,
     q4_1_from_codes,
-    q4_k_m_type,
     q8_0_from_codes,
     quantize_rows,
-    quantize_rows_ref,
     row_bytes,
-    use_more_bits,
 )
+from quantkit.formats.gguf.policy import fallback_type, q4_k_m_type, use_more_bits
+from quantkit.formats.gguf.reference import REF_TYPES, quantize_rows_ref
 
 ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q6_K]
 HALF_ULP = 2.0**-11  # relative rounding error of fp32 -> fp16

@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 from conftest import CALIB_TEXT, TEST_TEXT
 
-from quantkit.checkpoint import open_checkpoint
 from quantkit.cli import cli
-from quantkit.export_gguf import plan_tensors
-from quantkit.gguf_model import GGUFModel
-from quantkit.imatrix import read_imatrix
+from quantkit.formats.gguf.imatrix import read_imatrix
+from quantkit.formats.gguf.model import GGUFModel
+from quantkit.formats.gguf.policy import plan_tensors
+from quantkit.io.checkpoint import open_checkpoint
 from quantkit.model import LINEAR_NAMES, build_model
 
 GPTQ = ["--method", "gptq", "--nsamples", "16", "--seqlen", "64", "--calib", str(CALIB_TEXT), "--act-order"]
@@ -81,7 +81,7 @@ def test_llamacpp_runs_the_gptq_k_quants(files, tiny_gemma2):
     """llama.cpp's logits on the GPTQ Q3_K_M file track quantkit's forward on that file's own weights far more
     closely than quantkit's forward on the original weights: llama.cpp runs the blocks we wrote."""
     llamacpp_ppl = pytest.importorskip("llamacpp_ppl", reason="llama-cpp-python is not installed")
-    from quantkit.tokenizer import Tokenizer
+    from quantkit.io.tokenizer import Tokenizer
 
     ck = open_checkpoint(tiny_gemma2)
     ids = Tokenizer(ck.tokenizer_path).encode(TEST_TEXT.read_text()[:2000])[:41]

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from conftest import WIKI_TEST
 from safetensors.numpy import load_file
 from sentencepiece import sentencepiece_model_pb2 as pb2
 
 from quantkit.errors import QuantkitError
-from quantkit.gguf_import import (
+from quantkit.formats.gguf.importer import (
     build_config,
     hf_tensor_name,
     import_gguf,
@@ -28,7 +29,6 @@ from quantkit.gguf_import import (
 )
 
 Q = gguf.GGMLQuantizationType
-WIKI_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SAMPLES = [
     "Hello world, this is a test.",
     " leading space and  two  spaces",

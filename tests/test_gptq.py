@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.gptq import Hessian, gptq_quantize, inverse_factor, output_error
-from quantkit.primitives import QuantSpec, rtn
+from quantkit.quant.gptq import Hessian, gptq_quantize, inverse_factor, output_error
+from quantkit.quant.primitives import QuantSpec, rtn
 
 
 @pytest.mark.parametrize(

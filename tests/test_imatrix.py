@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 from quantkit.cli import cli
-from quantkit.imatrix import ImportanceStats, read_imatrix, write_imatrix
+from quantkit.formats.gguf.imatrix import ImportanceStats, read_imatrix, write_imatrix
 
 LLAMA_QUANTIZE = ROOT / "build" / "llama.cpp" / "bin" / "llama-quantize"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quantkit.checkpoint import open_checkpoint
+from quantkit.io.checkpoint import open_checkpoint
 from quantkit.model import build_model
 
 T = 64  # > 2x the tiny window of 16, so sliding layers see a truncated context

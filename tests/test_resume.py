@@ -51,7 +51,7 @@ def _layers_done(partial: Path) -> int:
 # known layer, whatever the machine's speed.
 _KILL_AFTER = """
 import os, signal, sys
-import quantkit.quantize as qz
+import quantkit.quant.quantize as qz
 k = int(sys.argv.pop(1))
 real = qz._Run.end_layer
 def end_layer(self, writer, i, *args, **kwargs):

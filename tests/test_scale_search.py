@@ -10,12 +10,12 @@ import torch
 from conftest import CALIB_TEXT
 
 from quantkit.errors import QuantkitError
-from quantkit.gptq import gptq_quantize, output_error
-from quantkit.grid_refine import gptq_refined, refit_scales
-from quantkit.primitives import QuantSpec, choose_qparams, dequantize, group_range, qparams_from_range, rtn
-from quantkit.quantize import quantize_checkpoint
-from quantkit.recipes import resolve_options
-from quantkit.scale_search import ScaleSearch, _rounding_error, _weighted_error, rtn_searched, search_qparams
+from quantkit.quant.gptq import gptq_quantize, output_error
+from quantkit.quant.grid_refine import gptq_refined, refit_scales
+from quantkit.quant.primitives import QuantSpec, choose_qparams, dequantize, group_range, qparams_from_range, rtn
+from quantkit.quant.quantize import quantize_checkpoint
+from quantkit.quant.recipes import resolve_options
+from quantkit.quant.scale_search import ScaleSearch, _rounding_error, _weighted_error, rtn_searched, search_qparams
 
 SPECS = [QuantSpec(4, 64, True), QuantSpec(4, 64, False), QuantSpec(3, 32, True)]
 

@@ -1,0 +1,96 @@
+"""Calibration importance as a llama.cpp importance-matrix ("imatrix") file, so that users of
+``llama-quantize --imatrix`` can reuse quantkit's calibration.
+
+The statistic is the one llama.cpp collects: for every linear weight, the sum over calibration tokens of the
+squared input activation of each input column (``in_sum2``, length I) and the number of tokens summed
+(``counts``); llama-quantize divides the two. GPTQ's Hessian carries the same numbers on its diagonal:
+H = (2/n) Σ x xᵀ, so in_sum2 = diag(H) · n / 2.
+
+File layout (llama.cpp's GGUF imatrix): ``general.type`` = "imatrix", ``imatrix.datasets`` (string array),
+``imatrix.chunk_count`` and ``imatrix.chunk_size`` (u32; llama-quantize refuses a file without these three),
+and per weight two F32 tensors named after the GGUF weight: ``blk.0.attn_q.weight.in_sum2`` [I] and
+``blk.0.attn_q.weight.counts`` [1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.names import LAYER_TENSORS
+from quantkit.io.atomic import atomic_file
+
+
+@dataclass
+class ImportanceStats:
+    """Running per-column Σx² and token count for each linear, keyed by GGUF weight name."""
+
+    sums: dict[str, np.ndarray]
+    counts: dict[str, int]
+
+    @classmethod
+    def empty(cls) -> ImportanceStats:
+        return cls({}, {})
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """As tensors to save with a run's resumable state (``from_tensors`` reads them back)."""
+        out = {f"imatrix/{n}": torch.from_numpy(v) for n, v in self.sums.items()}
+        return out | {f"imatrix-count/{n}": torch.tensor([c], dtype=torch.int64) for n, c in self.counts.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ImportanceStats:
+        sums = {k.removeprefix("imatrix/"): v.numpy() for k, v in tensors.items() if k.startswith("imatrix/")}
+        counts = {
+            k.removeprefix("imatrix-count/"): int(v[0]) for k, v in tensors.items() if k.startswith("imatrix-count/")
+        }
+        return cls(sums, counts)
+
+    def add_from_hessian(self, layer: int, module: str, H: torch.Tensor, n_rows: int) -> None:
+        """Record linear ``module`` (e.g. 'self_attn.q_proj') of ``layer`` from its Hessian (2/n) Σ x xᵀ."""
+        name = gguf_weight_name(layer, module)
+        self.sums[name] = (torch.diagonal(H).double().cpu().numpy() * (n_rows / 2.0)).astype(np.float32)
+        self.counts[name] = n_rows
+
+
+def gguf_weight_name(layer: int, module: str) -> str:
+    return f"blk.{layer}.{LAYER_TENSORS[module]}.weight"
+
+
+def write_imatrix(path: str | Path, stats: ImportanceStats, dataset: str, chunk_size: int) -> Path:
+    """Write ``stats`` as a GGUF imatrix at ``path`` (atomically). ``chunk_size``: tokens per calibration
+    sequence; the chunk count is the largest token count divided by it."""
+    if not stats.sums:
+        raise QuantkitError(f"{path}: no importance statistics were collected (is the method gptq?)")
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, arch="imatrix")
+        w.add_type("imatrix")
+        w.add_array("imatrix.datasets", [dataset])
+        w.add_uint32("imatrix.chunk_count", max(stats.counts.values()) // max(chunk_size, 1))
+        w.add_uint32("imatrix.chunk_size", chunk_size)
+        for name in sorted(stats.sums):
+            w.add_tensor(f"{name}.in_sum2", stats.sums[name].reshape(1, -1))
+            w.add_tensor(f"{name}.counts", np.array([[stats.counts[name]]], dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
+    """GGUF weight name -> mean squared activation per input column (in_sum2 / counts), as llama-quantize
+    reads it."""
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    out = {}
+    for name, sums in tensors.items():
+        if name.endswith(".in_sum2"):
+            base = name.removesuffix(".in_sum2")
+            out[base] = sums / tensors[f"{base}.counts"][0]
+    return out

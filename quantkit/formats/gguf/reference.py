@@ -1,0 +1,49 @@
+"""libggml's C reference quantizers (``quantize_row_*_ref``) through ctypes: the oracle that tests and
+benchmarks compare quantkit's encoders with. Found inside an installed llama-cpp-python; not used by the
+library itself."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from quantkit.formats.gguf.blocks import check_rows, row_bytes
+
+REF_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q4_K, QT.Q6_K)
+
+
+def libggml_path() -> Path | None:
+    """libggml-base inside an installed llama-cpp-python (found without importing it), or None."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        return None
+    hits = sorted((Path(spec.origin).parent / "lib").glob("*ggml-base.*"))
+    return hits[0] if hits else None
+
+
+@functools.cache
+def _ref_fn(lib_path: str, qtype: QT) -> Callable[[int, int, int], None]:
+    name = qtype.name[0].lower() + qtype.name[1:]  # Q4_K -> q4_K
+    fn = getattr(ctypes.CDLL(lib_path), f"quantize_row_{name}_ref")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    return fn
+
+
+def quantize_rows_ref(x: np.ndarray, qtype: QT, lib_path: Path | None = None) -> np.ndarray:
+    """quantize_rows computed by libggml's `quantize_row_*_ref(const float *x, void *y, int64_t k)`."""
+    lib_path = lib_path or libggml_path()
+    if lib_path is None:
+        raise FileNotFoundError("libggml-base not found: install llama-cpp-python")
+    if qtype not in REF_TYPES:
+        raise NotImplementedError(f"no C reference wired up for {qtype.name}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    check_rows(x, qtype)
+    out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    _ref_fn(str(lib_path), qtype)(x.ctypes.data, out.ctypes.data, x.size)
+    return out

@@ -1,0 +1,262 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", 2022), Algorithm 1 with lazy batch updates, on quantkit's min-max grid.
+
+Names follow the paper and IST-DASLab's gptq.py: H (input Hessian 2XXᵀ), Hinv (upper Cholesky factor of
+H⁻¹), W1/Err1 (the current block and its scaled errors), percdamp, blocksize, actorder. Rounding is done
+by ``primitives.quantize`` only, so with H = I (no act-order) GPTQ is exactly RTN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.grids import BlockGrid, GridWeight
+from quantkit.quant.primitives import QuantizedWeight, QuantSpec, dequantize, quantize
+from quantkit.quant.scale_search import ScaleSearch, choose_group_params
+
+
+class Hessian:
+    """Accumulates H = (2/n) Σ x xᵀ over the rows x [.., I] of a linear's inputs, in fp32."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)  # [rows, I]
+        m = x.shape[0]
+        # H <- H * n/(n+m) + (2/(n+m)) xᵀx, in one fused call
+        self.H.addmm_(x.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
+        self.n += m
+
+
+class Drift:
+    """Accumulates D = (2/n) Σ (x_fp − x) xᵀ [I, I] (scaled like ``Hessian``): how the unquantized model's
+    inputs x_fp of a linear differ from the quantized model's inputs x on the same calibration rows. Exactly
+    zero while the two models still agree (e.g. the first layer's q/k/v)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.D = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x_fp: torch.Tensor, x: torch.Tensor, consume: bool = False) -> None:
+        """``consume``: x_fp is not needed afterwards, so x_fp − x may be formed in its storage."""
+        x = x.reshape(-1, x.shape[-1]).to(self.D.device, torch.float32)  # [rows, I]
+        x_fp = x_fp.reshape(x.shape).to(self.D.device, torch.float32)
+        d = x_fp.sub_(x) if consume else x_fp - x
+        m = x.shape[0]
+        self.D.addmm_(d.T, x, beta=self.n / (self.n + m), alpha=2.0 / (self.n + m))
+        self.n += m
+
+    def times(self, W: torch.Tensor) -> torch.Tensor:
+        """W D [O, I] in fp32 on D's device, for ``fp_target``."""
+        return W.to(self.D.device, torch.float32) @ self.D
+
+
+def fp_target(W: torch.Tensor, WD: torch.Tensor, fac: InverseFactor) -> torch.Tensor:
+    """The dense weight W* = W + W D Hd⁻¹ [O, I] (fp32, on the factor's device), from WD = ``Drift.times(W)``.
+
+    GPTQ against the unquantized model (GPTQ v2 / GPTAQ): minimise ‖W X_fp − Q X‖² rather than ‖W X − Q X‖²
+    (X: the quantized model's inputs, the rows of H; X_fp: the unquantized model's). Its least-squares
+    solution is W* = W X_fp Xᵀ (X Xᵀ)⁻¹ = W + W D H⁻¹, and ‖W X_fp − Q X‖² = ‖(W* − Q) X‖² + const, so GPTQ
+    of W* against H minimises it. Hd⁻¹ = Uᵀ U in ``perm`` order. W* = W exactly when D = 0. Taking W D
+    rather than D lets the caller free D [I, I] before H is factored."""
+    W = W.to(fac.U.device, torch.float32)
+    M = WD.to(W.device)[:, fac.perm]  # [O, I] in perm order
+    M = (M @ fac.U.T) @ fac.U
+    return W + M[:, torch.argsort(fac.perm)]
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    weight: QuantizedWeight | GridWeight
+    loss: float  # Σ (w - q)² / (2 d²), the paper's objective
+    damp: float  # the damping fraction that made H positive definite
+    sq_output_err: float  # tr(D H Dᵀ) with D = W - Q and the undamped H: the output error, free from the solver
+
+
+@dataclass(frozen=True)
+class InverseFactor:
+    """What GPTQ needs from one Hessian, shared by every linear that reads the same input (q/k/v, gate/up).
+
+    U [I, I] is the upper Cholesky factor of (H + λI)⁻¹ in ``perm`` order (columns by decreasing diag(H)
+    with act-order, else the identity); ``dead`` marks inputs that were always zero (diag H = 0, set to 1)."""
+
+    U: torch.Tensor
+    perm: torch.Tensor
+    dead: torch.Tensor
+    damp: float  # the fraction of mean(diag H) that made H positive definite
+    lam: float  # λ = damp · mean(diag H)
+    actorder: bool
+
+
+def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False) -> InverseFactor:
+    """The ``InverseFactor`` of ``hess.H`` [I, I], which is taken from ``hess`` (set to None) and whose
+    storage is reused: at most two I x I buffers are alive at any time.
+
+    With J the reversal permutation and J Hd J = L Lᵀ (Hd the damped H), Hd⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and
+    J L⁻¹ J is upper triangular with a positive diagonal: it is the upper Cholesky factor of Hd⁻¹. So one
+    Cholesky factorisation and one triangular solve give U, without forming H⁻¹."""
+    H, hess.H = hess.H, None
+    n = H.shape[0]
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True) if actorder else torch.arange(n, device=H.device)
+    if actorder:
+        H = H[perm]
+        H = H[:, perm]
+    base = H.diagonal().flip(0)  # a copy
+    mean_diag = base.mean()
+    F = torch.flip(H, (0, 1))  # J H J
+    del H, diag
+    damp = percdamp
+    while damp < 1.0:
+        F.diagonal().copy_(base + damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(F)
+        if int(info) == 0:
+            del F
+            X = torch.zeros_like(L)
+            X.diagonal().fill_(1.0)
+            torch.linalg.solve_triangular(L, X, upper=False, out=X)  # L⁻¹, in place
+            del L
+            return InverseFactor(torch.flip(X, (0, 1)), perm, dead, damp, float(damp * mean_diag), actorder)
+        del L
+        damp = damp * 2 if damp >= 0.01 else damp + 0.01
+    raise QuantkitError("GPTQ: the Hessian is not positive definite even with damping 1.0 (are the inputs NaN?)")
+
+
+def _group_importance(importance: torch.Tensor | None, c: int, g: int) -> torch.Tensor | None:
+    """The search weights of the group starting at column c: diag [I] -> [g], H blocks [G, g, g] -> [1, g, g]."""
+    if importance is None:
+        return None
+    return importance[c : c + g] if importance.dim() == 1 else importance[c // g : c // g + 1]
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor | InverseFactor,
+    spec: QuantSpec,
+    scale_dtype: torch.dtype = torch.float32,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    actorder: bool = False,
+    *,
+    grid: BlockGrid | None = None,
+    search: ScaleSearch | None = None,
+    importance: torch.Tensor | None = None,
+    fixed: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> GPTQResult:
+    """Quantize W [O, I] against the input Hessian H [I, I] (left unchanged), or against a precomputed
+    ``InverseFactor`` of it (then ``percdamp`` and ``actorder`` were decided when it was made). With
+    act-order columns are processed in order of decreasing diag(H) and group parameters are static
+    (computed from the unmodified W), so the result stays a plain per-group grid (g_idx = i // g).
+    With ``grid`` (a ggml type's fixed grid, chosen beforehand from the original W) every column is rounded
+    onto its group's (s, b) instead and the result holds codes for that grid (``spec`` is not used).
+    ``search``: group scales by an importance-weighted search instead of min-max, weighted by ``importance``
+    (``search.importance`` of H over all columns in natural order; taken from H when H is given).
+    ``fixed``: use these (scale, zero) [O, G] as a static grid."""
+    n_in = W.shape[1]
+    g_spec = n_in if spec.group_size == -1 else spec.group_size
+    if isinstance(H, torch.Tensor) and search is not None and importance is None:
+        importance = search.importance(H, slice(0, n_in), g_spec)
+    if isinstance(H, torch.Tensor):
+        hess = Hessian(H.shape[0], H.device)
+        hess.H = H.to(torch.float32).clone()
+        H = inverse_factor(hess, percdamp, actorder)
+    fac = H
+    actorder = fac.actorder
+    dev = fac.U.device
+    W = W.detach().to(dev, torch.float32, copy=True)
+    W[:, fac.dead] = 0.0
+    W0 = W.clone()  # [O, I], the weight GPTQ approximates (dead inputs zeroed)
+    o, n = W.shape
+    if grid is not None:
+        g = grid.layout.g
+        grid_dev = grid.to(dev)  # the loop's copy; the result keeps ``grid`` itself
+    else:
+        g = n if spec.group_size == -1 else spec.group_size
+    blocksize = max(blocksize, g) if g < n else blocksize  # a group never straddles two blocks
+
+    static = actorder or grid is not None or fixed is not None or spec.group_size == -1
+    if static and grid is None:
+        # [O, G], from the unmodified W
+        scale_all, zero_all = fixed or choose_group_params(W, spec, scale_dtype, search, importance)
+    perm, Hinv = fac.perm, fac.U
+    group_of = (perm // g).tolist()  # column c's group, read once (no device sync per column)
+    if actorder:
+        W = W[:, perm]
+
+    codes = torch.zeros(o, n, dtype=torch.int8, device=dev)
+    scales, zeros = [], []
+    sq_err = torch.zeros((), dtype=torch.float64, device=dev)  # ‖E‖², E the scaled errors
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for t in range(i2 - i1):
+            c = i1 + t
+            w = W1[:, t : t + 1]  # [O, 1]
+            if grid is not None:
+                q, dq = grid_dev.quantize(w, group_of[c])
+            else:
+                if static:
+                    grp = group_of[c]
+                    scale, zero = (
+                        scale_all[:, grp : grp + 1],
+                        None if zero_all is None else zero_all[:, grp : grp + 1],
+                    )
+                elif c % g == 0:  # parameters from the error-updated columns of this group (natural order)
+                    h = _group_importance(importance, c, g)
+                    scale, zero = choose_group_params(W1[:, t : t + g], spec, scale_dtype, search, h)
+                    scales.append(scale)
+                    zeros.append(zero)
+                q = quantize(w, scale, zero, spec)
+                dq = dequantize(q, scale, zero)
+            codes[:, c : c + 1] = q
+            d = Hinv1[t, t]
+            err = (w - dq) / d
+            W1[:, t:] -= err @ Hinv1[t : t + 1, t:]
+            Err1[:, t : t + 1] = err
+        sq_err += (Err1.double() ** 2).sum()
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    del W
+
+    invperm = torch.argsort(perm)
+    codes = codes[:, invperm]
+    if grid is not None:
+        qw = GridWeight(grid, codes.cpu())
+    else:
+        if static:
+            scale, zero = scale_all, zero_all
+        else:
+            scale = torch.cat(scales, dim=1)
+            zero = None if spec.sym else torch.cat(zeros, dim=1)
+        qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
+    # W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs' diagonal
+    D = W0.sub_(qw.dequantize().to(dev)).double()  # [O, I]
+    sq_out = float(sq_err - fac.lam * (D**2).sum() - (D[:, fac.dead] ** 2).sum())
+    return GPTQResult(qw, float(sq_err) / 2, fac.damp, max(sq_out, 0.0))
+
+
+def weighted_norms(Ws: list[torch.Tensor], H: torch.Tensor, rows: int = 2048) -> list[float]:
+    """tr(W H Wᵀ) for each W [O, I] against H [I, I], row block by row block (bounded temporaries)."""
+    out = []
+    for W in Ws:
+        total = 0.0
+        for r in range(0, W.shape[0], rows):
+            Wb = W[r : r + rows].to(H.device, torch.float32)
+            total += float(((Wb @ H) * Wb).sum(dtype=torch.float64))
+        out.append(total)
+    return out
+
+
+def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative output error ‖XWᵀ − XŴᵀ‖² / ‖XWᵀ‖² computed from H ∝ XᵀX (both [O, I] weights)."""
+    W = W.to(H.device, torch.float32)
+    num, den = weighted_norms([W - Wq.to(H.device, torch.float32), W], H)
+    return num / den if den > 0 else 0.0

@@ -1,0 +1,112 @@
+"""Quantization settings: one frozen dataclass, named TOML recipes under ``recipes/``, CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantkit.errors import QuantkitError
+from quantkit.io.texts import shipped
+from quantkit.quant.primitives import QuantSpec
+from quantkit.quant.scale_search import ScaleSearch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+RECIPES_DIR = shipped("recipes")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything that decides a quantized artifact. Same options + same input = byte-identical output."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    method: str = "gptq"  # "gptq" | "rtn"
+    calib: str | None = None  # calibration text (GPTQ); default: WikiText-2 validation
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    act_order: bool = False
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    blocksize: int = 128
+    calib_dtype: str = "float32"  # activations carried between layers during calibration
+    scale_dtype: str = "auto"  # "auto" = the checkpoint's dtype (compressed-tensors); fp16 for GGUF
+    batch_size: int = 8  # calibration sequences per forward
+    # group scale search (quantkit.quant.scale_search): "minmax" | "unit" | "diag" | "block" (weighted by H)
+    scale_search: str = "minmax"
+    search_steps: int = 50  # shrink factors tried, from 1 down to search_min_shrink
+    search_min_shrink: float = 0.5
+    refine_iters: int = 0  # GPTQ: rounds of (least-squares scale refit, GPTQ on that grid); best pass kept
+    fp_targets: bool = False  # GPTQ: match the unquantized model's layer outputs (GPTQ v2 / GPTAQ)
+
+    def __post_init__(self):
+        if self.method not in ("gptq", "rtn"):
+            raise QuantkitError(f"--method {self.method!r}: choose gptq or rtn")
+        if not 0.0 < self.damp < 1.0:
+            raise QuantkitError(f"--damp {self.damp}: must be in (0, 1)")
+        if self.calib_dtype not in ("float32", "bfloat16"):
+            raise QuantkitError(f"calib_dtype {self.calib_dtype!r}: choose float32 or bfloat16")
+        if self.scale_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise QuantkitError(f"scale_dtype {self.scale_dtype!r}: choose auto, float16, bfloat16 or float32")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise QuantkitError("--nsamples must be >= 1 and --seqlen >= 2")
+        if self.batch_size < 1 or self.blocksize < 1 or self.seed < 0:
+            raise QuantkitError("batch_size and blocksize must be >= 1, seed >= 0")
+        QuantSpec(self.bits, self.group_size, self.sym)  # validates bits and group size
+        ScaleSearch(self.scale_search, self.search_steps, self.search_min_shrink)  # validates the search
+        if self.refine_iters < 0:
+            raise QuantkitError(f"refine_iters {self.refine_iters}: must be >= 0")
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.group_size, self.sym)
+
+    @property
+    def search(self) -> ScaleSearch:
+        return ScaleSearch(self.scale_search, self.search_steps, self.search_min_shrink)
+
+    def replace(self, **changes: Any) -> QuantizeOptions:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A recipe by path or by name (``recipes/NAME.toml``); unknown keys are an error."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPES_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+        raise QuantkitError(f"recipe {name_or_path!r} not found (known: {', '.join(known)})")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise QuantkitError(f"{path}: invalid TOML ({e})") from None
+    data.pop("description", None)
+    fields = {f.name for f in dataclasses.fields(QuantizeOptions)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise QuantkitError(f"{path}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(fields))})")
+    defaults = QuantizeOptions()
+    for key, value in data.items():
+        want = type(getattr(defaults, key)) if key != "calib" else str
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok and not (want is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise QuantkitError(f"{path}: {key} = {value!r} is not of type {want.__name__}")
+    return data
+
+
+def resolve_options(recipe: str | None = None, **overrides: Any) -> QuantizeOptions:
+    """Defaults, then the recipe, then CLI flags (None = not given)."""
+    base = load_recipe(recipe) if recipe else {}
+    try:
+        opts = QuantizeOptions(**base)
+    except TypeError as e:
+        raise QuantkitError(f"recipe {recipe}: {e}") from None
+    return opts.replace(**overrides)
