@@ -1,6 +1,7 @@
 """How often quantkit's ggml blocks are byte-identical to libggml's `quantize_row_*_ref`, and how fast.
 
-Q4_K and Q6_K are quantkit's own numpy quantizers, Q4_0 and Q8_0 its torch quantizers (one thread each here).
+Q3_K, Q4_K, Q5_K and Q6_K are quantkit's own numpy quantizers, Q4_0 and Q8_0 its torch quantizers (one thread
+each here).
 The C reference is libggml-base from the installed llama-cpp-python, called through ctypes (one thread).
 
     python scripts/kquant_agreement.py --blocks 8192
@@ -26,7 +27,7 @@ from gguf import GGMLQuantizationType as QT
 from quantkit.formats.gguf.blocks import block_size, quantize_rows, row_bytes
 from quantkit.formats.gguf.reference import libggml_path, quantize_rows_ref
 
-TYPES = (QT.Q4_K, QT.Q6_K, QT.Q4_0, QT.Q8_0)
+TYPES = (QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q4_0, QT.Q8_0)
 ROW = 4096  # random rows: 16 super-blocks each
 HEADER = ("source", "type", "blocks", "identical", "ours s/Mw", "C s/Mw", "ratio")
 LINE = "{:<36} {:<5} {:>8} {:>10} {:>10} {:>8} {:>6}"

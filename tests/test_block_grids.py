@@ -58,7 +58,7 @@ def test_blocks_decode_to_the_grid_values_in_libggml(libggml, qtype):
 
 
 # llama.cpp's own quantizers (gguf-py's legacy ones, quantkit's byte-exact K-quants) know no importance
-REFERENCE = [QT.Q8_0, QT.Q4_0, QT.Q5_0, QT.Q4_1, QT.Q4_K, QT.Q6_K]
+REFERENCE = list(LAYOUTS)
 
 
 @pytest.mark.parametrize("qtype", REFERENCE, ids=lambda q: q.name)

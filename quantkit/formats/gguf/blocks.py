@@ -1,39 +1,43 @@
-"""ggml block formats: quantize float rows to the bytes ggml stores, and map integer codes onto blocks.
+"""ggml block formats: quantize float rows to the bytes ggml stores (round to nearest, as llama-quantize does
+without an importance matrix), and write integer codes into blocks.
 
-Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks,
-byte-identical to ggml's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included);
-Q4_1, Q5_0 and F32/F16/BF16 go through gguf-py; Q4_K and Q6_K come from `quantkit.formats.gguf.kquants`.
+Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-identical to ggml's
+`quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
+F32/F16/BF16 go through gguf-py; Q3_K, Q4_K, Q5_K and Q6_K come from `quantkit.formats.gguf.kquants`
+(byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
+`quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
+from torch import Tensor
 
-from quantkit.formats.gguf.kquants import Scratch, quantize_q4_k, quantize_q6_k
+from quantkit.formats.gguf.kquants import (
+    Scratch,
+    quantize_q3_k,
+    quantize_q4_k,
+    quantize_q5_k,
+    quantize_q6_k,
+    signed_absmax,
+)
+from quantkit.formats.gguf.layouts import (
+    block_size,
+    check_codes,
+    pack_q4_0,
+    pack_q4_1,
+    pack_q8_0,
+    row_bytes,
+)
 
 GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
-# no reference quantizer here: quantkit's own grid search (block_grids) with unit weights
-GRID_ONLY_TYPES = (QT.Q3_K, QT.Q5_K)
-K_QUANTIZERS = {QT.Q4_K: quantize_q4_k, QT.Q6_K: quantize_q6_k}
+K_QUANTIZERS = {QT.Q3_K: quantize_q3_k, QT.Q4_K: quantize_q4_k, QT.Q5_K: quantize_q5_k, QT.Q6_K: quantize_q6_k}
 CHUNK_BLOCKS = 1024  # K-quant super-blocks per numpy pass (256K weights): fastest of 256-2048 here
-
-
-def block_size(qtype: QT) -> int:
-    return GGML_QUANT_SIZES[qtype][0]
-
-
-def row_bytes(qtype: QT, n: int) -> int:
-    """Bytes ggml uses for one row of n elements."""
-    blk, size = GGML_QUANT_SIZES[qtype]
-    return n // blk * size
 
 
 def check_rows(x: np.ndarray, qtype: QT) -> None:
@@ -47,25 +51,26 @@ class NonFiniteError(ValueError):
     """The weights given to a quantizer hold NaN or inf."""
 
 
-def _finite(a: np.ndarray) -> bool:
-    """Whether float32 ``a`` holds no NaN or inf: its sum is finite exactly then, unless finite values
-    overflow it, and only such a sum is checked element by element."""
+def _all_finite(*arrays: np.ndarray) -> bool:
+    """Whether float32 arrays hold no NaN or inf: a sum is finite exactly then, unless finite values overflow
+    it, and only such a sum is checked element by element."""
     with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(np.add.reduce(a, axis=None))) or bool(np.isfinite(a).all())
+        return all(bool(np.isfinite(np.add.reduce(a, axis=None))) or bool(np.isfinite(a).all()) for a in arrays)
 
 
 def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
     """K-quant rows chunk by chunk (a torch tensor of any float dtype is converted to float32 per chunk);
     raises NonFiniteError on NaN or inf."""
     R, n = x.shape
-    blocks = x.reshape(-1, 256)  # [R * n/256, 256]: super-blocks in row order
-    out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+    blk, size = GGML_QUANT_SIZES[qtype]
+    blocks = x.reshape(-1, blk)  # [R * n/256, 256]: super-blocks in row order
+    out = np.empty((blocks.shape[0], size), dtype=np.uint8)
     ws = Scratch()  # this call's buffers, reused by every chunk
-    f32 = torch.empty(min(CHUNK_BLOCKS, blocks.shape[0]), 256) if isinstance(x, torch.Tensor) else None
     for s in range(0, blocks.shape[0], CHUNK_BLOCKS):
         chunk = blocks[s : s + CHUNK_BLOCKS]
-        chunk = f32[: chunk.shape[0]].copy_(chunk).numpy() if f32 is not None else chunk
-        if not _finite(chunk):
+        if isinstance(chunk, torch.Tensor):
+            chunk = torch.from_numpy(ws.get("rows", tuple(chunk.shape))).copy_(chunk).numpy()
+        if not _all_finite(chunk):
             raise NonFiniteError("NaN or inf in the weights")
         out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](chunk, ws)
     return out.reshape(R, row_bytes(qtype, n))
@@ -79,79 +84,34 @@ def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
 _BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
 
 
-@dataclass
-class _Scratch:
-    """Buffers one chunk of B blocks reuses: a fresh multi-MB tensor per op costs its page faults again."""
-
-    x: torch.Tensor  # float32 [B, 32]: the blocks, overwritten by the quantizer
-    t: torch.Tensor  # float32 [B, 32]
-    q: torch.Tensor  # int8 [B, 32]
-
-    @classmethod
-    def of(cls, B: int) -> _Scratch:
-        return cls(torch.empty(B, 32), torch.empty(B, 32), torch.empty(B, 32, dtype=torch.int8))
-
-    def view(self, B: int) -> _Scratch:
-        return _Scratch(self.x[:B], self.t[:B], self.q[:B])
-
-
-def _store_fp16(out: torch.Tensor, d: torch.Tensor) -> None:
-    """float32 [B, 1] -> out uint8 [B, 2]: IEEE half, round to nearest even, little-endian (x86 / arm64)."""
-    out.copy_(d.to(torch.float16).view(torch.uint8))
-
-
 def _inverse(d: torch.Tensor) -> torch.Tensor:
     """1/d, and 0 where d == 0 (ggml's `id = d ? 1.0f/d : 0.0f`)."""
     return (1.0 / d).masked_fill_(d == 0, 0.0)
 
 
-def quantize_q8_0_torch(s: _Scratch, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> None:
-    """Blocks s.x (lo, hi [B, 1]: their min and max) -> out uint8 [B, 34]: d = amax/127 (fp32), id = 1/d,
-    code = roundf(x*id) (halves away from zero), d stored as fp16. Overwrites s."""
+def quantize_q8_0_torch(x: Tensor, lo: Tensor, hi: Tensor, t: Tensor, q: Tensor, out: np.ndarray) -> None:
+    """Blocks x float32 [B, 32] (lo, hi [B, 1]: their min and max) -> out uint8 [B, 34]: d = amax/127 (fp32),
+    id = 1/d, code = roundf(x*id) (halves away from zero). Overwrites x and the scratch t (float32), q (int8)."""
     amax = torch.maximum(hi, lo.neg()).abs_()  # max |x|; abs_: +0.0 for an all-zero block, as C's fabsf
     d = amax / torch.full_like(amax, 127.0)  # a true division (ATen may turn "/ scalar" into "* (1/127)")
-    v = s.x.mul_(_inverse(d))
-    v += torch.sign(v, out=s.t).mul_(_BELOW_HALF)
-    s.q.copy_(v)  # the cast truncates
-    _store_fp16(out[:, :2], d)
-    out[:, 2:].copy_(s.q.view(torch.uint8))
+    v = x.mul_(_inverse(d))
+    v += torch.sign(v, out=t).mul_(_BELOW_HALF)
+    pack_q8_0(d.numpy(), q.copy_(v).numpy(), out=out)  # the cast truncates
 
 
-def _signed_absmax(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """[B, 32] -> [B, 1]: the first element of largest magnitude, with its sign; +0.0 for all-zero blocks."""
-    m = torch.where(hi > -lo, hi, lo)
-    tie = (hi == -lo).view(-1).nonzero().view(-1)  # +a and -a both present (or all zeros): which comes first
-    if tie.numel():
-        sub = x.index_select(0, tie)
-        a = sub.abs()
-        i = a.argmax(dim=1, keepdim=True)  # the first index of the maximum
-        m[tie] = torch.where(a.gather(1, i) > 0, sub.gather(1, i), 0.0)
-    return m
-
-
-def quantize_q4_0_torch(s: _Scratch, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> None:
-    """Blocks s.x (lo, hi [B, 1]: their min and max) -> out uint8 [B, 18]: m = the signed element of
-    largest magnitude (the first on ties; +0 when the block is all zeros), d = m / -8, id = 1/d,
-    code = min(15, trunc(x*id + 8.5)); byte j holds element j (low nibble) and element j + 16 (high).
-    Overwrites s."""
-    d = _signed_absmax(s.x, lo, hi) / -8.0  # an all-zero block stores d = -0.0, as C does
+def quantize_q4_0_torch(x: Tensor, lo: Tensor, hi: Tensor, t: Tensor, q: Tensor, out: np.ndarray) -> None:
+    """Blocks x float32 [B, 32] (lo, hi [B, 1]: their min and max) -> out uint8 [B, 18]: m = the signed element
+    of largest magnitude (the first on ties; +0 when the block is all zeros), d = m / -8, id = 1/d,
+    stored code = min(15, trunc(x*id + 8.5)). Overwrites x and the scratch q (int8)."""
+    m = torch.from_numpy(signed_absmax(x.numpy(), 1, lo.numpy(), hi.numpy()))
+    d = m / -8.0  # an all-zero block stores d = -0.0, as C does
     # C casts to int8_t (truncation; on x86 inf/NaN from a tiny subnormal d become 0), then takes min(15, .)
-    s.q.copy_(s.x.mul_(_inverse(d)).add_(8.5))
-    q64 = s.q.clamp_(max=15).view(torch.int64)  # [B, 4]: elements 0-7, 8-15 | 16-23, 24-31, 0..15 each
-    _store_fp16(out[:, :2], d)
-    out[:, 2:].copy_((q64[:, :2] | (q64[:, 2:] << 4)).view(torch.uint8))  # [B, 16]
+    q.copy_(x.mul_(_inverse(d)).add_(8.5))
+    pack_q4_0(d.numpy(), q.clamp_(max=15).sub_(8).numpy(), out=out)
 
 
 TORCH_QUANTIZERS = {QT.Q8_0: quantize_q8_0_torch, QT.Q4_0: quantize_q4_0_torch}
 TORCH_CHUNK_BLOCKS = 16384  # 512K weights per torch pass: fastest of 1K-64K blocks (per-op overhead vs. cache)
-
-
-def _all_finite(lo: torch.Tensor, hi: torch.Tensor) -> bool:
-    """Whether blocks with these mins and maxes hold no NaN or inf: a block's min or max is NaN or infinite
-    exactly then. One sum decides the common case; only a sum that overflows looks element by element."""
-    if math.isfinite(float(lo.sum()) + float(hi.sum())):
-        return True
-    return bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
 
 
 def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
@@ -161,19 +121,23 @@ def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
     if qtype in K_QUANTIZERS:
         return torch.from_numpy(_quantize_k(x, qtype))
     R, n = x.shape
-    blocks = x.reshape(-1, 32)  # [R * n/32, 32]
-    out = torch.empty((blocks.shape[0], GGML_QUANT_SIZES[qtype][1]), dtype=torch.uint8)
-    fn, scratch = TORCH_QUANTIZERS[qtype], _Scratch.of(min(TORCH_CHUNK_BLOCKS, blocks.shape[0]))
+    blk, size = GGML_QUANT_SIZES[qtype]
+    blocks = x.reshape(-1, blk)  # [R * n/32, 32]
+    out = np.empty((blocks.shape[0], size), dtype=np.uint8)
+    ws, shape = Scratch(), (min(TORCH_CHUNK_BLOCKS, blocks.shape[0]), blk)  # buffers reused by every chunk
+    x, t, q = (
+        torch.from_numpy(ws.get(k, shape, dt)) for k, dt in (("x", np.float32), ("t", np.float32), ("q", np.int8))
+    )
     for s in range(0, blocks.shape[0], TORCH_CHUNK_BLOCKS):
         src = blocks[s : s + TORCH_CHUNK_BLOCKS]
-        buf = scratch.view(src.shape[0])
-        buf.x.copy_(src)
+        B = src.shape[0]
+        buf = x[:B].copy_(src)
         # amax and amin separately: aminmax over a 32-wide row is ~5x slower than the two
-        hi, lo = buf.x.amax(dim=1, keepdim=True), buf.x.amin(dim=1, keepdim=True)
-        if not _all_finite(lo, hi):
+        hi, lo = buf.amax(dim=1, keepdim=True), buf.amin(dim=1, keepdim=True)
+        if not _all_finite(lo.numpy(), hi.numpy()):
             raise NonFiniteError("NaN or inf in the weights")
-        fn(buf, lo, hi, out[s : s + src.shape[0]])
-    return out.reshape(R, row_bytes(qtype, n))
+        TORCH_QUANTIZERS[qtype](buf, lo, hi, t[:B], q[:B], out[s : s + B])
+    return torch.from_numpy(out.reshape(R, row_bytes(qtype, n)))
 
 
 def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
@@ -184,11 +148,6 @@ def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
         return _quantize_k(x, qtype)
     if qtype in TORCH_QUANTIZERS:
         return quantize_rows_torch(torch.from_numpy(x), qtype).numpy()
-    if qtype in GRID_ONLY_TYPES:
-        from quantkit.formats.gguf.grids import choose_grid, rtn_on_grid
-
-        w = torch.from_numpy(x)
-        return rtn_on_grid(w, choose_grid(w, qtype)).blocks()
     if qtype not in GGUF_PY_TYPES:
         raise NotImplementedError(f"no quantizer for {qtype.name}")
     out = np.ascontiguousarray(gq.quantize(x, qtype))
@@ -205,30 +164,18 @@ def dequantize_rows(data: np.ndarray, qtype: QT) -> np.ndarray:
 # ------------------------------------------------------------- integer codes -> blocks
 
 
-def _blocks_of(codes: np.ndarray, *scales: np.ndarray) -> tuple[np.ndarray, ...]:
-    """codes [R, n] and per-32-run params [R, n/32] -> codes [R*n/32, 32] and params [R*n/32, 1]."""
+def _blocks_of(qtype: QT, codes: np.ndarray, *scales: np.ndarray) -> tuple[np.ndarray, ...]:
+    """codes [R, n] (checked against the type's range) and per-block params [R, n/32] -> codes [R*n/32, 32]
+    and params [R*n/32, 1]."""
+    check_codes(codes, qtype)
     R, n = codes.shape
-    if n % 32:
-        raise ValueError(f"row length {n} is not a multiple of 32")
+    blk = block_size(qtype)
+    if n % blk:
+        raise ValueError(f"row length {n} is not a multiple of {blk}")
     for s in scales:
-        if s.shape != (R, n // 32):
-            raise ValueError(f"expected one parameter per 32-run, shape {(R, n // 32)}, got {s.shape}")
-    return (codes.reshape(-1, 32), *(np.asarray(s).reshape(-1, 1) for s in scales))
-
-
-def _fp16_bytes(v: np.ndarray) -> np.ndarray:
-    """[B, 1] -> uint8 [B, 2]: little-endian IEEE half (values are rounded to fp16 here)."""
-    return np.ascontiguousarray(v.astype("<f2")).view(np.uint8)
-
-
-def _pack_nibbles(u: np.ndarray) -> np.ndarray:
-    """uint8 [B, 32] in 0..15 -> uint8 [B, 16]: byte j = element j (low) | element j+16 (high)."""
-    return u[:, :16] | (u[:, 16:] << 4)
-
-
-def _check_range(codes: np.ndarray, lo: int, hi: int) -> None:
-    if codes.size and (codes.min() < lo or codes.max() > hi):
-        raise ValueError(f"codes must lie in [{lo}, {hi}], got [{codes.min()}, {codes.max()}]")
+        if s.shape != (R, n // blk):
+            raise ValueError(f"expected one parameter per {blk}-run, shape {(R, n // blk)}, got {s.shape}")
+    return (codes.reshape(-1, blk), *(np.asarray(s).reshape(-1, 1) for s in scales))
 
 
 def q4_0_from_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -237,11 +184,8 @@ def q4_0_from_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     d = fp16(scale), nibble = code + 8: lossless, dequant == code * fp16(scale) exactly.
     A group of 128 is four runs: repeat its scale 4x along the last axis.
     """
-    _check_range(codes, -8, 7)
-    c, s = _blocks_of(codes, scale)
-    u = (c.astype(np.int16) + 8).astype(np.uint8)
-    out = np.concatenate([_fp16_bytes(s), _pack_nibbles(u)], axis=1)
-    return out.reshape(codes.shape[0], -1)
+    c, s = _blocks_of(QT.Q4_0, codes, scale)
+    return pack_q4_0(s, c).reshape(codes.shape[0], -1)
 
 
 def q8_0_from_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -249,10 +193,8 @@ def q8_0_from_codes(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
     d = fp16(scale), qs = code: dequant == code * fp16(scale) exactly.
     """
-    _check_range(codes, -128, 127)
-    c, s = _blocks_of(codes, scale)
-    out = np.concatenate([_fp16_bytes(s), c.astype(np.int8).view(np.uint8)], axis=1)
-    return out.reshape(codes.shape[0], -1)
+    c, s = _blocks_of(QT.Q8_0, codes, scale)
+    return pack_q8_0(s, c).reshape(codes.shape[0], -1)
 
 
 def q4_1_from_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
@@ -260,9 +202,7 @@ def q4_1_from_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> n
 
     d = fp16(scale), m = fp16(-scale*zero) (product in float32; m's rounding is the only loss), nibble = u.
     """
-    _check_range(codes, 0, 15)
-    c, s, z = _blocks_of(codes, scale, zero)
+    c, s, z = _blocks_of(QT.Q4_1, codes, scale, zero)
     d = s.astype(np.float16)
     m = -(d.astype(np.float32) * z.astype(np.float32))
-    out = np.concatenate([_fp16_bytes(d), _fp16_bytes(m), _pack_nibbles(c.astype(np.uint8))], axis=1)
-    return out.reshape(codes.shape[0], -1)
+    return pack_q4_1(d, m, c).reshape(codes.shape[0], -1)

@@ -32,32 +32,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.kquants import signed_absmax
+from quantkit.formats.gguf.layouts import LAYOUTS, PACKERS, Layout, block_size, check_codes
 
-
-@dataclass(frozen=True)
-class _Layout:
-    g: int  # weights per group (one s, b)
-    lo: int
-    hi: int
-    sym: bool  # b = 0
-    super_block: bool  # K type: 256-weight super-blocks with quantized sub-block scales
-
-
-LAYOUTS = {
-    QT.Q8_0: _Layout(32, -128, 127, True, False),
-    QT.Q4_0: _Layout(32, -8, 7, True, False),
-    QT.Q5_0: _Layout(32, -16, 15, True, False),
-    QT.Q4_1: _Layout(32, 0, 15, False, False),
-    QT.Q5_1: _Layout(32, 0, 31, False, False),
-    QT.Q4_K: _Layout(32, 0, 15, False, True),
-    QT.Q5_K: _Layout(32, 0, 31, False, True),
-    QT.Q6_K: _Layout(16, -32, 31, True, True),
-    QT.Q3_K: _Layout(16, -4, 3, True, True),
-}
 SEARCH_STEPS = 10  # candidate grids per group: 2 * SEARCH_STEPS + 1
 
 
@@ -71,7 +51,7 @@ class BlockGrid:
     fields: dict[str, np.ndarray]  # the stored block fields (see ``pack``)
 
     @property
-    def layout(self) -> _Layout:
+    def layout(self) -> Layout:
         return LAYOUTS[self.qtype]
 
     def quantize(self, w: torch.Tensor, groups: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +96,7 @@ def _search_sym(x: torch.Tensor, w: torch.Tensor, lo: int, hi: int) -> torch.Ten
     signed largest-magnitude value m near the code lo (s = m / lo, the reference quantizers' choice, is the
     first), each refitted by weighted least squares on its codes and kept if re-rounding onto it is better.
     x, w [N, g] -> s [N] (0 for all-zero groups)."""
-    m = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)  # signed max magnitude [N]
+    m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
     zero_b = torch.zeros_like(m)
     s0 = m / lo
     best = [s0, zero_b, _rounded_error(x, w, s0, zero_b, lo, hi)]
@@ -171,7 +151,7 @@ def choose_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor | None = No
         raise QuantkitError(f"{qtype.name}: no calibration-aware grid for this type")
     lay = LAYOUTS[qtype]
     o, i = W.shape
-    blk = GGML_QUANT_SIZES[qtype][0]
+    blk = block_size(qtype)
     if i % blk:
         raise QuantkitError(f"row length {i} is not a multiple of {qtype.name}'s block of {blk}")
     W = W.detach().float()
@@ -195,7 +175,7 @@ def choose_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor | None = No
 def _super_block_grid(qtype: QT, s: torch.Tensor, b: torch.Tensor) -> BlockGrid:
     """Quantize sub-block scales (and mins) onto the K type's grid; s, b [O, I/g]."""
     o, n = s.shape
-    per = 256 // LAYOUTS[qtype].g  # sub-blocks per super-block
+    per = block_size(qtype) // LAYOUTS[qtype].g  # sub-blocks per super-block
     s3 = s.reshape(o, -1, per)  # [O, S, per]
     if qtype in (QT.Q4_K, QT.Q5_K):
         mn = (-b).reshape(o, -1, per)
@@ -213,7 +193,7 @@ def _super_block_grid(qtype: QT, s: torch.Tensor, b: torch.Tensor) -> BlockGrid:
         }
         return BlockGrid(qtype, s_q, b_q, fields)
     # Q6_K, Q3_K: signed sub-block scales against the signed largest one
-    big = s3.gather(-1, s3.abs().argmax(-1, keepdim=True))  # [O, S, 1]
+    big = torch.from_numpy(signed_absmax(s3.reshape(-1, per).numpy(), 1)).reshape(o, -1, 1)  # [O, S, 1]
     nmax, lo, hi = (128, -128, 127) if qtype == QT.Q6_K else (32, -32, 31)
     zero = big == 0
     iscale = -nmax / torch.where(zero, torch.ones_like(big), big)
@@ -226,87 +206,14 @@ def _super_block_grid(qtype: QT, s: torch.Tensor, b: torch.Tensor) -> BlockGrid:
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def _le16(v: np.ndarray) -> np.ndarray:
-    """float16 [...] -> uint8 [..., 2] little-endian."""
-    return np.ascontiguousarray(v.astype("<f2")).view(np.uint8).reshape(*v.shape, 2)
-
-
-def _nibbles(u: np.ndarray) -> np.ndarray:
-    """uint8 [B, 32] (0..15) -> [B, 16]: byte j = element j | element j+16 << 4 (legacy types)."""
-    return u[:, :16] | (u[:, 16:] << 4)
-
-
-def _high_bits_u32(u: np.ndarray) -> np.ndarray:
-    """bit 4 of 32 codes [B, 32] -> [B, 4] bytes of a little-endian u32 (bit k = element k)."""
-    return np.packbits((u >> 4) & 1, axis=-1, bitorder="little")
-
-
-def _pack_scale_min_k4(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
-    """6-bit scales and mins [B, 8] -> the 12 packed bytes of Q4_K/Q5_K."""
-    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
-    out[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
-    out[:, 4:8] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
-    out[:, 8:12] = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
-    return out
-
-
-def _pack_scales_q3(ls: np.ndarray) -> np.ndarray:
-    """16 unsigned 6-bit scales [B, 16] -> the 12 packed bytes of Q3_K."""
-    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
-    out[:, :8] = (ls[:, :8] & 15) | ((ls[:, 8:] & 15) << 4)
-    hi = ls >> 4  # [B, 16], 2 bits each
-    for j in range(16):
-        out[:, 8 + j % 4] |= (hi[:, j] << (2 * (j // 4))).astype(np.uint8)
-    return out
-
-
 def pack(grid: BlockGrid, codes: torch.Tensor) -> np.ndarray:
     """Codes [O, I] on ``grid`` -> the type's blocks, uint8 [O, I/block * type_bytes]; decoding gives
     exactly ``grid.dequantize(codes)``."""
-    q, lay = grid.qtype, grid.layout
-    c = codes.numpy().astype(np.int16)
-    if c.min() < lay.lo or c.max() > lay.hi:
-        raise ValueError(f"{q.name}: codes must lie in [{lay.lo}, {lay.hi}]")
-    o, i = c.shape
-    f = grid.fields
-    if not lay.super_block:
-        u = (c - lay.lo if lay.sym else c).astype(np.uint8).reshape(-1, 32)  # unsigned stored codes
-        parts = [_le16(f["d"].reshape(-1))]
-        if "m" in f:
-            parts.append(_le16(f["m"].reshape(-1)))
-        if q == QT.Q8_0:
-            parts.append(c.astype(np.int8).reshape(-1, 32).view(np.uint8))
-        elif q in (QT.Q5_0, QT.Q5_1):
-            parts += [_high_bits_u32(u), _nibbles(u & 15)]
-        else:
-            parts.append(_nibbles(u))
-        return np.concatenate(parts, axis=1).reshape(o, -1)
-    nb = o * i // 256
-    if q in (QT.Q4_K, QT.Q5_K):
-        u = c.astype(np.uint8).reshape(nb, 4, 2, 32)  # [B, chunk of 64, half, 32]
-        qs = ((u[:, :, 0] & 15) | ((u[:, :, 1] & 15) << 4)).reshape(nb, 128)
-        scales = _pack_scale_min_k4(f["sc"].reshape(nb, 8), f["mn"].reshape(nb, 8))
-        parts = [_le16(f["d"].reshape(nb)), _le16(f["dmin"].reshape(nb)), scales]
-        if q == QT.Q5_K:
-            hb = (u.reshape(nb, 8, 32) >> 4) & 1  # [B, sub-block j, l] -> bit j of qh[l]
-            parts.append((hb << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1).astype(np.uint8))
-        parts.append(qs)
-        return np.concatenate(parts, axis=1).reshape(o, -1)
-    if q == QT.Q6_K:
-        u = (c + 32).astype(np.uint8).reshape(nb, 2, 4, 32)  # [B, half, quarter, l]
-        ql = np.concatenate([(u[:, :, 0] & 15) | ((u[:, :, 2] & 15) << 4),
-                             (u[:, :, 1] & 15) | ((u[:, :, 3] & 15) << 4)], axis=2).reshape(nb, 128)  # fmt: skip
-        qh = ((u >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2).astype(np.uint8)
-        sc = f["sc"].reshape(nb, 16).view(np.uint8)
-        return np.concatenate([ql, qh.reshape(nb, 64), sc, _le16(f["d"].reshape(nb))], axis=1).reshape(o, -1)
-    # Q3_K: stored L = c + 4 in 0..7; bit 2 in hmask (element e: byte e % 32, bit e // 32), low 2 bits in qs
-    u = (c + 4).astype(np.uint8).reshape(nb, 256)
-    hm = ((u >> 2) & 1).reshape(nb, 8, 32)
-    hmask = (hm << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1).astype(np.uint8)
-    low = (u & 3).reshape(nb, 2, 4, 32)  # [B, 128-chunk, shift, l]
-    qs = (low << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(2).astype(np.uint8).reshape(nb, 64)
-    ls = (f["sc"].reshape(nb, 16).astype(np.int16) + 32).astype(np.uint8)
-    return np.concatenate([hmask, qs, _pack_scales_q3(ls), _le16(f["d"].reshape(nb))], axis=1).reshape(o, -1)
+    c = codes.numpy()
+    check_codes(c, grid.qtype)
+    nb = c.size // block_size(grid.qtype)
+    fields = {k: v.reshape(nb, -1) for k, v in grid.fields.items()}  # per block: [nb, 1] or [nb, sub-blocks]
+    return PACKERS[grid.qtype](codes=c.reshape(nb, -1), **fields).reshape(c.shape[0], -1)
 
 
 @dataclass(frozen=True)
