@@ -16,8 +16,12 @@ from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf import export as eg
-from quantkit.formats.gguf import policy
+from quantkit.formats.gguf import policy, stream
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
+from quantkit.formats.gguf.encode import encode_tensor
+from quantkit.formats.gguf.metadata import check_llamacpp_compatible
+from quantkit.formats.gguf.names import LAYER_TENSORS
+from quantkit.formats.gguf.vocab import VocabWriter, build_vocab
 from quantkit.formats.packed.write import ArtifactWriter, quantization_config
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
 from quantkit.io.config import config_from_dict
@@ -86,7 +90,7 @@ def model_from_gguf(ckpt: Checkpoint, path: Path) -> Gemma:
     model.load_globals(torch.from_numpy(values(ts["token_embd.weight"])), ckpt.get("model.norm.weight"))
     for i in range(ckpt.config.num_hidden_layers):
         for name in LINEAR_NAMES:
-            w = torch.from_numpy(values(ts[f"blk.{i}.{eg.LAYER_TENSORS[name]}.weight"]))
+            w = torch.from_numpy(values(ts[f"blk.{i}.{LAYER_TENSORS[name]}.weight"]))
             lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
             lin.weight = torch.nn.Parameter(w, requires_grad=False)
             model.set_linear(i, name, lin)
@@ -245,7 +249,7 @@ def test_vocab_matches_sentencepiece(export, tiny_gemma2):
 def test_vocab_padded_to_config_size(tmp_path, tiny_gemma2):
     ck = open_checkpoint(tiny_gemma2)
     bigger = dataclasses.replace(ck, config=dataclasses.replace(ck.config, vocab_size=520))
-    vocab = eg.build_vocab(bigger, {})
+    vocab = build_vocab(bigger, {})
     assert len(vocab.tokens) == 520 and vocab.tokens[515] == "[PAD515]" and vocab.types[515] == 5
 
 
@@ -305,9 +309,9 @@ def test_unknown_type_and_unsupported_configs(tiny_gemma2, tmp_path):
         eg.export_gguf(tiny_gemma2, tmp_path / "x.gguf", "q3_k")
     cfg = open_checkpoint(tiny_gemma2).config
     with pytest.raises(QuantkitError, match="slides"):
-        eg.check_llamacpp_compatible(dataclasses.replace(cfg, layer_types=cfg.layer_types[::-1]))
+        check_llamacpp_compatible(dataclasses.replace(cfg, layer_types=cfg.layer_types[::-1]))
     with pytest.raises(QuantkitError, match="query_pre_attn_scalar"):
-        eg.check_llamacpp_compatible(dataclasses.replace(cfg, query_pre_attn_scalar=144.0))
+        check_llamacpp_compatible(dataclasses.replace(cfg, query_pre_attn_scalar=144.0))
     assert not list(tmp_path.iterdir())
 
 
@@ -384,26 +388,27 @@ def q4_1_bound(scale: torch.Tensor, zero: torch.Tensor, want: np.ndarray) -> np.
 
 
 def whole_tensor(ck: Checkpoint, t: policy.PlannedTensor) -> tuple[np.ndarray, str]:
-    """The tensor encoded in one piece from safetensors' own reader (the pre-streaming code path): its
-    bytes and its report method."""
-    data, entry = eg.encode_tensor(ck, t)
+    """The tensor read whole with ``Checkpoint.get`` and encoded in one piece (the path a quantized
+    artifact's linears take): its bytes and its report method."""
+    data, entry = encode_tensor(ck, t)
     return np.ascontiguousarray(data).view(np.uint8).reshape(-1), entry["method"]
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_k_m", "q5_0", "f16", "bf16", "f32"])
 def test_streamed_jobs_equal_whole_tensor_encoding(tiny_gemma3, tmp_path, monkeypatch, qtype):
     """Tensors cut into many row-range jobs (3-7 rows each) and encoded by 3 threads, out of order: every
-    tensor's bytes equal encoding it whole, and raw reads replace safetensors' memory maps entirely."""
+    tensor's bytes equal encoding it whole, and dense tensors are read only as row ranges by the shard
+    reader's positional reads, never whole through ``Checkpoint.get``."""
     ck = open_checkpoint(tiny_gemma3)
-    monkeypatch.setattr(eg, "JOB_ELEMENTS", 1800)
+    monkeypatch.setattr(stream, "JOB_ELEMENTS", 1800)
     expected = {t.gguf_name: whole_tensor(ck, t) for t in policy.plan_tensors(ck.config, qtype)}
-    jobs = list(eg.plan_jobs(ck, policy.plan_tensors(ck.config, qtype), eg.ShardReader(ck)))
+    jobs = list(stream.plan_jobs(ck, policy.plan_tensors(ck.config, qtype), stream.ShardReader(ck)))
     assert len(jobs) > 3 * len(expected)
 
-    def no_mmap(*args, **kwargs):
+    def no_whole_reads(*args, **kwargs):
         raise AssertionError("dense tensors must not go through Checkpoint.get")
 
-    monkeypatch.setattr(Checkpoint, "get", no_mmap)
+    monkeypatch.setattr(Checkpoint, "get", no_whole_reads)
     report = eg.export_gguf(ck, tmp_path / "m.gguf", qtype, progress=False, workers=3)
     ts = tensors(tmp_path / "m.gguf")
     for name, (data, _) in expected.items():
@@ -415,7 +420,7 @@ def test_streamed_jobs_equal_whole_tensor_encoding(tiny_gemma3, tmp_path, monkey
 
 def test_shard_reader_reads_rows_and_refuses_truncation(tiny_gemma2, tmp_path):
     ck = open_checkpoint(tiny_gemma2)
-    reader = eg.ShardReader(ck)
+    reader = stream.ShardReader(ck)
     name = "model.layers.1.mlp.down_proj.weight"
     whole = ck.get(name)
     assert reader.rows(name, 0, whole.shape[0]).dtype == torch.bfloat16
@@ -429,7 +434,7 @@ def test_shard_reader_reads_rows_and_refuses_truncation(tiny_gemma2, tmp_path):
         (cut / f.name).write_bytes(f.read_bytes())
     ck2 = open_checkpoint(cut)
     shard, key = ck2.locations[name]
-    reader2 = eg.ShardReader(ck2)
+    reader2 = stream.ShardReader(ck2)
     raw = reader2.locate(name)
     end = raw.offset + 2 * math.prod(raw.shape)
     with open(cut / shard, "r+b") as f:  # the header still promises the bytes: only reading finds out
@@ -554,4 +559,4 @@ def test_vocab_writer_packs_arrays_as_gguf_py_does(tmp_path: Path) -> None:
         w.close()
         return path.read_bytes()
 
-    assert write(eg.VocabWriter, tmp_path / "ours.gguf") == write(gguf.GGUFWriter, tmp_path / "gguf_py.gguf")
+    assert write(VocabWriter, tmp_path / "ours.gguf") == write(gguf.GGUFWriter, tmp_path / "gguf_py.gguf")

@@ -9,8 +9,10 @@ is ever built in memory. The files are ordinary safetensors files (safetensors' 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,18 +71,33 @@ def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dic
     """Write ``tensors`` (in name order) as a safetensors file, streaming each tensor's bytes; returns the
     data size in bytes."""
     tensors = {k: tensors[k].detach().contiguous().cpu() for k in sorted(tensors)}
+    layout = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    return write_stream(path, layout, tensors.values(), metadata)
+
+
+def write_stream(
+    path: str | Path,
+    layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterable[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write a safetensors file whose header lists ``layout`` (name, dtype, shape) in that order, then the
+    data of ``tensors``, one per layout entry, each taken from the iterable only when it is written (so a
+    generator keeps one tensor in memory at a time); returns the data size in bytes."""
     header: dict = {"__metadata__": metadata} if metadata else {}
     pos = 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": safetensors_name(t.dtype), "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+    for k, dtype, shape in layout:
+        n = math.prod(shape) * dtype.itemsize
+        header[k] = {"dtype": safetensors_name(dtype), "shape": list(shape), "data_offsets": [pos, pos + n]}
         pos += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
-        for t in tensors.values():
-            buf = _as_bytes(t)
+        for (k, dtype, shape), t in zip(layout, tensors, strict=True):
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {k!r} is {t.dtype} {tuple(t.shape)}, the header says {dtype} {shape}")
+            buf = _as_bytes(t.detach().contiguous().cpu())
             for i in range(0, len(buf), _CHUNK):
                 f.write(buf[i : i + _CHUNK])
     return pos

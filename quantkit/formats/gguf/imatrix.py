@@ -23,6 +23,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.names import LAYER_TENSORS
+from quantkit.formats.gguf.read import open_gguf
 from quantkit.io.atomic import atomic_file
 
 
@@ -85,12 +86,26 @@ def write_imatrix(path: str | Path, stats: ImportanceStats, dataset: str, chunk_
 
 def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     """GGUF weight name -> mean squared activation per input column (in_sum2 / counts), as llama-quantize
-    reads it."""
-    reader = gguf.GGUFReader(path)
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    reads it. A file that is not such an importance matrix is refused in one line."""
+    path = Path(path)
+    reader = open_gguf(path)
+    kind = reader.fields.get("general.type")
+    if kind is None or kind.contents() != "imatrix":
+        raise QuantkitError(f"{path}: not an importance-matrix GGUF (general.type is not 'imatrix')")
+    tensors = {}
+    for t in reader.tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise QuantkitError(f"{path}: tensor {t.name!r} is {t.tensor_type.name}, an imatrix holds F32 only")
+        tensors[t.name] = np.asarray(t.data, dtype=np.float32).reshape(-1)
     out = {}
     for name, sums in tensors.items():
-        if name.endswith(".in_sum2"):
-            base = name.removesuffix(".in_sum2")
-            out[base] = sums / tensors[f"{base}.counts"][0]
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name.removesuffix(".in_sum2")
+        counts = tensors.get(f"{base}.counts")
+        if counts is None or counts.size != 1 or not np.isfinite(counts[0]) or counts[0] <= 0:
+            raise QuantkitError(f"{path}: {base} needs a positive {base}.counts beside its in_sum2")
+        if not np.all(np.isfinite(sums)) or np.any(sums < 0):
+            raise QuantkitError(f"{path}: {name} holds negative or non-finite sums of squares")
+        out[base] = sums / counts[0]
     return out

@@ -15,17 +15,9 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.importer import (
-    _arch,
-    _hf_values,
-    _plan_tensors,
-    build_config,
-    open_gguf,
-    read_metadata,
-    read_vocab,
-)
-from quantkit.io.checkpoint import layer_prefix
+from quantkit.formats.gguf.read import hf_values, read_gguf
 from quantkit.io.config import ModelConfig, config_from_dict
+from quantkit.io.layout import layer_prefix
 from quantkit.io.tensorio import all_finite
 
 # Fields a GGUF cannot carry exactly (or that do not change the forward pass): ignored when a GGUF is
@@ -55,17 +47,13 @@ class GGUFModel:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        reader = open_gguf(self.path)
-        meta = read_metadata(reader)
-        arch_name, _ = _arch(meta, str(self.path))
-        vocab = read_vocab(reader, str(self.path))
-        raw = build_config(meta, len(vocab.pieces), str(self.path))
-        self.config: ModelConfig = config_from_dict(raw, str(self.path))
-        self.raw_config = raw
-        self._tensors = {t.hf_name: t for t in _plan_tensors(reader, raw, str(self.path))}
+        src = read_gguf(self.path)
+        self.config: ModelConfig = config_from_dict(src.config, str(self.path))
+        self.raw_config = src.config
+        self._tensors = {t.hf_name: t for t in src.tensors}
         self.types = {name: t.source.tensor_type.name for name, t in self._tensors.items()}
-        self.arch: str = arch_name
-        self._reader = reader  # keeps the memory map alive
+        self.arch: str = src.rules.gguf_arch
+        self._file = src  # keeps the memory map alive
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -82,7 +70,7 @@ class GGUFModel:
     def get(self, name: str, dtype: torch.dtype | None = None, check_finite: bool = False) -> torch.Tensor:
         if name not in self._tensors:
             raise QuantkitError(f"{self.path}: tensor {name!r} not in the GGUF")
-        t = torch.from_numpy(np.array(_hf_values(self._tensors[name]), dtype=np.float32))  # copy: read-only map
+        t = torch.from_numpy(np.array(hf_values(self._tensors[name]), dtype=np.float32))  # copy: read-only map
         if check_finite and not all_finite(t):
             raise QuantkitError(f"{self.path}: tensor {name!r} contains NaN or inf values")
         return t if dtype is None else t.to(dtype)

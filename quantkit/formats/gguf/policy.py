@@ -14,9 +14,10 @@ from gguf import LlamaFileType as FT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import block_size, row_bytes
-from quantkit.formats.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS
-from quantkit.io.checkpoint import layer_shapes
+from quantkit.formats.gguf.names import GLOBAL_TENSORS, HF_KINDS, LAYER_TENSORS
 from quantkit.io.config import ModelConfig
+from quantkit.io.dtypes import FLOAT_NAMES, TORCH_DTYPES
+from quantkit.io.layout import layer_shapes
 
 # --qtype -> (type of the 2-D weights, general.file_type)
 FILE_TYPES: dict[str, tuple[QT, FT]] = {
@@ -34,18 +35,10 @@ FILE_TYPES: dict[str, tuple[QT, FT]] = {
     "q3_k_m": (QT.Q3_K, FT.MOSTLY_Q3_K_M),
     "q5_k_m": (QT.Q5_K, FT.MOSTLY_Q5_K_M),
 }
-FLOAT_TYPES = (QT.F32, QT.F16, QT.BF16)
+# the float ggml types, which are the safetensors dtypes of the same name -> torch dtype
+TORCH_FLOATS = {QT[name]: TORCH_DTYPES[name] for name in FLOAT_NAMES}
+FLOAT_TYPES = tuple(TORCH_FLOATS)
 
-HF_KINDS = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-    "embed_tokens": "token_embd",
-}
 FALLBACK = {QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
 
 

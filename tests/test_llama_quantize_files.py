@@ -1,0 +1,109 @@
+"""Whole GGUF files against llama-quantize: for every type quantkit exports, quantkit's ``export --type T`` of a
+bf16 checkpoint has the same tensors (by name), with the same ggml types and the same bytes as
+``llama-quantize`` run on quantkit's F32 export of that checkpoint (bf16 -> f32 is exact, so both quantize the
+same values). Tiny Gemma 2 and Gemma 3 checkpoints, plus one whose rows are not multiples of 256 (hidden 320)
+so that llama-quantize's row-length fallbacks are exercised. Needs build/llama.cpp/bin/llama-quantize
+(``make llama-tools``)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from make_tiny_checkpoint import make_tiny_checkpoint
+
+from quantkit.formats.gguf.export import export_gguf
+from quantkit.formats.gguf.policy import FILE_TYPES, plan_tensors
+from quantkit.io.checkpoint import open_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_QUANTIZE = ROOT / "build" / "llama.cpp" / "bin" / "llama-quantize"
+pytestmark = pytest.mark.skipif(not LLAMA_QUANTIZE.is_file(), reason="llama-quantize not built (make llama-tools)")
+
+# quantkit's pure K types: one type for every weight but the tied embedding, which (being the output too) gets
+# what llama-quantize gives it in its non-pure files: Q6_K, or Q8_0 where rows are not a multiple of 256 (an
+# explicit --token-embedding-type gets no row-length fallback, so the test names the fallback itself)
+PURE = ["--pure", "--token-embedding-type", "{embd}"]
+# quantkit --type -> llama-quantize's arguments before the files, and its type argument
+LLAMA_TYPES = {
+    "q8_0": ([], "Q8_0"),
+    "q4_0": ([], "Q4_0"),
+    "q4_1": ([], "Q4_1"),
+    "q5_0": ([], "Q5_0"),
+    "q4_k": (PURE, "Q4_K_S"),
+    "q5_k": (PURE, "Q5_K_S"),
+    "q6_k": ([], "Q6_K"),
+    "q3_k_m": ([], "Q3_K_M"),
+    "q4_k_m": ([], "Q4_K_M"),
+    "q5_k_m": ([], "Q5_K_M"),
+    "f16": ([], "F16"),
+    "bf16": ([], "BF16"),
+}
+# model -> make_tiny_checkpoint's arguments (the first two are conftest's tiny_gemma2 / tiny_gemma3); hidden 320
+# with head_dim 64 gives rows of 320, 256 and 640 elements
+MODELS = {
+    "gemma2": {"arch": "gemma2"},
+    "gemma3": {"arch": "gemma3"},
+    "gemma3-h320": {"arch": "gemma3", "hidden": 320, "head_dim": 64, "query_pre_attn_scalar": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def f32_files(tmp_path_factory, tiny_gemma2, tiny_gemma3):
+    """model -> (bf16 checkpoint, quantkit's F32 GGUF of it), each made once per module."""
+    root, made = tmp_path_factory.mktemp("llama-quantize"), {}
+    fixtures = {"gemma2": tiny_gemma2, "gemma3": tiny_gemma3}
+
+    def get(model: str) -> tuple[Path, Path]:
+        if model not in made:
+            ckpt = fixtures.get(model) or make_tiny_checkpoint(root / model, **MODELS[model])
+            f32 = root / f"{model}-f32.gguf"
+            export_gguf(ckpt, f32, "f32", progress=False)
+            made[model] = ckpt, f32
+        return made[model]
+
+    return get
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    """name -> (ggml type, data bytes) of every tensor, as gguf-py reads them (llama-quantize writes the
+    tensors in its own order, sorted by layer, so files are compared by name)."""
+    return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def test_every_exported_type_is_compared():
+    assert set(LLAMA_TYPES) == set(FILE_TYPES) - {"f32"}  # f32 is llama-quantize's input
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_f32_input_holds_the_bf16_values(model, f32_files):
+    """The F32 GGUF given to llama-quantize holds the checkpoint's bf16 weights exactly (norms as 1 + w)."""
+    ckpt_dir, f32 = f32_files(model)
+    ckpt = open_checkpoint(ckpt_dir)
+    for t in gguf.GGUFReader(f32).tensors:
+        assert t.tensor_type == QT.F32
+        hf = next(p.hf_name for p in plan_tensors(ckpt.config, "f32") if p.gguf_name == t.name)
+        want = ckpt.get(hf).to(torch.float32) + (1.0 if hf.endswith("norm.weight") else 0.0)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(want.shape), want.numpy(), err_msg=t.name)
+
+
+@pytest.mark.parametrize("qtype", list(LLAMA_TYPES))
+@pytest.mark.parametrize("model", list(MODELS))
+def test_export_equals_llama_quantize(model, qtype, f32_files, tmp_path):
+    ckpt_dir, f32 = f32_files(model)
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    flags, name = LLAMA_TYPES[qtype]
+    embd = "q6_k" if open_checkpoint(ckpt_dir).config.hidden_size % 256 == 0 else "q8_0"
+    cmd = [str(LLAMA_QUANTIZE), *(f.format(embd=embd) for f in flags), str(f32), str(theirs), name, "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2)
+    want, got = _tensors(theirs), _tensors(ours)
+    assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}  # names and types
+    differ = [n for n, (_, data) in got.items() if data != want[n][1]]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ from llama-quantize's, e.g. {differ[:4]}"
