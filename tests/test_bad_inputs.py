@@ -473,6 +473,18 @@ def header_duplicate_name(ws):
     return inspect(ws)
 
 
+@case("inspect", "__metadata__ value 'format' is 1; safetensors metadata values must be strings")
+def header_metadata_not_a_string(ws):
+    edit_header(ws.shards(ws.model)[0], lambda h: h.update({"__metadata__": {"format": 1}}))
+    return inspect(ws)
+
+
+@case("inspect", "__metadata__ is list, not an object of strings")
+def header_metadata_not_an_object(ws):
+    edit_header(ws.shards(ws.model)[0], lambda h: h.update({"__metadata__": ["pt"]}))
+    return inspect(ws)
+
+
 @case("inspect", "unexpected tensor 'model.extra.weight'")
 def extra_tensor(ws):
     p = ws.shards(ws.model)[1]
@@ -839,6 +851,11 @@ def artifact_scale_shape(ws):
     return ppl(ws, "--quantized", ws.art)
 
 
+@case("eval-ppl", "a quantized artifact; eval-ppl expects the unquantized model as MODEL_DIR and the artifact as")
+def eval_artifact_as_model(ws):
+    return ppl(ws, model=ws.art)
+
+
 @case("eval-ppl", "num_hidden_layers is 0")
 def eval_zero_layers(ws):
     edit_config(ws.model, num_hidden_layers=0)
@@ -1146,16 +1163,21 @@ def test_outputs_get_the_umask_and_replace_only_artifacts(sources, tmp_path, mon
 # ------------------------------------------------------------------------------ disk full, for real
 
 
+def _mount_tiny_fs(fs: Path) -> bool:
+    """Mount a 1 MiB tmpfs on ``fs``; whether that worked (it needs root, as in CI)."""
+    fs.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)]
+    try:
+        return subprocess.run(mount, capture_output=True).returncode == 0
+    except OSError:  # no mount(8) at all
+        return False
+
+
 def test_disk_full_refused_up_front(sources, tmp_path, monkeypatch):
     """A 1 MiB tmpfs when this process may mount one (real processes), else a file system that reports
     64 KiB free (in-process): every writing command refuses before writing, and leaves nothing there."""
     fs = tmp_path / "tiny-fs"
-    fs.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)]
-    try:
-        mounted = subprocess.run(mount, capture_output=True).returncode == 0
-    except OSError:  # no mount(8) at all
-        mounted = False
+    mounted = _mount_tiny_fs(fs)
     try:
         for args in (
             ["quantize", str(sources["model"]), "--method", "rtn", "-o", str(fs / "q")],
@@ -1173,11 +1195,20 @@ def test_disk_full_refused_up_front(sources, tmp_path, monkeypatch):
             assert code == 2, err
             assert err.startswith("quantkit: error:") and err.count("\n") == 1 and "free" in err, err
             assert list(fs.iterdir()) == []
-        if mounted:
-            _full_disk_mid_write(sources, fs)
     finally:
         if mounted:
             subprocess.run(["umount", str(fs)], check=True)
+
+
+def test_disk_full_mid_write(sources, tmp_path):
+    """The writers themselves (past the up-front check) on a really full disk: needs a tmpfs mount."""
+    fs = tmp_path / "tiny-fs"
+    if not _mount_tiny_fs(fs):
+        pytest.skip("cannot mount a tmpfs here (needs root); the writers' disk-full handling is not exercised")
+    try:
+        _full_disk_mid_write(sources, fs)
+    finally:
+        subprocess.run(["umount", str(fs)], check=True)
 
 
 def _full_disk_mid_write(sources: dict[str, Path], fs: Path) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import gguf
 import pytest
 from click.testing import CliRunner
 from conftest import TEST_TEXT
+from safetensors import safe_open
 
 from quantkit.cli import cli
 
@@ -54,10 +57,59 @@ def test_one_pass_scores_packed_and_gguf(tiny_gemma2, artifacts, tmp_path):
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_single_quantized_keeps_its_fields(tiny_gemma2, artifacts):
-    res = _run("eval-ppl", str(tiny_gemma2), "--quantized", str(artifacts["gemma2-q4_0"]), *EVAL)
-    assert {"reference", "quantized", "kld_mean", "top1_agreement", "models"} <= set(res)
-    assert res["models"][0]["kld_mean"] == res["kld_mean"]
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _linear_parameters(model_dir: Path) -> int:
+    """Weights of the decoder-layer linears, counted from the dense checkpoint's safetensors headers."""
+    total = 0
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), "np") as f:
+            names = [
+                k
+                for k in f.keys()
+                if k.startswith("model.layers.") and k.endswith(tuple(f"{m}.weight" for m in LINEARS))
+            ]
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+    return total
+
+
+def _stored_linear_bytes(path: Path) -> int:
+    """Bytes the file(s) at ``path`` spend on the decoder-layer linears: a GGUF's tensors (read with gguf-py)
+    or a packed artifact's codes, scales, zero points and shapes (read with safetensors)."""
+    if path.suffix == ".gguf":
+        tensors = gguf.GGUFReader(path).tensors
+        return sum(
+            int(t.n_bytes) for t in tensors if t.name.startswith("blk.") and t.name.split(".")[2] in GGUF_LINEARS
+        )
+    total = 0
+    for shard in path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            for k in f.keys():
+                if k.startswith("model.layers.") and ".weight_" in k:
+                    t = f.get_tensor(k)
+                    total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("name", ["gemma2-q4_0", "rtn4"])
+def test_single_quantized_reports_its_size_and_drift(tiny_gemma2, artifacts, name):
+    """One --quantized model: the row's size and bits per weight equal those counted here from the files
+    themselves, and the row repeats the top-level drift numbers."""
+    path = artifacts[name]
+    res = _run("eval-ppl", str(tiny_gemma2), "--quantized", str(path), *EVAL)
+    (row,) = res["models"]
+    size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert row["size_bytes"] == size
+    bits = 8 * _stored_linear_bytes(path) / _linear_parameters(tiny_gemma2)
+    assert row["bits_per_weight"] == pytest.approx(bits, rel=1e-12)
+    assert (row["ppl"], row["kld_mean"], row["top1_agreement"]) == (
+        res["quantized"]["ppl"],
+        res["kld_mean"],
+        res["top1_agreement"],
+    )
+    assert row["delta_ppl"] == pytest.approx(res["quantized"]["ppl"] - res["reference"]["ppl"], rel=1e-9)
 
 
 def test_gguf_of_another_model_is_refused(tiny_gemma2, tiny_gemma3, tmp_path):

@@ -1,5 +1,6 @@
-"""Scale search: never worse than min-max on its own objective, lower Hessian-weighted output error on correlated
-inputs (RTN and GPTQ), bounded rounding error, same options -> same bytes."""
+"""Scale search: the best candidate on its own objective (checked by brute force), lower Hessian-weighted output
+error on correlated inputs (RTN and GPTQ), bounded rounding error, same options -> same bytes; the scale refit is
+the least-squares solution (checked against torch.linalg.lstsq)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from conftest import CALIB_TEXT
 from quantkit.errors import QuantkitError
 from quantkit.quant.gptq import gptq_quantize, output_error
 from quantkit.quant.grid_refine import gptq_refined, refit_scales
-from quantkit.quant.primitives import QuantSpec, choose_qparams, dequantize, group_range, qparams_from_range, rtn
+from quantkit.quant.primitives import (
+    QuantSpec,
+    choose_qparams,
+    dequantize,
+    group_range,
+    qparams_from_range,
+    quantize,
+    rtn,
+)
 from quantkit.quant.quantize import quantize_checkpoint
 from quantkit.quant.recipes import resolve_options
 from quantkit.quant.scale_search import ScaleSearch, _rounding_error, _weighted_error, rtn_searched, search_qparams
@@ -42,18 +51,31 @@ def test_one_step_is_minmax():
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("objective", ["unit", "diag", "block"])
-def test_search_never_raises_its_objective(spec, objective):
-    """Per row and group the chosen grid's weighted error is <= min-max's (min-max is a candidate)."""
+def test_search_finds_the_best_candidate(spec, objective):
+    """Per row and group the chosen grid's weighted error is the least over every candidate shrink, each
+    scored here by brute force in fp64 (quantize, dequantize, then the objective's own formula)."""
     w, H = _correlated()
-    search = ScaleSearch(objective)
+    search = ScaleSearch(objective, steps=20)
     h = search.importance(H, slice(None), spec.group_size)
-    hf = None if h is None else h.float()
+    o, g = w.shape[0], spec.group_size
+
+    def objective_of(scale, zero) -> torch.Tensor:  # [O, G], fp64
+        d = (w.double() - dequantize(quantize(w, scale, zero, spec), scale, zero, torch.float64)).reshape(o, -1, g)
+        if objective == "unit":
+            return (d * d).sum(-1)
+        if objective == "diag":
+            return (d * d * H.diagonal().double().reshape(1, -1, g)).sum(-1)
+        blocks = torch.stack([H[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(d.shape[1])]).double()
+        return torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+
+    lo, hi = group_range(w, spec)
+    shrinks = [1.0 - k * (1.0 - search.min_shrink) / (search.steps - 1) for k in range(search.steps)]
+    every = torch.stack([objective_of(*qparams_from_range(lo * p, hi * p, spec)) for p in shrinks])  # [P, O, G]
     s0, z0 = choose_qparams(w, spec)
     s1, z1 = search_qparams(w, spec, torch.float32, search, h)
-    e0 = _weighted_error(_rounding_error(w, s0, z0, spec), hf)  # [O, G]
-    e1 = _weighted_error(_rounding_error(w, s1, z1, spec), hf)
-    assert (e1 <= e0).all()
-    assert e1.sum() < 0.97 * e0.sum(), (e1.sum(), e0.sum())  # and it does find better grids
+    got, best, minmax = objective_of(s1, z1), every.min(0).values, objective_of(s0, z0)
+    assert torch.allclose(got, best, rtol=1e-5, atol=1e-12), (got - best).abs().max()
+    assert got.sum() < 0.97 * minmax.sum(), (got.sum(), minmax.sum())  # and it does find better grids
     assert (s1 <= s0).all()  # only shrinks
 
 
@@ -169,10 +191,31 @@ def test_refit_scales_is_least_squares(spec):
     assert err(s) < err(s * 1.01) and err(s) < err(s * 0.99)
 
 
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[1]], ids=str)
+def test_refit_scales_match_lstsq(spec):
+    """Row by row, the refitted scales are torch.linalg.lstsq's minimiser of ‖Lᵀ(w − A s)‖² (H = L Lᵀ; A [I, G]
+    holds each code, less its zero point, in its group's column): the least-squares fit in H's metric."""
+    w, H = _correlated()
+    qw = gptq_quantize(w, H, spec, actorder=True).weight
+    got = refit_scales(w, qw.codes, qw.scale, qw.zero, H).double()
+    L = torch.linalg.cholesky(H.double())
+    o, i = w.shape
+    G = qw.scale.shape[1]
+    group = torch.arange(i) // (i // G)
+    for r in range(0, o, 7):
+        c = qw.codes[r].double() - (0.0 if qw.zero is None else qw.zero[r].double()[group])
+        A = torch.zeros(i, G, dtype=torch.float64)
+        A[torch.arange(i), group] = c
+        want = torch.linalg.lstsq(L.T @ A, L.T @ w[r].double()[:, None]).solution[:, 0]
+        torch.testing.assert_close(got[r], want, rtol=1e-4, atol=0.0)
+
+
 @pytest.mark.parametrize("actorder", [False, True])
-def test_refined_gptq_never_worse(actorder):
+def test_refined_gptq_lowers_the_output_error(actorder):
+    """Two refit passes on correlated inputs cut GPTQ's H-weighted output error by more than 5% (measured
+    8-12%): refitting scales to the codes is a real gain here, not only a pass that is kept when it ties."""
     w, H = _correlated(seed=1)
     spec = SPECS[0]
     base = output_error(w, gptq_quantize(w, H, spec, actorder=actorder).weight.dequantize(), H)
     refined = gptq_refined(w, H, spec, actorder=actorder, iters=2)
-    assert output_error(w, refined.weight.dequantize(), H) <= base
+    assert output_error(w, refined.weight.dequantize(), H) < 0.95 * base

@@ -2,41 +2,46 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+
 from quantkit.io.checkpoint import Checkpoint
+from quantkit.io.dtypes import ELEMENT_BYTES
+from quantkit.quant.primitives import QuantSpec
 
-# Bits per weight of each format's storage, scales included (fp16/bf16 scale per group).
+
+def _block_bits(qtype: QT) -> float:
+    """Bits per weight of a ggml block type (its scales included)."""
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    return 8 * block_bytes / block
+
+
+# Bits per weight of each estimated format's storage, scales included (one 16-bit scale per packed group).
 _BPW = {
-    "int8_g128": 8 + 16 / 128,
-    "int4_g128": 4 + 16 / 128,
-    "gguf_q8_0": 34 * 8 / 32,
-    "gguf_q4_0": 18 * 8 / 32,
+    "int8_g128": QuantSpec(8, 128).bits_per_weight(),
+    "int4_g128": QuantSpec(4, 128).bits_per_weight(),
+    "gguf_q8_0": _block_bits(QT.Q8_0),
+    "gguf_q4_0": _block_bits(QT.Q4_0),
 }
-_Q6_K_BPW = 210 * 8 / 256
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
     cfg = ckpt.config
     n_params = ckpt.num_parameters()
     linear = cfg.linear_parameters()
-    emb = _numel(ckpt.shape_of("model.embed_tokens.weight"))
+    emb = math.prod(ckpt.shape_of("model.embed_tokens.weight"))
     other = n_params - linear - emb
-    src_bits = {"BF16": 16, "F16": 16, "F32": 32}[ckpt.dtype_of("model.embed_tokens.weight")]
+    src_bits = 8 * ELEMENT_BYTES[ckpt.dtype_of("model.embed_tokens.weight")]
     dense = (emb + other) * src_bits / 8  # embedding and norms stay at source precision
     est = {
         "int8_g128": dense + linear * _BPW["int8_g128"] / 8,
         "int4_g128": dense + linear * _BPW["int4_g128"] / 8,
         # llama-quantize: Q8_0 file quantizes token_embd to Q8_0; Q4_0 file puts the tied token_embd in Q6_K
         "gguf_q8_0": (linear + emb) * _BPW["gguf_q8_0"] / 8 + other * 4,
-        "gguf_q4_0": linear * _BPW["gguf_q4_0"] / 8 + emb * _Q6_K_BPW / 8 + other * 4,
+        "gguf_q4_0": linear * _BPW["gguf_q4_0"] / 8 + emb * _block_bits(QT.Q6_K) / 8 + other * 4,
     }
     sliding = [i for i in range(cfg.num_hidden_layers) if cfg.is_sliding(i)]
     return {

@@ -14,10 +14,6 @@ from quantkit.io.dtypes import ELEMENT_BYTES
 _SLACK = 1 << 20  # config, index, quantkit.json
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
 def tokenizer_bytes(ckpt: Checkpoint) -> int:
     return sum(p.stat().st_size for p in Path(ckpt.path).glob("tokenizer*") if p.is_file())
 
@@ -29,7 +25,7 @@ def quantized_artifact_bytes(ckpt: Checkpoint, bits: int, group_size: int, sym: 
     per_group = 4 + (0 if sym else 4)  # fp32 scale at most, int32 zero point
     linears = tuple(f".{m}.weight" for m in ckpt.config.linear_shapes())
     dense = sum(
-        _numel(ckpt.shape_of(n)) * ELEMENT_BYTES.get(ckpt.dtype_of(n), 4)
+        math.prod(ckpt.shape_of(n)) * ELEMENT_BYTES.get(ckpt.dtype_of(n), 4)
         for n in ckpt.names()
         if not n.endswith(linears)  # the linears are replaced by their codes and scales
     )
@@ -49,13 +45,25 @@ def available_memory(unknown: int = 1 << 40) -> int:
     return unknown
 
 
-def calibration_bytes(cfg: ModelConfig, nsamples: int, seqlen: int, batch: int, act_bytes: int) -> int:
-    """Peak memory of GPTQ calibration: activations of every window (a few copies of the hidden state and
-    one of the MLP's), one batch's attention scores, the token ids."""
-    tokens = nsamples * seqlen
-    acts = tokens * (3 * cfg.hidden_size + cfg.intermediate_size) * act_bytes
-    attn = min(batch, nsamples) * cfg.num_attention_heads * seqlen * seqlen * 4 * 2
-    return acts + attn + tokens * 16
+def calibration_bytes(
+    cfg: ModelConfig, nsamples: int, seqlen: int, batch: int, act_bytes: int, fp_targets: bool = False
+) -> int:
+    """Peak memory of GPTQ calibration beyond one layer's weights, as the layer calibrator holds it.
+
+    Across a layer it keeps every window's hidden state [N, T, H] and, between the attention and o_proj, every
+    window's attention output [N, T, nH*Dh]; ``fp_targets`` carries the unquantized model's twin of each. All
+    else is recomputed one batch at a time: a few [b, T, H] and [b, T, I] temporaries and one batch's attention
+    scores. The Hessian of the widest input (I x I fp32) lives beside its two factor buffers (and, with
+    ``fp_targets``, the drift)."""
+    tokens, b = nsamples * seqlen, min(batch, nsamples)
+    twins = 2 if fp_targets else 1
+    q_dim = cfg.num_attention_heads * cfg.head_dim
+    held = tokens * (cfg.hidden_size + q_dim) * act_bytes * twins
+    per_batch = b * seqlen * 3 * (cfg.hidden_size + cfg.intermediate_size) * act_bytes * twins
+    attn = b * cfg.num_attention_heads * seqlen * seqlen * 4 * 2
+    widest = max(i for _, i in cfg.linear_shapes().values())
+    hessians = (3 + (1 if fp_targets else 0)) * widest * widest * 4
+    return held + per_batch + attn + hessians + tokens * 16
 
 
 def eval_bytes(cfg: ModelConfig, n_chunks: int, ctx: int, batch: int, act_bytes: int) -> int:

@@ -1,9 +1,15 @@
 """GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
-Pre-trained Transformers", 2022), Algorithm 1 with lazy batch updates, on quantkit's min-max grid.
+Pre-trained Transformers", 2022), Algorithm 1 with lazy batch updates.
 
 Names follow the paper and IST-DASLab's gptq.py: H (input Hessian 2XXᵀ), Hinv (upper Cholesky factor of
-H⁻¹), W1/Err1 (the current block and its scaled errors), percdamp, blocksize, actorder. Rounding is done
-by ``primitives.quantize`` only, so with H = I (no act-order) GPTQ is exactly RTN.
+H⁻¹), W1/Err1 (the current block and its scaled errors), percdamp, blocksize, actorder.
+
+Each column is rounded onto one of three kinds of grid:
+    quantkit's per-group integer grid, min-max scales  ``primitives.quantize`` (with H = I and no act-order,
+                                                       GPTQ is then exactly RTN)
+    the same grid with searched or given scales        ``scale_search`` chooses them (``fixed``: given, as
+                                                       the scale refit passes them), ``primitives.quantize``
+    a ggml block type's fixed grid                     ``BlockGrid.quantize`` (``grid``: GPTQ into GGUF blocks)
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""Quantization primitives: choose (scale, zero point), quantize, dequantize, pack. The only place that rounds.
+"""Quantization primitives on quantkit's per-group integer grid: choose (scale, zero point), quantize,
+dequantize, pack.
+
+``quantize`` rounds onto this grid for RTN and GPTQ alike (the scale search repeats its operations in scratch
+buffers to score candidate scales); where the grid fits a ggml type (Q4_0, Q8_0, Q4_1) its codes go into the
+blocks unchanged. Every other weight bound for ggml blocks is rounded on the GGUF side: onto a ggml type's fixed
+grid (GPTQ into GGUF blocks) or by the block encoders, which reproduce ggml's own rounding.
 
 Grid (compressed-tensors' convention, which GPTQ's symmetric grid equals):
     codes are signed integers c in [qmin, qmax] = [-2^(b-1), 2^(b-1) - 1];
