@@ -16,6 +16,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, QuantkitError, Terminated, user_message
+from quantkit.io.locks import release_outputs
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:
@@ -116,6 +117,7 @@ class _Group(click.Group):
                 click.echo(f"quantkit: error: {msg}", err=True)
                 code = EXIT_USAGE
         finally:
+            release_outputs()  # outputs this command took (check_output) are free for the next one
             if in_main:
                 signal.signal(signal.SIGTERM, old)
         sys.exit(code)
@@ -206,7 +208,8 @@ def inspect(model_dir: str, as_json: bool) -> None:
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwrite, as_json, **flags) -> None:
-    """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint.
+    """Quantize every decoder-layer linear of MODEL_DIR (RTN or GPTQ) into a packed checkpoint, or with
+    --format gguf into a GGUF file (GPTQ rounds onto the ggml type's own grid).
 
     Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 --method gptq -o ./gemma-2-9b-w4g128
     """
@@ -230,7 +233,7 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
     if opts.method == "gptq":
         act = 4 if opts.calib_dtype == "float32" else 2
         refuse_if_over_memory(
-            calibration_bytes(ckpt.config, opts.nsamples, opts.seqlen, opts.batch_size, act),
+            calibration_bytes(ckpt.config, opts.nsamples, opts.seqlen, opts.batch_size, act, opts.fp_targets),
             f"--nsamples {opts.nsamples} x --seqlen {opts.seqlen}",
             "lower --nsamples or --seqlen",
         )
@@ -374,6 +377,11 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
 
         check_output(plot, [model_dir, *quantized], kind="file", overwrite=overwrite)
     ref = open_checkpoint(model_dir)
+    if ref.is_quantized:
+        raise QuantkitError(
+            f"{model_dir}: a quantized artifact; eval-ppl expects the unquantized model as MODEL_DIR and the "
+            f"artifact as --quantized (quantkit eval-ppl MODEL_DIR --quantized {model_dir})"
+        )
     quants = [open_quantized(q, ref) for q in quantized]
     data = dataset or default_evaluation_text()
     ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)

@@ -3,10 +3,17 @@
 An interrupted run leaves at most a hidden ``.NAME.partial-XXXX`` file or directory, never something that
 looks like a finished artifact. ``check_output`` decides, before any work, whether an output location may be
 written at all: nothing the user did not name as output is ever removed or replaced.
+
+Commands raced on one output: ``check_output`` also takes the output for the command (an exclusive lock on
+a hidden ``.NAME.lock`` beside it, held until ``release_outputs``), so a second command on the same output is
+refused at once. Underneath, without ``--overwrite`` a finished file or directory is published only where
+nothing is (a link / a rename that cannot replace), and a resumable ``.NAME.partial`` directory is locked by
+the run using it: whatever the timing, one run wins and the other ends with a one-line error.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,6 +23,7 @@ from contextvars import ContextVar
 from pathlib import Path
 
 from quantkit.errors import QuantkitError, with_path
+from quantkit.io.locks import hold, lock_dir
 
 ARTIFACT_MARKER = "quantkit.json"  # every directory quantkit writes holds this file
 # Whether the atomic writers may replace an existing file / artifact at their destination when they finish.
@@ -135,6 +143,7 @@ def check_output(
         raise QuantkitError(f"{label}: is the current directory or contains it (name a new path for the output)")
     _check_replaceable(out, kind, overwrite, label)
     check_location(target, label, need_bytes)
+    hold(target, label)
     _REPLACE.set(overwrite)
     return out
 
@@ -181,11 +190,25 @@ def atomic_file(dest: str | Path, overwrite: bool | None = None) -> Iterator[Pat
             yield tmp_path
         if dest.is_dir():
             raise QuantkitError(f"{dest}: is a directory (name a file to write)")
-        if not overwrite and (dest.exists() or dest.is_symlink()):
-            raise QuantkitError(f"{dest}: appeared while writing; left alone (pass --overwrite to replace it)")
-        os.replace(tmp_path, dest)
+        if overwrite:
+            os.replace(tmp_path, dest)
+        else:  # a link, unlike a rename, never replaces what is there: the check and the publishing are one
+            try:
+                os.link(tmp_path, dest)
+            except FileExistsError:
+                raise _appeared(dest) from None
+            except OSError as e:  # a file system without hard links: check, then rename
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                    raise
+                if dest.exists() or dest.is_symlink():
+                    raise _appeared(dest) from None
+                os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _appeared(dest: Path) -> QuantkitError:
+    return QuantkitError(f"{dest}: appeared while writing; left alone (pass --overwrite to replace it)")
 
 
 def _swap_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
@@ -201,10 +224,16 @@ def _swap_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.replace(dest, old / dest.name)
     try:
-        os.replace(tmp, dest)
-    except BaseException:
+        os.replace(tmp, dest)  # never onto a non-empty directory: one that appeared meanwhile stays
+    except OSError as e:
         if old is not None:
             os.replace(old / dest.name, dest)  # put the previous artifact back
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise _appeared(dest) from None
+        raise
+    except BaseException:
+        if old is not None:
+            os.replace(old / dest.name, dest)
         raise
     finally:
         if old is not None:
@@ -242,7 +271,8 @@ def resumable_dir(dest: str | Path, key: str, overwrite: bool | None = None) -> 
     command and is started afresh; a directory of that name without a key was not made here and is refused.
     On success the key file is removed and the directory takes ``dest``'s place as in ``atomic_dir``; on any
     exception (including KeyboardInterrupt and SIGTERM) it is deleted. Only a process that dies without
-    unwinding leaves it behind."""
+    unwinding leaves it behind. The run using the directory holds a lock on it: a second run of any command
+    on the same output is refused while the first is alive (the lock dies with its process)."""
     dest = Path(dest)
     overwrite = _REPLACE.get() if overwrite is None else overwrite
     _mkdir_parents(dest.parent)
@@ -250,13 +280,21 @@ def resumable_dir(dest: str | Path, key: str, overwrite: bool | None = None) -> 
     key_file = tmp / RESUME_KEY
     if tmp.exists() and not key_file.is_file():
         raise QuantkitError(f"{tmp}: exists and is not quantkit's work in progress (remove it or choose another path)")
-    if tmp.exists() and key_file.read_text() != key:
-        shutil.rmtree(tmp)
     if not tmp.exists():
         staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         _chmod_umask(staging, is_dir=True)
         (staging / RESUME_KEY).write_text(key)
-        os.replace(staging, tmp)
+        try:
+            os.replace(staging, tmp)
+        except OSError as e:  # another run made it first: lock (and so refuse) theirs
+            shutil.rmtree(staging, ignore_errors=True)
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    fd = lock_dir(tmp, str(dest))
+    if key_file.read_text() != key:  # work of another command: start afresh
+        for p in tmp.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        key_file.write_text(key)
     try:
         with _naming_errors(dest):
             yield tmp
@@ -265,3 +303,5 @@ def resumable_dir(dest: str | Path, key: str, overwrite: bool | None = None) -> 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
