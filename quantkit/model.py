@@ -1,9 +1,12 @@
 """Gemma 2 / Gemma 3 text forward pass, exact to transformers' eager Gemma2ForCausalLM / Gemma3ForCausalLM.
 
 The model runs as separate steps — ``embed``, ``layers[i]``, ``head`` — so that calibration and evaluation
-can hold one decoder layer's weights at a time. Parameters are created on the meta device and assigned
-by ``load_*``; ``unload_layer`` returns a layer to meta. Linear projections are ordinary ``nn.Module``s
-that map [..., I] -> [..., O]; ``set_linear`` swaps in any replacement (e.g. a dequantizing linear).
+can hold one decoder layer's weights at a time. A decoder layer's forward is six stages in order
+(attn_input, attention, attn_residual, mlp_input, mlp_hidden, mlp_residual); the GPTQ calibrator calls
+the same stages one at a time to read each linear's input, so the package has one forward pass.
+Parameters are created on the meta device and assigned by ``load_*``; ``unload_layer`` returns a layer to
+meta. Linear projections are ordinary ``nn.Module``s that map [..., I] -> [..., O]; ``set_linear`` swaps
+in any replacement (e.g. a dequantizing linear).
 
 Letters in shape comments: B batch, T tokens, H hidden, nH / nKV query / kv heads, D head dim, V vocab.
 """
@@ -74,7 +77,12 @@ def attention_mask(t: int, window: int | None, device: torch.device, dtype: torc
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+AttentionInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos [T, D], sin [T, D], mask [T, T]
+
+
 class Attention(nn.Module):
+    """Grouped-query attention up to (not including) o_proj; the layer applies o_proj in its residual stage."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = (
@@ -89,9 +97,6 @@ class Attention(nn.Module):
                 setattr(self, name.split(".")[1], _meta_linear(o, i))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.has_qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.has_qk_norm else None
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(self.core(x, cos, sin, mask))
 
     def core(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Everything before o_proj: x [B, T, H] -> concatenated head outputs [B, T, nH*D]."""
@@ -115,14 +120,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Gated GELU MLP: gate_proj, up_proj and down_proj; the layer applies down_proj in its residual stage."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         for name, (o, i) in cfg.linear_shapes().items():
             if name.startswith("mlp."):
                 setattr(self, name.split(".")[1], _meta_linear(o, i))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H] -> gelu_tanh(gate(x)) * up(x) [B, T, F], the product taken in place (down_proj's input)."""
+        return F.gelu(self.gate_proj(x), approximate="tanh").mul_(self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -139,12 +147,39 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
+    # forward is these stages in order; each linear reads one stage's output: q/k/v attn_input, o_proj
+    # attention, gate/up mlp_input, down_proj mlp_hidden. The calibrator runs the same stages one by one.
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, T, H] at positions 0..T-1 -> [B, T, H]."""
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), *self.attention_inputs(h)))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        h = self.attn_residual(h, self.attention(self.attn_input(h), self.attention_inputs(h)))
+        return self.mlp_residual(h, self.mlp_hidden(self.mlp_input(h)))
 
-    def attention_inputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attn_input(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, H] -> x1 [B, T, H], the input of q_proj, k_proj and v_proj."""
+        return self.input_layernorm(h)
+
+    def attention(self, x1: torch.Tensor, extras: AttentionInputs) -> torch.Tensor:
+        """x1 [B, T, H] -> a [B, T, nH*D], the input of o_proj; ``extras`` from ``attention_inputs``."""
+        return self.self_attn.core(x1, *extras)
+
+    def attn_residual(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """h + post_attention_layernorm(o_proj(a)): [B, T, H], the hidden state between the two blocks."""
+        return h + self.post_attention_layernorm(self.self_attn.o_proj(a))
+
+    def mlp_input(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, T, H] -> x2 [B, T, H], the input of gate_proj and up_proj."""
+        return self.pre_feedforward_layernorm(h)
+
+    def mlp_hidden(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [B, T, H] -> m [B, T, F], the input of down_proj."""
+        return self.mlp.hidden(x2)
+
+    def mlp_residual(self, h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """h + post_feedforward_layernorm(down_proj(m)): [B, T, H], the layer's output."""
+        return h + self.post_feedforward_layernorm(self.mlp.down_proj(m))
+
+    def attention_inputs(self, h: torch.Tensor) -> AttentionInputs:
         """(cos, sin, mask) for a [B, T, H] input at positions 0..T-1 on this layer's RoPE base and window."""
         t = h.shape[1]
         positions = torch.arange(t, device=h.device)
@@ -221,11 +256,12 @@ class Gemma(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: slice = slice(None)) -> torch.Tensor:
+        """ids [B, T] -> logits [B, S, V] at ``positions`` (S of the T; all by default)."""
         h = self.embed(ids)
         for layer in self.layers:
             h = layer(h)
-        return self.head(h)
+        return self.head(h[:, positions])
 
 
 def build_model(

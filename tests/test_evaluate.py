@@ -28,8 +28,9 @@ def _hf_scores(path, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(chunks).logits.float()
-    first = CTX // 2
-    lp = F.log_softmax(logits[:, first : CTX - 1], dim=-1)
+    ctx = chunks.shape[1]
+    first = ctx // 2
+    lp = F.log_softmax(logits[:, first : ctx - 1], dim=-1)
     nll = -lp.gather(-1, chunks[:, first + 1 :, None]).squeeze(-1)
     return nll, lp
 
@@ -89,11 +90,19 @@ def test_eval_ppl_equals_transformers(tiny_gemma2, quantized):
 
 
 def test_reference_alone(tiny_gemma3):
+    """eval-ppl of one model: its perplexity and standard error from transformers' logits on the same chunks."""
     res = CliRunner().invoke(
         cli, ["eval-ppl", str(tiny_gemma3), "--dataset", str(TEST_TEXT), "--ctx", "32", "--chunks", "2", "--json"]
     )
+    assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
-    assert "quantized" not in r and r["reference"]["ppl"] > 1 and r["chunks"] == 2
+    assert "quantized" not in r and r["chunks"] == 2
+    nll, _ = _hf_scores(tiny_gemma3, perplexity_chunks(Tokenizer(tiny_gemma3 / "tokenizer.model"), TEST_TEXT, 32, 2))
+    assert r["tokens_scored"] == nll.numel() == 2 * (32 - 1 - 32 // 2)
+    nll = nll.double()
+    assert r["reference"]["ppl"] == pytest.approx(math.exp(nll.mean()), rel=1e-9)
+    se = math.exp(nll.mean()) * float(nll.std(unbiased=False)) / math.sqrt(nll.numel() - 1)
+    assert r["reference"]["ppl_se"] == pytest.approx(se, rel=1e-6)
 
 
 def test_layer_streamed_equals_whole_model(tiny_gemma3, tmp_path):

@@ -1,4 +1,9 @@
-"""The forward pass against transformers' eager Gemma2ForCausalLM / Gemma3ForCausalLM."""
+"""The forward pass against transformers' eager Gemma2ForCausalLM / Gemma3ForCausalLM.
+
+Measured agreement, and so the tests' tolerance: none. On the tiny Gemma 2 and Gemma 3 checkpoints, and with
+query_pre_attn_scalar != head_dim (as in the 27B models), the logits equal transformers' bit for bit in fp32
+and in bf16 (max abs difference 0.0), so the tests assert torch.equal.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,21 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
 from quantkit.io.checkpoint import open_checkpoint
 from quantkit.model import build_model
 
 T = 64  # > 2x the tiny window of 16, so sliding layers see a truncated context
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def scalar_ckpt(request, tmp_path_factory):
+    """A tiny checkpoint whose query_pre_attn_scalar is hidden / heads (64) while head_dim is 128: the 27B
+    models' case (Gemma 2 27B: 144 vs 128, Gemma 3 27B: 168 vs 128)."""
+    path = tmp_path_factory.mktemp("scalar") / request.param
+    return make_tiny_checkpoint(path, request.param, query_pre_attn_scalar=64)
 
 
 def _ids(vocab: int, batch: int = 2, t: int = T) -> torch.Tensor:
@@ -24,24 +38,31 @@ def _reference(path, dtype=torch.float32) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).eval()
 
 
-@torch.no_grad()
-def test_logits_match_transformers_fp32(tiny_ckpt):
-    ckpt = open_checkpoint(tiny_ckpt)
+def _assert_bit_exact(path, dtype: torch.dtype) -> None:
+    """Our logits equal transformers' bit for bit (tolerance: none; the message gives the max abs difference)."""
+    ckpt = open_checkpoint(path)
     ids = _ids(ckpt.config.vocab_size)
-    ours = build_model(ckpt)(ids)
-    ref = _reference(tiny_ckpt)(ids).logits
-    assert ours.shape == ref.shape == (2, T, ckpt.config.vocab_size)
-    assert (ours - ref).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        ours = build_model(ckpt, dtype=dtype)(ids)
+        ref = _reference(path, dtype)(ids).logits
+    assert ours.shape == ref.shape == (2, T, ckpt.config.vocab_size) and ours.dtype == ref.dtype == dtype
+    assert torch.equal(ours, ref), f"max abs difference {(ours.float() - ref.float()).abs().max().item()}"
 
 
-@torch.no_grad()
+def test_logits_match_transformers_fp32(tiny_ckpt):
+    _assert_bit_exact(tiny_ckpt, torch.float32)
+
+
 def test_logits_match_transformers_bf16(tiny_ckpt):
     """With dtype=bfloat16 every op runs in the weights' dtype, as transformers does."""
-    ckpt = open_checkpoint(tiny_ckpt)
-    ids = _ids(ckpt.config.vocab_size)
-    ours = build_model(ckpt, dtype=torch.bfloat16)(ids).float()
-    ref = _reference(tiny_ckpt, torch.bfloat16)(ids).logits.float()
-    assert (ours - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+    _assert_bit_exact(tiny_ckpt, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_query_scalar_other_than_head_dim_matches_transformers(scalar_ckpt, dtype):
+    cfg = open_checkpoint(scalar_ckpt).config
+    assert (cfg.query_pre_attn_scalar, cfg.head_dim) == (64, 128)
+    _assert_bit_exact(scalar_ckpt, dtype)
 
 
 @torch.no_grad()
@@ -50,8 +71,8 @@ def test_logits_match_transformers_bf16(tiny_ckpt):
     ["no_window", "no_attn_softcap", "no_final_softcap", "plain_norm", "head_dim_scale"],
 )
 def test_each_gemma_detail_matters(tiny_gemma2, change):
-    """Dropping any one Gemma detail moves the logits far beyond the 1e-4 tolerance used above, so the
-    exactness test cannot pass by accident."""
+    """Dropping any one Gemma detail moves the logits by more than 1e-2, while the tests above require
+    equality: they cannot pass by accident."""
     ckpt = open_checkpoint(tiny_gemma2)
     ids = _ids(ckpt.config.vocab_size)
     good = build_model(ckpt)(ids)

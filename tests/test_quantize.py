@@ -11,14 +11,18 @@ import torch
 from click.testing import CliRunner
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from conftest import CALIB_TEXT
+from gguf import GGMLQuantizationType as QT
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from quantkit.cli import cli
-from quantkit.formats.packed.linear import linears_from_checkpoint
+from quantkit.formats.packed.linear import PackedLinear, dense_linear, linears_from_checkpoint
 from quantkit.io.checkpoint import open_checkpoint
-from quantkit.model import build_model
-from quantkit.quant.recipes import RECIPES_DIR
+from quantkit.io.dtypes import torch_dtype
+from quantkit.io.layout import layer_prefix
+from quantkit.model import LINEAR_NAMES, Gemma, build_model
+from quantkit.quant.calibrate import Calibration, LayerCalibrator
+from quantkit.quant.recipes import RECIPES_DIR, QuantizeOptions
 
 FAST_GPTQ = ["--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
 
@@ -148,81 +152,65 @@ def test_interrupted_run_leaves_nothing(tiny_gemma2, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _reference_gptq(model_dir: Path, opts) -> dict:
-    """GPTQ in the straightforward order: each step's activations of every batch held at once, the dense
-    layer loaded, one inverse factor per linear. quantize's memory-lean calibrator must give its bytes."""
-    import torch.nn.functional as F
-
-    from quantkit.formats.packed.linear import PackedLinear
-    from quantkit.io.texts import calibration_windows
-    from quantkit.io.tokenizer import Tokenizer
-    from quantkit.model import Gemma
-    from quantkit.quant.gptq import Hessian, gptq_quantize
-    from quantkit.quant.quantize import SUBSETS
-
-    ckpt = open_checkpoint(model_dir)
-    ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), opts.calib, opts.nsamples, opts.seqlen, opts.seed)
-    model = Gemma(ckpt.config, {"float32": torch.float32, "bfloat16": torch.bfloat16}[opts.calib_dtype])
-    model.load_globals(ckpt.get("model.embed_tokens.weight"), ckpt.get("model.norm.weight"))
-    inps = [model.embed(b) for b in ids.split(opts.batch_size)]
-    out = {}
-    for i in range(ckpt.config.num_hidden_layers):
-        tensors = ckpt.layer_tensors(i)
-        model.load_layer(i, tensors)
-        ly = model.layers[i]
-        attn, mlp = ly.self_attn, ly.mlp
-
-        def quant(names, xs, i=i, tensors=tensors):
-            hess = Hessian(xs[0].shape[-1])
-            for x in xs:
-                hess.add(x)
-            for n in names:
-                w = tensors[f"{n}.weight"].float()
-                res = gptq_quantize(w, hess.H, opts.spec, torch.float32, opts.blocksize, opts.damp, opts.act_order)
-                out[f"model.layers.{i}.{n}"] = res.weight
-                model.set_linear(i, n, PackedLinear(res.weight))
-
-        extras = ly.attention_inputs(inps[0])
-        x1 = [ly.input_layernorm(h) for h in inps]
-        quant(SUBSETS[0], x1)
-        a = [attn.core(x, *extras) for x in x1]
-        quant(SUBSETS[1], a)
-        hm = [h + ly.post_attention_layernorm(attn.o_proj(z)) for h, z in zip(inps, a, strict=True)]
-        x2 = [ly.pre_feedforward_layernorm(h) for h in hm]
-        quant(SUBSETS[2], x2)
-        m = [F.gelu(mlp.gate_proj(x), approximate="tanh") * mlp.up_proj(x) for x in x2]
-        quant(SUBSETS[3], m)
-        inps = [h + ly.post_feedforward_layernorm(mlp.down_proj(z)) for h, z in zip(hm, m, strict=True)]
-        model.unload_layer(i)
-    return out
+def _layer_inputs(ckpt, model: Gemma) -> list[torch.Tensor]:
+    """Three batches of hidden states [2, 40, H] (embedded random tokens; 40 > 2x the tiny window of 16)."""
+    ids = torch.randint(4, ckpt.config.vocab_size, (6, 40), generator=torch.Generator().manual_seed(5))
+    ids[:, 0] = 2
+    with torch.no_grad():
+        return [model.embed(b, ckpt.get("model.embed_tokens.weight")) for b in ids.split(2)]
 
 
-@torch.no_grad()
-@pytest.mark.parametrize(
-    "changes",
-    [
-        {"group_size": 128, "calib_dtype": "float32"},
-        {"group_size": 32, "sym": False, "act_order": True, "calib_dtype": "bfloat16"},
-    ],
-    ids=["fp32", "bf16-asym-actorder"],
-)
-def test_memory_lean_calibration_gives_the_straightforward_bytes(tiny_ckpt, tmp_path, changes):
-    """Batch-by-batch Hessians, recomputed activations, one shared inverse factor per subset and linears
-    read only when quantized: the same codes, scales and zero points as the straightforward order."""
-    from quantkit.quant.quantize import quantize_checkpoint
-    from quantkit.quant.recipes import QuantizeOptions
+def _forward(model: Gemma, i: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model.layers[i](h) for h in hs]
 
-    opts = QuantizeOptions(nsamples=8, seqlen=64, calib=str(CALIB_TEXT), batch_size=3, scale_dtype="float32")
-    opts = opts.replace(**changes)
-    quantize_checkpoint(tiny_ckpt, tmp_path / "q", opts, progress=False)
-    ref = _reference_gptq(tiny_ckpt, opts)
-    q = open_checkpoint(tmp_path / "q")
-    assert len(ref) == 7 * q.config.num_hidden_layers
-    for path, want in ref.items():
-        got = q.quantized_weight(path)
-        assert torch.equal(got.codes, want.codes), path
-        assert torch.equal(got.scale, want.scale), path
-        assert (got.zero is None) == (want.zero is None) and (got.zero is None or torch.equal(got.zero, want.zero))
+
+CALIBRATIONS = {  # (calib dtype, fp_targets, GGUF block type of every linear or None)
+    "fp32": ("float32", False, None),
+    "bf16": ("bfloat16", False, None),
+    "fp32-fp-targets": ("float32", True, None),
+    "bf16-fp-targets": ("bfloat16", True, None),
+    "fp32-q4_k-blocks": ("float32", False, QT.Q4_K),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CALIBRATIONS))
+@pytest.mark.parametrize("kind", ["sliding", "global"])
+def test_calibrator_outputs_are_the_layer_forward(tiny_ckpt, kind, case):
+    """GPTQ's calibrator runs DecoderLayer's own stages batch by batch, quantizing between them: its outputs
+    are DecoderLayer.forward of a fresh layer holding the weights it emitted, bit for bit (fp32 and bf16).
+    With fp_targets the unquantized path's outputs are forward of the dense layer, bit for bit too."""
+    calib_dtype, fp_targets, block_type = CALIBRATIONS[case]
+    ckpt = open_checkpoint(tiny_ckpt)
+    cfg, dtype = ckpt.config, torch_dtype(calib_dtype)
+    i = next(j for j in range(cfg.num_hidden_layers) if cfg.is_sliding(j) == (kind == "sliding"))
+    p, linear_weights = layer_prefix(i), {f"{n}.weight" for n in LINEAR_NAMES}
+    model = Gemma(cfg, dtype)
+    hs = _layer_inputs(ckpt, model)
+    fs = [h + 0.05 * torch.randn(h.shape, generator=torch.Generator().manual_seed(6)).to(dtype) for h in hs]
+    hs_in, fs_in = [h.clone() for h in hs], [f.clone() for f in fs]
+    model.load_layer_norms(i, ckpt.layer_tensors(i, exclude=linear_weights))
+    opts = QuantizeOptions(group_size=64, calib_dtype=calib_dtype, fp_targets=fp_targets)
+    block_types = {} if block_type is None else {f"{p}{n}.weight": block_type for n in LINEAR_NAMES}
+    emitted = {}
+    cal = Calibration(ckpt, opts, torch.float32, "cpu", block_types)
+    hs, fs = LayerCalibrator(model, i, cal, emitted.__setitem__).run(hs, fs if fp_targets else None)
+
+    assert sorted(emitted) == sorted(p + n for n in LINEAR_NAMES)
+    quantized = Gemma(cfg, dtype)
+    made = {n: emitted[p + n] for n in LINEAR_NAMES}
+    linears = {n: PackedLinear(w) if block_type is None else dense_linear(w.dequantize(dtype)) for n, w in made.items()}
+    quantized.load_layer(i, ckpt.layer_tensors(i, exclude=linear_weights), linears)
+    dense = Gemma(cfg, dtype)
+    dense.load_layer(i, ckpt.layer_tensors(i))
+    for got, want, unquantized in zip(hs, _forward(quantized, i, hs_in), _forward(dense, i, hs_in), strict=True):
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert not torch.equal(got, unquantized)  # the quantized linears are really in the forward
+    if fp_targets:
+        for got, want in zip(fs, _forward(dense, i, fs_in), strict=True):
+            assert torch.equal(got, want)
+    else:
+        assert fs is None
 
 
 def test_rtn_streamed_gives_rtn_of_each_tensor(tiny_gemma2, tmp_path):
@@ -240,3 +228,13 @@ def test_rtn_streamed_gives_rtn_of_each_tensor(tiny_gemma2, tmp_path):
             assert torch.equal(got.codes, want.codes) and torch.equal(got.scale, want.scale), name
         else:
             assert torch.equal(q.get(name), src.get(name)) and q.dtype_of(name) == src.dtype_of(name), name
+
+
+def test_report_of_gptq_into_gguf_blocks_says_what_was_written(tiny_gemma2, tmp_path):
+    """GPTQ into q4_0 blocks: the report names ggml blocks and Q4_0's 18 bytes per 32 weights (4.5 bits)."""
+    from quantkit.quant.quantize import quantize_checkpoint
+
+    opts = QuantizeOptions(nsamples=4, seqlen=32, calib=str(CALIB_TEXT))
+    report = quantize_checkpoint(tiny_gemma2, tmp_path / "q", opts, progress=False, gguf_type="q4_0")
+    assert report["format"] == "ggml blocks (q4_0)" and report["bits_per_weight"] == 18 * 8 / 32
+    assert {s["ggml_type"] for s in report["linears"].values()} == {"Q4_0"}

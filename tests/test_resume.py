@@ -51,14 +51,14 @@ def _layers_done(partial: Path) -> int:
 # known layer, whatever the machine's speed.
 _KILL_AFTER = """
 import os, signal, sys
-import quantkit.quant.quantize as qz
+from quantkit.quant.run_state import RunState
 k = int(sys.argv.pop(1))
-real = qz._Run.end_layer
+real = RunState.end_layer
 def end_layer(self, writer, i, *args, **kwargs):
     real(self, writer, i, *args, **kwargs)
     if i + 1 == k:
         os.kill(os.getpid(), signal.SIGKILL)
-qz._Run.end_layer = end_layer
+RunState.end_layer = end_layer
 from quantkit.cli import cli
 cli(sys.argv[1:])
 """

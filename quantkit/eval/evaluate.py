@@ -101,10 +101,7 @@ def _batches(chunks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def _whole_model_logits(model: Gemma, batches: list[torch.Tensor], sl: slice) -> Iterator[torch.Tensor]:
     for ids in batches:
-        h = model.embed(ids.to(model.device))
-        for layer in model.layers:
-            h = layer(h)
-        yield model.head(h[:, sl]).cpu()
+        yield model(ids.to(model.device), sl).cpu()
 
 
 GLOBALS = ("model.embed_tokens.weight", "model.norm.weight")
@@ -116,9 +113,10 @@ def _same_globals(a: Checkpoint, b: Checkpoint) -> bool:
 
 
 def _scored_hidden(model: Gemma, ckpt: Checkpoint, quantized: bool, batches: list[torch.Tensor], sl: slice, bar):
-    """One group of batches through every layer of ``ckpt`` (one layer's weights resident at a time; each
-    batch's hidden states replaced in place, never duplicated); returns the scored positions' final hidden
-    states, one [B, S, H] per batch."""
+    """One group of batches through every layer of ``ckpt``: ``Gemma.forward`` with the loop turned inside
+    out (the model's own ``embed`` and ``layers[i]``, one layer's weights resident at a time, each batch's
+    hidden states replaced in place, never duplicated); returns the scored positions' final hidden states,
+    one [B, S, H] per batch, for ``head``."""
     hs = [model.embed(ids.to(model.device)) for ids in batches]
     linears = (lambda j: linears_from_checkpoint(ckpt, j)) if quantized else None
     for i in range(ckpt.config.num_hidden_layers):

@@ -1,0 +1,244 @@
+"""GPTQ calibration of one decoder layer, true-sequential, through the layer's own forward stages.
+
+The calibration activations go through decoder layer i by ``DecoderLayer``'s stages (the ones its forward is
+made of), each linear's input Hessian is accumulated in fp32, and the subsets q,k,v -> o -> gate,up -> down
+are quantized in that order: each subset's quantized linears are what the following stages run. The
+layer's outputs are exactly ``DecoderLayer.forward`` with the quantized linears installed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from gguf import GGMLQuantizationType
+
+from quantkit.formats.gguf.grids import BlockGrid, GridWeight, choose_grid, rtn_on_grid
+from quantkit.formats.gguf.imatrix import ImportanceStats
+from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linear
+from quantkit.io.checkpoint import Checkpoint
+from quantkit.io.layout import layer_prefix
+from quantkit.model import LINEAR_NAMES, Gemma
+from quantkit.quant.gptq import Drift, GPTQResult, Hessian, fp_target, gptq_quantize, inverse_factor, weighted_norms
+from quantkit.quant.grid_refine import gptq_refined
+from quantkit.quant.memory import peak_rss_gib, release_freed_memory
+from quantkit.quant.primitives import QuantizedWeight, rtn
+from quantkit.quant.recipes import QuantizeOptions
+
+# true-sequential order; modules of one subset read the same input, so they share one Hessian
+SUBSETS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+Emit = Callable[[str, QuantizedWeight | GridWeight], None]  # (module path, its quantized weight)
+Pair = tuple[torch.Tensor, torch.Tensor | None]  # a stage's output on the quantized and the unquantized path
+
+
+def weight_rel_err(w: torch.Tensor, qw: QuantizedWeight | GridWeight) -> float:
+    """‖W − dequant(W)‖² / ‖W‖²."""
+    w = w.float()
+    return float(((w - qw.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the calibration of every layer of one run shares."""
+
+    ckpt: Checkpoint
+    opts: QuantizeOptions
+    sdt: torch.dtype  # the scales' dtype
+    device: str
+    block_types: Mapping[str, GGMLQuantizationType] = field(default_factory=dict)  # HF weight name -> ggml
+    # type, when the target is a GGUF (each linear is then rounded onto that type's grid)
+    imatrix: ImportanceStats | None = None  # collects the importance matrix when one is written
+
+
+class _Timer:
+    """Adds the wall time of each ``with`` block to ``seconds[key]``."""
+
+    def __init__(self, seconds: dict[str, float], key: str):
+        self.seconds, self.key = seconds, key
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.key] += time.perf_counter() - self.t0
+
+
+class LayerCalibrator:
+    """GPTQ for decoder layer ``i`` of ``model`` (its norms loaded; its linears are read from the checkpoint
+    when quantized). Each quantized weight goes to ``emit`` as soon as it is made; ``stats`` (per linear
+    path), ``seconds`` (per kind of work) and ``peaks`` (peak RSS in GiB after each subset) record the run.
+
+    The layer runs stage by stage, batch by batch, keeping only one list of hidden states [B, T, H] across
+    the layer (plus, briefly, the attention outputs); every other activation is recomputed per batch and
+    folded into its Hessian at once, so e.g. down_proj's inputs are never all held:
+      x1 = attn_input(h)                                  -> H(q,k,v) -> quantize q, k, v
+      a  = attention(x1) with quantized q, k, v            -> H(o)     -> quantize o   (a kept per batch)
+      h <- attn_residual(h, a); x2 = mlp_input(h)          -> H(gate, up) -> quantize gate, up
+      m  = mlp_hidden(x2)                                  -> H(down)  -> quantize down
+      h <- mlp_residual(h, m)  (m recomputed)              -> the next layer's inputs
+    Each stage is the very method ``DecoderLayer.forward`` calls, on the same batch, so the outputs are
+    that forward's with the quantized linears in place, bit for bit. Only ``fp_targets``, whose unquantized
+    path runs beside, holds the layer's dense linears (in the checkpoint's dtype).
+    """
+
+    def __init__(self, model: Gemma, i: int, cal: Calibration, emit: Emit):
+        self.model, self.i, self.layer, self.cal, self.emit = model, i, model.layers[i], cal, emit
+        self.stats: dict[str, dict[str, float | str]] = {}
+        self.seconds = dict.fromkeys(("forward_s", "hessian_s", "solver_s", "diagnostics_s"), 0.0)
+        self.fwd, self.hes = _Timer(self.seconds, "forward_s"), _Timer(self.seconds, "hessian_s")
+        self.sol, self.dia = _Timer(self.seconds, "solver_s"), _Timer(self.seconds, "diagnostics_s")
+        self.peaks: dict[str, float] = {}  # the process's peak RSS (GiB) once each subset is quantized
+
+    @torch.no_grad()
+    def run(self, hs: list[torch.Tensor], fs: list[torch.Tensor] | None = None) -> tuple[list, list | None]:
+        """hs: this layer's inputs, one [B, T, H] per batch; replaced in place by the layer's outputs.
+
+        With ``fs`` (``fp_targets``) the unquantized model's hidden states [B, T, H] per batch are carried
+        beside ``hs``: every stage also runs on them with the layer's dense linears, each subset's inputs x
+        (quantized path) and x_fp (unquantized path) give H and the drift D, and each linear is quantized
+        towards fp_target(W); ``fs`` is replaced in place too. Without it the walk and its bytes are plain
+        GPTQ's."""
+        ly, n = self.layer, range(len(hs))
+        dense = None if fs is None else self._dense_linears()
+        extras = ly.attention_inputs(hs[0])  # cos, sin, mask: the same for every batch
+
+        def both(fn: Callable[[torch.Tensor], torch.Tensor], j: int) -> Pair:
+            """fn on batch j of the quantized path, and of the unquantized one when it is carried."""
+            with self.fwd:
+                x = fn(hs[j])
+                if dense is None:
+                    return x, None
+                with self._using(dense):
+                    return x, fn(fs[j])
+
+        def residual(j: int, stage: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: Pair) -> None:
+            with self.fwd:
+                hs[j] = stage(hs[j], x[0])
+                if dense is not None:
+                    with self._using(dense):
+                        fs[j] = stage(fs[j], x[1])
+
+        def attention(h: torch.Tensor) -> torch.Tensor:
+            return ly.attention(ly.attn_input(h), extras)
+
+        def mlp_hidden(h: torch.Tensor) -> torch.Tensor:
+            return ly.mlp_hidden(ly.mlp_input(h))
+
+        self._quantize(SUBSETS[0], *self._stats(both(ly.attn_input, j) for j in n))
+        a = [both(attention, j) for j in n]
+        self._quantize(SUBSETS[1], *self._stats(a, consume=False))  # a feeds the residual below
+        for j in n:
+            residual(j, ly.attn_residual, a[j])
+            a[j] = None
+        del a
+        self._quantize(SUBSETS[2], *self._stats(both(ly.mlp_input, j) for j in n))
+        self._quantize(SUBSETS[3], *self._stats(both(mlp_hidden, j) for j in n))  # m recomputed, never all held
+        for j in n:
+            residual(j, ly.mlp_residual, both(mlp_hidden, j))
+        return hs, fs
+
+    def _dense_linears(self) -> dict[str, torch.nn.Module]:
+        """The layer's unquantized linears in the checkpoint's dtype, cast per call: no fp32 copy."""
+        p = layer_prefix(self.i)
+        return {n: CastLinear(self.cal.ckpt.get(f"{p}{n}.weight", check_finite=True).to(self.cal.device))
+                for n in LINEAR_NAMES}  # fmt: skip
+
+    def _stats(self, pairs: Iterable[Pair], consume: bool = True) -> tuple[Hessian, Drift | None]:
+        """H (and, with the unquantized path, D) of a subset's inputs, batch by batch; ``consume``: the
+        unquantized inputs are not used again."""
+        hess = drift = None
+        for x, x_fp in pairs:
+            if hess is None:
+                hess = Hessian(x.shape[-1], self.cal.device)
+                drift = None if x_fp is None else Drift(x.shape[-1], self.cal.device)
+            with self.hes:
+                hess.add(x)
+                if drift is not None:
+                    drift.add(x_fp, x, consume)
+        return hess, drift
+
+    def _quantize(self, names: tuple[str, ...], hess: Hessian, drift: Drift | None = None) -> None:
+        """Quantize the linears ``names`` (one subset: they read the same input, whose Hessian is ``hess``);
+        with ``drift`` each one's target is the weight that best reproduces the unquantized model (fp_target)."""
+        o, p, cal = self.cal.opts, layer_prefix(self.i), self.cal
+        ws = {n: cal.ckpt.get(f"{p}{n}.weight", check_finite=True) for n in names}
+        if cal.imatrix is not None:
+            for n in names:
+                cal.imatrix.add_from_hessian(self.i, n, hess.H, hess.n)
+        w0 = next(iter(ws.values()))
+        with self.dia:  # the grids, tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
+            grids = {n: self._grid(p + n, w, hess.H) for n, w in ws.items()}
+            rtns = {n: rtn(w.float(), o.spec, cal.sdt) if grids[n] is None else rtn_on_grid(w, grids[n])
+                    for n, w in ws.items()}  # fmt: skip
+            norms = {
+                n: weighted_norms([w, w.float() - rtns[n].dequantize()], hess.H) for n, w in ws.items()
+            }  # [den, rtn num]
+            g = w0.shape[1] if o.spec.group_size == -1 else o.spec.group_size
+            imp = o.search.importance(hess.H, slice(None), g) if o.search.enabled else None
+            imp = None if imp is None else imp.clone()  # H's storage is reused by its factor
+            H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
+        with self.sol:
+            wds = {}
+            if drift is not None:
+                wds = {n: drift.times(w) for n, w in ws.items()}
+                drift.D = None  # [I, I]: gone before the factor needs its two I x I buffers
+            fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
+        for name, w in ws.items():
+            with self.sol:
+                target = w.to(cal.device) if drift is None else fp_target(w, wds.pop(name), fac)
+                res = self._solve(target, fac, grids[name], imp, H_kept)
+            self.emit(p + name, res.weight)
+            self.model.set_linear(self.i, name, self._module(res.weight).to(cal.device))
+            den, rtn_num = norms[name]
+            with self.dia:
+                self.stats[p + name] = {
+                    "weight_rel_err": weight_rel_err(w, res.weight),
+                    "output_rel_err": res.sq_output_err / den if den > 0 else 0.0,
+                    "rtn_output_rel_err": rtn_num / den if den > 0 else 0.0,
+                    "damp": res.damp,
+                }
+                if grids[name] is not None:
+                    self.stats[p + name]["ggml_type"] = grids[name].qtype.name
+        release_freed_memory()
+        self.peaks["+".join(n.split(".")[-1] for n in names)] = peak_rss_gib()
+
+    def _module(self, qw: QuantizedWeight | GridWeight) -> torch.nn.Module:
+        """The linear that runs ``qw`` in the following stages: packed codes, or a GGUF grid's weights."""
+        return PackedLinear(qw) if isinstance(qw, QuantizedWeight) else dense_linear(qw.dequantize(self.model.dtype))
+
+    def _grid(self, path: str, w: torch.Tensor, H: torch.Tensor) -> BlockGrid | None:
+        """The fixed ggml grid this linear is rounded onto when the target is a GGUF type (else None),
+        chosen from the original weights weighted by diag(H)."""
+        qtype = self.cal.block_types.get(path + ".weight")
+        return None if qtype is None else choose_grid(w, qtype, H.diagonal())
+
+    def _solve(self, w: torch.Tensor, fac, grid: BlockGrid | None, imp, H_kept) -> GPTQResult:
+        """GPTQ of one linear: onto ``grid`` (a GGUF type's), else on the recipe's grid (searched scales,
+        optionally refitted)."""
+        o, sdt = self.cal.opts, self.cal.sdt
+        if grid is not None:
+            return gptq_quantize(w, fac, o.spec, sdt, o.blocksize, grid=grid)
+        if o.refine_iters:
+            return gptq_refined(w, H_kept, o.spec, sdt, o.blocksize, o.damp, o.act_order, o.search, o.refine_iters)
+        return gptq_quantize(w, fac, o.spec, sdt, o.blocksize, search=o.search, importance=imp)
+
+    @contextmanager
+    def _using(self, modules: dict[str, torch.nn.Module]):
+        """The layer with ``modules`` (keyed like LINEAR_NAMES) in place of its linears, then as it was."""
+        old = {n: self.layer.get_submodule(n) for n in modules}
+        for n, m in modules.items():
+            self.model.set_linear(self.i, n, m)
+        try:
+            yield
+        finally:
+            for n, m in old.items():
+                self.model.set_linear(self.i, n, m)
