@@ -111,6 +111,10 @@ class ModelConfig:
         }
 
 
+INT32_MAX = 2**31 - 1
+MAX_LAYERS = 4096  # a sanity bound far above any real model: per-layer tables are built from this count
+
+
 class _Values:
     """Typed, range-checked reads of config.json values; every refusal names the key and what it must be."""
 
@@ -120,13 +124,15 @@ class _Values:
     def bad(self, key: str, value: Any, must: str) -> QuantkitError:
         return QuantkitError(f"{self.source}: {key} is {value!r}; it must be {must} (fix config.json)")
 
-    def int(self, key: str, default: Any = ..., minimum: int = 1, value: Any = ...) -> int:
+    def int(self, key: str, default: Any = ..., minimum: int = 1, value: Any = ..., maximum: int = INT32_MAX) -> int:
+        """An integer in [minimum, maximum]; sizes fit int32 as in llama.cpp, and every bound is checked before
+        anything is built from the value (a corrupt size must not become a huge loop or allocation)."""
         if value is ...:
             if key not in self.raw and default is ...:
                 raise QuantkitError(f"{self.source}: missing required key {key!r}")
             value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.bad(key, value, f"an integer >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise self.bad(key, value, f"an integer in {minimum}..{maximum}")
         return value
 
     def number(self, key: str, default: Any, positive: bool = True, optional: bool = False, value: Any = ...):
@@ -224,7 +230,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config.json") -> ModelC
     raw = _text_config(raw, source)
     fam = _FAMILIES[raw["model_type"]]
     v = _Values(raw, source)
-    n_layers = v.int("num_hidden_layers")
+    n_layers = v.int("num_hidden_layers", maximum=MAX_LAYERS)
     n_heads = v.int("num_attention_heads")
     n_kv = v.int("num_key_value_heads", n_heads)
     if n_heads % n_kv:
