@@ -165,7 +165,11 @@ def inspect(model_dir: str, as_json: bool) -> None:
 )
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), help="[default: gptq]")
 @click.option("--sym/--asym", default=None, help="Symmetric (default) or asymmetric grid.")
-@click.option("--calib", type=click.Path(), help="Calibration text (default: WikiText-2 validation).")
+@click.option(
+    "--calib",
+    type=click.Path(),
+    help="Calibration text (default: the shipped ~100 kB excerpt of WikiText-2 validation).",
+)
 @click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for drawing calibration windows. [default: 0]")
@@ -338,7 +342,11 @@ def _format_export(r: dict) -> str:
     type=click.Path(),
     help="A quantized artifact directory or GGUF file of MODEL_DIR; repeat to score several in one pass.",
 )
-@click.option("--dataset", type=click.Path(), help="Evaluation text (default: WikiText-2 test, raw).")
+@click.option(
+    "--dataset",
+    type=click.Path(),
+    help="Evaluation text (default: the shipped ~100 kB excerpt of WikiText-2 test, raw).",
+)
 @click.option(
     "--ctx",
     type=click.IntRange(min=4),
