@@ -102,15 +102,17 @@ def run_all(work: Path) -> dict[str, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--write", type=Path, help="Write the digests to this JSON file.")
-    group.add_argument("--compare", type=Path, help="Compare the digests with this JSON file.")
+    ap.add_argument("--write", type=Path, help="Write the digests to this JSON file.")
+    ap.add_argument("--compare", type=Path, help="Compare the digests with this JSON file.")
     args = ap.parse_args()
+    if not (args.write or args.compare):
+        ap.error("give --write, --compare or both")
     with tempfile.TemporaryDirectory() as tmp:
         now = run_all(Path(tmp))
     if args.write:
         args.write.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
         print(f"{len(now)} files hashed -> {args.write}")
+    if not args.compare:
         return 0
     before = json.loads(args.compare.read_text())
     # sentencepiece records its training file's temporary path in the tiny checkpoint's tokenizer.model, and

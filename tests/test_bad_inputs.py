@@ -359,6 +359,18 @@ def config_negative_bos(ws):
     return inspect(ws)
 
 
+@case("inspect", "num_hidden_layers is 9223372036854775808; it must be an integer in 1..4096")
+def config_layers_huge(ws):  # found by the fuzzer: per-layer tables were built before any bound (a hang)
+    edit_config(ws.model, num_hidden_layers=2**63)
+    return inspect(ws)
+
+
+@case("inspect", "hidden_size is 4294967296; it must be an integer in 1..2147483647")
+def config_size_over_int32(ws):
+    edit_config(ws.model, hidden_size=2**32)
+    return inspect(ws)
+
+
 @case("inspect", "not a multiple of num_key_value_heads 3")
 def config_kv_heads_not_dividing(ws):
     edit_config(ws.model, num_key_value_heads=3)

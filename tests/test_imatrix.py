@@ -59,3 +59,21 @@ def test_llama_quantize_reads_it(tiny_gemma2, tmp_path):
     log = proc.stdout + proc.stderr
     assert f"loaded {2 * cfg['num_hidden_layers']} importance matrix entries" in log
     assert out.is_file()
+
+
+def test_a_file_that_is_not_an_imatrix_is_refused_in_one_line(tmp_path):
+    """Found by the fuzzer: a damaged file reached gguf-py's reader errors (IndexError, ValueError)."""
+    from quantkit.errors import QuantkitError
+
+    stats, _ = _stats(64, 1)
+    good = write_imatrix(tmp_path / "m.imatrix.gguf", stats, "wiki.valid", 48).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good[: len(good) // 3])
+    neg = tmp_path / "neg.gguf"
+    sums = stats.sums[next(iter(stats.sums))]
+    sums[0] = -1.0
+    write_imatrix(neg, stats, "wiki.valid", 48)
+    for path, says in ((cut, "not a readable GGUF file"), (neg, "negative or non-finite")):
+        with pytest.raises(QuantkitError, match=says) as info:
+            read_imatrix(path)
+        assert "\n" not in str(info.value)
