@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType
 from quantkit.errors import QuantkitError
 from quantkit.io import tensorio
 from quantkit.io.config import ModelConfig, load_config
-from quantkit.io.layout import canonical_name, check_layout, layer_prefix, quant_spec_from_config
+from quantkit.io.layout import canonical_name, check_layout, layer_members, quant_spec_from_config
 from quantkit.io.safetensors_header import read_header, tensor_names
 from quantkit.io.tokenizer import check_tokenizer_files
 from quantkit.quant.primitives import QuantizedWeight, QuantSpec, unpack_int32
@@ -124,9 +124,7 @@ class Checkpoint:
     ) -> dict[str, torch.Tensor]:
         """Tensors of decoder layer ``i`` keyed by their name inside the layer (e.g. 'mlp.up_proj.weight'),
         except those named in ``exclude``; NaN/inf values are refused unless ``check_finite`` is false."""
-        p = layer_prefix(i)
-        names = [n for n in self.locations if n.startswith(p) and n[len(p) :] not in exclude]
-        return {n[len(p) :]: self.get(n, dtype, check_finite) for n in names}
+        return {k: self.get(n, dtype, check_finite) for k, n in layer_members(self.locations, i, exclude).items()}
 
     def has_blocks(self, name: str) -> bool:
         """Whether linear ``name`` (a module path) is stored as ggml blocks (quantize --format gguf)."""

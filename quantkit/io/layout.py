@@ -11,6 +11,7 @@ A linear of shape [O, I] is stored as one of:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -42,6 +43,13 @@ PACKED_DTYPES = {"weight_packed": ("I32",), "weight_zero_point": ("I32",), "weig
 
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
+
+
+def layer_members(names: Iterable[str], i: int, exclude: set[str] = frozenset()) -> dict[str, str]:
+    """Decoder layer ``i``'s tensors among ``names``: name inside the layer ('mlp.up_proj.weight') -> full name,
+    except those named in ``exclude``."""
+    p = layer_prefix(i)
+    return {n[len(p) :]: n for n in names if n.startswith(p) and n[len(p) :] not in exclude}
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

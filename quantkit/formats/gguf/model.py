@@ -17,7 +17,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.read import hf_values, read_gguf
 from quantkit.io.config import ModelConfig, config_from_dict
-from quantkit.io.layout import layer_prefix
+from quantkit.io.layout import layer_members
 from quantkit.io.tensorio import all_finite
 
 # Fields a GGUF cannot carry exactly (or that do not change the forward pass): ignored when a GGUF is
@@ -78,9 +78,7 @@ class GGUFModel:
     def layer_tensors(
         self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset(), check_finite: bool = False
     ) -> dict[str, torch.Tensor]:
-        p = layer_prefix(i)
-        names = [n for n in self._tensors if n.startswith(p) and n[len(p) :] not in exclude]
-        return {n[len(p) :]: self.get(n, dtype, check_finite) for n in names}
+        return {k: self.get(n, dtype, check_finite) for k, n in layer_members(self._tensors, i, exclude).items()}
 
     def num_parameters(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self._tensors.values())
