@@ -435,6 +435,12 @@ def header_unknown_dtype(ws):
     return inspect(ws)
 
 
+@case("inspect", "unknown dtype ['BF16']")
+def header_dtype_not_a_string(ws):  # found by the fuzzer: a list or object as dtype was a TypeError
+    edit_header(ws.shards(ws.model)[0], lambda h: h[first_tensor(h)].update(dtype=["BF16"]))
+    return inspect(ws)
+
+
 @case("inspect", "is not a list of non-negative integers")
 def header_negative_shape(ws):
     edit_header(ws.shards(ws.model)[0], lambda h: h[first_tensor(h)].update(shape=[-1, 256]))
@@ -880,6 +886,12 @@ def eval_zero_layers(ws):
 @case("export", "lies inside the input")
 def export_onto_shard(ws):
     return export(ws, ws.model, out=ws.shards(ws.model)[0])
+
+
+@case("export", "attn_logit_softcapping is 1e+308; it must be a positive number within float32's range")
+def export_softcap_beyond_f32(ws):  # found by the fuzzer: GGUF stores it as f32, struct.pack overflowed
+    edit_config(ws.art, attn_logit_softcapping=1e308)
+    return export(ws, ws.art)
 
 
 @case("export", "is also an input")

@@ -112,6 +112,7 @@ class ModelConfig:
 
 
 INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_LAYERS = 4096  # a sanity bound far above any real model: per-layer tables are built from this count
 
 
@@ -140,8 +141,9 @@ class _Values:
         if value is None and optional:
             return None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not ok or (positive and value <= 0) or value < 0:
+        if not ok or (positive and value <= 0) or value < 0 or value > FLOAT32_MAX:
             kind = "a positive number" if positive else "a number >= 0"
+            kind += " within float32's range"  # GGUF stores these as f32
             raise self.bad(key, value, kind + (" or null" if optional else ""))
         return float(value)
 

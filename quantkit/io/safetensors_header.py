@@ -78,7 +78,7 @@ def _check_entries(path: Path, header: dict, data_len: int) -> None:
         if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
             raise QuantkitError(f"{where}: header entry lacks dtype/shape/data_offsets (corrupt safetensors header)")
         dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if dt not in ELEMENT_BYTES:
+        if not isinstance(dt, str) or dt not in ELEMENT_BYTES:
             raise QuantkitError(f"{where}: unknown dtype {dt!r} (corrupt safetensors header)")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise QuantkitError(f"{where}: shape {shape!r} is not a list of non-negative integers")
