@@ -953,6 +953,21 @@ def export_disk_full(ws):
 # --- import-gguf
 
 
+def _set_array_count(path: Path, key: str, count: int) -> None:
+    """Overwrite the item count of the GGUF array ``key`` in place."""
+    field = gguf.GGUFReader(path).fields[key]
+    at = field.offset + sum(part.nbytes for part in field.parts[:4])  # key length, key, type, item type
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack("<Q", count))
+
+
+@case("import-gguf", "an array of 4611686018427387904 items runs past the end of the file")
+def import_array_count_huge(ws):  # found by the fuzzer: gguf-py's reader looped over the declared count
+    _set_array_count(ws.gguf, "tokenizer.ggml.tokens", 2**62)
+    return imp(ws)
+
+
 @case("import-gguf", "is also an input")
 def import_onto_itself(ws):
     return imp(ws, ws.gguf, ws.gguf)

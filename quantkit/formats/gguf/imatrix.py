@@ -90,7 +90,11 @@ def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     reader = open_gguf(path)
     kind = reader.fields.get("general.type")
-    if kind is None or kind.contents() != "imatrix":
+    try:
+        kind = None if kind is None else kind.contents()
+    except (UnicodeDecodeError, ValueError, IndexError):
+        kind = None
+    if kind != "imatrix":
         raise QuantkitError(f"{path}: not an importance-matrix GGUF (general.type is not 'imatrix')")
     tensors = {}
     for t in reader.tensors:

@@ -8,6 +8,8 @@ that some converters write is accepted only when it equals ``token_embd``, and t
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +71,71 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
         raise QuantkitError(f"{path}: not found" + (" (a directory, not a GGUF file)" if path.is_dir() else ""))
     try:
+        check_sizes(path)
         return gguf.GGUFReader(path)
-    except (OSError, ValueError, IndexError, KeyError) as e:
+    except (OSError, ValueError, IndexError, KeyError, struct.error) as e:
         raise QuantkitError(f"{path}: not a readable GGUF file ({one_line(e)})") from e
+
+
+# GGUF value types with a fixed size (bytes); 8 is a string (u64 length + bytes), 9 an array
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _MAX_DIMS = 8, 9, 4
+
+
+def check_sizes(path: Path) -> None:
+    """Walk the header, key-values and tensor infos, checking every declared count and length against the
+    bytes the file has, before gguf-py's reader builds anything from them: a corrupt count must be an
+    error, not a loop over 2^63 items or a multi-GB allocation. Raises ValueError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+
+        def take(fmt: str) -> tuple:
+            n = struct.calcsize(fmt)
+            raw = f.read(n)
+            if len(raw) != n:
+                raise ValueError("truncated header")
+            return struct.unpack(fmt, raw)
+
+        def skip(n: int, what: str) -> None:
+            if n > size - f.tell():
+                raise ValueError(f"{what} of {n} bytes runs past the end of the file")
+            f.seek(n, 1)
+
+        def value(vtype: int, depth: int = 0) -> None:
+            if vtype in _FIXED:
+                skip(_FIXED[vtype], "a value")
+            elif vtype == _STRING:
+                skip(take("<Q")[0], "a string")
+            elif vtype == _ARRAY and depth == 0:
+                etype, count = take("<IQ")
+                least = _FIXED.get(etype, 8)  # a string or nested array takes at least its 8-byte length
+                if count * least > size - f.tell():
+                    raise ValueError(f"an array of {count} items runs past the end of the file")
+                if etype in _FIXED:
+                    skip(count * least, "an array")
+                else:
+                    for _ in range(count):
+                        value(etype, depth + 1)
+            else:
+                raise ValueError(f"unknown value type {vtype}")
+
+        magic, _version, n_tensors, n_kv = take("<4sIQQ")
+        if magic != b"GGUF":
+            raise ValueError("no GGUF magic")
+        if (n_tensors + n_kv) * 12 > size:  # each takes at least a name's 8-byte length and a 4-byte type
+            raise ValueError(f"{n_tensors} tensors and {n_kv} keys cannot fit in {size} bytes")
+        for _ in range(n_kv):
+            skip(take("<Q")[0], "a key")
+            value(take("<I")[0])
+        for _ in range(n_tensors):
+            skip(take("<Q")[0], "a tensor name")
+            (n_dims,) = take("<I")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ValueError(f"a tensor with {n_dims} dimensions")
+            dims = take(f"<{n_dims}Q")
+            if math.prod(dims) > 8 * size:  # ggml types store at least 1/8 byte per weight
+                raise ValueError(f"a tensor of {math.prod(dims)} weights cannot fit in {size} bytes")
+            take("<IQ")  # type, offset: gguf-py checks them against the data section
 
 
 def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
