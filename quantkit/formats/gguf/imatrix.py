@@ -108,8 +108,8 @@ def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
         base = name.removesuffix(".in_sum2")
         counts = tensors.get(f"{base}.counts")
         if counts is None or counts.size != 1 or not np.isfinite(counts[0]) or counts[0] <= 0:
-            raise QuantkitError(f"{path}: {base} needs a positive {base}.counts beside its in_sum2")
+            raise QuantkitError(f"{path}: {base!r} needs a positive {base + '.counts'!r} beside its in_sum2")
         if not np.all(np.isfinite(sums)) or np.any(sums < 0):
-            raise QuantkitError(f"{path}: {name} holds negative or non-finite sums of squares")
+            raise QuantkitError(f"{path}: {name!r} holds negative or non-finite sums of squares")
         out[base] = sums / counts[0]
     return out
