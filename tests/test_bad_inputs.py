@@ -734,6 +734,14 @@ def tokenizer_garbage(ws):
     return rtn(ws)
 
 
+@case("quantize", "is not UTF-8 text (a damaged tokenizer.model)")
+def tokenizer_piece_not_utf8(ws):  # found by the fuzzer: sentencepiece loads it, IdToPiece then raised
+    raw = bytearray((ws.model / "tokenizer.model").read_bytes())
+    raw[raw.index("\u2581the".encode())] = 0xFF  # the first byte of a piece's UTF-8
+    (ws.model / "tokenizer.model").write_bytes(bytes(raw))
+    return rtn(ws)
+
+
 @case("quantize", "tokenizer_config.json: not valid JSON")
 def tokenizer_config_not_json(ws):
     (ws.model / "tokenizer_config.json").write_text("{ bad")

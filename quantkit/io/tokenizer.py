@@ -21,8 +21,13 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(path))
-        except (OSError, RuntimeError) as e:
-            raise QuantkitError(f"{path}: not a SentencePiece model ({e})") from None
+        except (OSError, RuntimeError, UnicodeDecodeError) as e:
+            raise QuantkitError(f"{path}: not a SentencePiece model ({' '.join(str(e).split())})") from None
+        for i in range(self.sp.GetPieceSize()):  # every piece is text: the exporters read them all
+            try:
+                self.sp.IdToPiece(i)
+            except UnicodeDecodeError:
+                raise QuantkitError(f"{path}: piece {i} is not UTF-8 text (a damaged tokenizer.model)") from None
         self.bos_id = self.sp.bos_id() if bos_id is None else bos_id
         if self.bos_id < 0:
             raise QuantkitError(f"{path}: the tokenizer defines no BOS token")
