@@ -976,6 +976,16 @@ def import_array_count_huge(ws):  # found by the fuzzer: gguf-py's reader looped
     return imp(ws)
 
 
+@case("import-gguf", "tensor 'blk.0.attn_norm.weight' is not valid Q4_0 data")
+def import_norm_retagged_q4_0(ws):  # found by the fuzzer: gguf-py's ValueError reached the user as a traceback
+    t = next(t for t in gguf.GGUFReader(ws.gguf).tensors if t.name == "blk.0.attn_norm.weight")
+    at = t.field.offset + sum(part.nbytes for part in t.field.parts[:-2])  # ... dims, then type, offset
+    with open(ws.gguf, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack("<I", int(gguf.GGMLQuantizationType.Q4_0)))
+    return imp(ws)
+
+
 @case("import-gguf", "is also an input")
 def import_onto_itself(ws):
     return imp(ws, ws.gguf, ws.gguf)

@@ -58,7 +58,7 @@ def write_model(path: Path, tensors: list[GGUFTensor], progress: bool, source: s
 
     def values() -> Iterator[torch.Tensor]:
         for t in tensors:
-            v = np.ascontiguousarray(hf_values(t), dtype="<f4")
+            v = np.ascontiguousarray(hf_values(t, source), dtype="<f4")
             if not np.isfinite(v).all():
                 raise QuantkitError(f"{source}: tensor {t.source.name!r} contains NaN or inf values")
             yield torch.from_numpy(v if v.flags.writeable else v.copy())  # a memory-mapped F32 tensor is read-only

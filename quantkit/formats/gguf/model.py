@@ -70,7 +70,9 @@ class GGUFModel:
     def get(self, name: str, dtype: torch.dtype | None = None, check_finite: bool = False) -> torch.Tensor:
         if name not in self._tensors:
             raise QuantkitError(f"{self.path}: tensor {name!r} not in the GGUF")
-        t = torch.from_numpy(np.array(hf_values(self._tensors[name]), dtype=np.float32))  # copy: read-only map
+        t = torch.from_numpy(
+            np.array(hf_values(self._tensors[name], str(self.path)), dtype=np.float32)
+        )  # copy: read-only map
         if check_finite and not all_finite(t):
             raise QuantkitError(f"{self.path}: tensor {name!r} contains NaN or inf values")
         return t if dtype is None else t.to(dtype)

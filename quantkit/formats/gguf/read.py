@@ -179,6 +179,10 @@ def map_tensors(reader: gguf.GGUFReader, config: dict[str, Any], source: str) ->
             gguf.quants.dequantize(t.data[:1], t.tensor_type)  # probe one row: is the type supported?
         except NotImplementedError as e:
             raise QuantkitError(f"{source}: gguf-py cannot dequantize {t.name!r} ({t.tensor_type.name})") from e
+        except ValueError as e:  # rows that do not fit the type tag's block size
+            raise QuantkitError(
+                f"{source}: tensor {t.name!r} is not valid {t.tensor_type.name} data ({one_line(e)})"
+            ) from None
         plan.append(GGUFTensor(name, shape, t))
     missing = sorted(expected.keys() - {p.hf_name for p in plan})
     if missing:
@@ -197,9 +201,14 @@ def _dequantize(t: gguf.ReaderTensor) -> np.ndarray:
     return values.reshape(tuple(int(n) for n in reversed(t.shape)))
 
 
-def hf_values(t: GGUFTensor) -> np.ndarray:
+def hf_values(t: GGUFTensor, source: str = "GGUF") -> np.ndarray:
     """float32 HF value of one mapped tensor: dequantized, minus 1 for norms (GGUF stores 1 + w)."""
-    values = _dequantize(t.source).astype(np.float32, copy=False)
+    try:
+        values = _dequantize(t.source).astype(np.float32, copy=False)
+    except ValueError as e:  # data that does not fit the type tag's block size
+        raise QuantkitError(
+            f"{source}: tensor {t.source.name!r} is not valid {t.source.tensor_type.name} data ({one_line(e)})"
+        ) from None
     if t.hf_name.endswith("norm.weight"):
         values = values - np.float32(1.0)
     return values
