@@ -986,6 +986,15 @@ def import_norm_retagged_q4_0(ws):  # found by the fuzzer: gguf-py's ValueError 
     return imp(ws)
 
 
+@case("import-gguf", "gemma2.block_count is 4294967295; at most 4096 layers")
+def import_block_count_huge(ws):  # found by the fuzzer: per-layer lists were built from it (a hang)
+    field = gguf.GGUFReader(ws.gguf).fields["gemma2.block_count"]
+    with open(ws.gguf, "r+b") as f:
+        f.seek(field.offset + sum(part.nbytes for part in field.parts[:3]))  # key length, key, type
+        f.write(struct.pack("<I", 2**32 - 1))
+    return imp(ws)
+
+
 @case("import-gguf", "is also an input")
 def import_onto_itself(ws):
     return imp(ws, ws.gguf, ws.gguf)

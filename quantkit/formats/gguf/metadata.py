@@ -16,7 +16,7 @@ from gguf import LlamaFileType as FT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.names import RULES, RULES_BY_ARCH, GemmaRules, sliding_layers
-from quantkit.io.config import FULL, SLIDING, ModelConfig, config_from_dict
+from quantkit.io.config import FULL, MAX_LAYERS, SLIDING, ModelConfig, config_from_dict
 
 K = gguf.Keys
 ROPE_FREQ_BASE = 10000.0  # llama.cpp default for rope.freq_base and Gemma 3's rope.freq_base_swa
@@ -125,6 +125,8 @@ def build_config(meta: dict[str, Any], vocab_size: int, source: str) -> dict[str
     keys = _Keys(meta, rules.gguf_arch, source)
     count, number = keys.count, keys.number
     n_layer, hidden = count(K.LLM.BLOCK_COUNT), count(K.LLM.EMBEDDING_LENGTH)
+    if n_layer > MAX_LAYERS:  # before any per-layer list is built from it (found by the fuzzer: a hang)
+        raise QuantkitError(f"{source}: {rules.gguf_arch}.block_count is {n_layer}; at most {MAX_LAYERS} layers")
     n_head = count(K.Attention.HEAD_COUNT)
     head_dim = count(K.Attention.KEY_LENGTH, max(hidden // n_head, 1))
     if count(K.Attention.VALUE_LENGTH, head_dim) != head_dim:
