@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 from test_resume import _KILL_AFTER, ENV, GPTQ, _cmd, _files, _layers_done
 
 PAIRS = int(os.environ.get("RACE_PAIRS", "3"))
@@ -39,6 +38,14 @@ def _one_wins(results: list[subprocess.CompletedProcess]) -> str:
     return err[0]
 
 
+def _pair_dirs(tmp_path: Path) -> list[Path]:
+    """A fresh directory for each raced pair."""
+    dirs = [tmp_path / f"pair{k}" for k in range(PAIRS)]
+    for d in dirs:
+        d.mkdir()
+    return dirs
+
+
 def _only(parent: Path, names: set[str]) -> None:
     left = {p.name for p in parent.iterdir()}
     assert left == names, f"left behind: {sorted(left - names)}"
@@ -47,9 +54,7 @@ def _only(parent: Path, names: set[str]) -> None:
 def test_raced_exports_leave_one_complete_file(tiny_gemma2, tmp_path):
     ref = tmp_path / "ref.gguf"
     assert subprocess.run(_export_cmd(tiny_gemma2, ref), env=ENV, capture_output=True).returncode == 0
-    for k in range(PAIRS):
-        d = tmp_path / f"pair{k}"
-        d.mkdir()
+    for d in _pair_dirs(tmp_path):
         out = d / "m.gguf"
         _one_wins(_race(_export_cmd(tiny_gemma2, out), _export_cmd(tiny_gemma2, out)))
         assert out.read_bytes() == ref.read_bytes()
@@ -60,9 +65,7 @@ def test_raced_quantizes_leave_one_complete_artifact(tiny_gemma2, tmp_path):
     args = ["--method", "rtn", "--group", "64"]
     ref = tmp_path / "ref"
     assert subprocess.run(_cmd(tiny_gemma2, ref, args), env=ENV, capture_output=True).returncode == 0
-    for k in range(PAIRS):
-        d = tmp_path / f"pair{k}"
-        d.mkdir()
+    for d in _pair_dirs(tmp_path):
         out = d / "q"
         _one_wins(_race(_cmd(tiny_gemma2, out, args), _cmd(tiny_gemma2, out, args)))
         assert _files(out) == _files(ref)
@@ -74,12 +77,10 @@ def test_raced_reruns_of_a_killed_run_resume_once(tiny_gemma2, tmp_path):
     it to the end with the bytes of an uninterrupted run, the other is refused while the first holds it."""
     ref = tmp_path / "ref"
     assert subprocess.run(_cmd(tiny_gemma2, ref, GPTQ), env=ENV, capture_output=True).returncode == 0
-    for k in range(PAIRS):
-        d = tmp_path / f"pair{k}"
-        d.mkdir()
+    for d in _pair_dirs(tmp_path):
         out = d / "q"
         kill = [sys.executable, "-c", _KILL_AFTER, "2", *_cmd(tiny_gemma2, out, GPTQ)[3:]]
-        proc = subprocess.run(kill, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        proc = subprocess.run(kill, env=ENV, capture_output=True, text=True)
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         assert _layers_done(d / ".q.partial") == 2
         _one_wins(_race(_cmd(tiny_gemma2, out, GPTQ), _cmd(tiny_gemma2, out, GPTQ)))
