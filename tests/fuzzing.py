@@ -320,8 +320,12 @@ def run_case(target: Target, sources: dict[str, Path], work: Path, k: int, seed:
     return {"i": k, "verdict": verdict, "detail": detail, "exit": code, "error": lines[-1] if lines else ""}
 
 
-def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_dir: Path) -> None:
-    """Run cases [start, stop) of ``target``, one JSON line each (flushed before the next case starts)."""
+def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_dir: Path, max_rss_gib: float) -> None:
+    """Run cases [start, stop) of ``target``, one JSON line each (flushed before the next case starts).
+
+    Peak RSS only grows within a process, and a hang may leave state behind: after a case that failed or went
+    over ``max_rss_gib`` the worker stops, so that the parent starts the next case in a fresh process and no
+    later case is charged for it."""
     signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(Hang()))
     sources = json.loads((source_dir / "sources.json").read_text())
     sources = {k: Path(v) for k, v in sources.items()}
@@ -331,6 +335,8 @@ def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_d
             res = run_case(TARGETS[target], sources, Path(tmp), k, seed, timeout)
             res["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             print(json.dumps(res), flush=True)
+            if res["verdict"] != "ok" or res["rss_gib"] > max_rss_gib:
+                return
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -352,7 +358,7 @@ def fuzz(
     while k < cases:
         stop = min(cases, k + per_worker)
         cmd = [sys.executable, __file__, "worker", target, str(k), str(stop), str(seed), str(timeout),
-               str(source_dir)]  # fmt: skip
+               str(source_dir), str(max_rss_gib)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         started, done = None, set()
         for line in proc.stdout.splitlines():
@@ -376,8 +382,8 @@ def fuzz(
             k = started + 1
         elif proc.returncode != 0:
             raise RuntimeError(f"fuzz worker failed outside a case: {proc.stderr[-2000:]}")
-        else:
-            k = stop
+        else:  # the worker ran to ``stop``, or stopped early after a failed or oversized case
+            k = max(done) + 1 if done else stop
     return {"target": target, "cases": cases, "seconds": round(time.perf_counter() - t0, 1), "counts": counts,
             "failures": failures}  # fmt: skip
 
@@ -398,11 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout", type=int, default=60)
     run.add_argument("--json", type=Path, help="also write the summary (and every failure) here")
     w = sub.add_parser("worker")
-    for name in ("target", "start", "stop", "seed", "timeout", "source_dir"):
+    for name in ("target", "start", "stop", "seed", "timeout", "source_dir", "max_rss_gib"):
         w.add_argument(name)
     args = ap.parse_args(argv)
     if args.verb == "worker":
-        worker(args.target, int(args.start), int(args.stop), int(args.seed), int(args.timeout), Path(args.source_dir))
+        worker(args.target, int(args.start), int(args.stop), int(args.seed), int(args.timeout), Path(args.source_dir),
+               float(args.max_rss_gib))  # fmt: skip
         return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="fuzz-src-") as tmp:
