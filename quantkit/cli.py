@@ -6,7 +6,6 @@ import contextvars
 import json
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -232,7 +231,9 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
     ckpt = open_checkpoint(model_dir)
     need = quantized_artifact_bytes(ckpt, opts.bits, opts.group_size, opts.sym)
     if fmt == "gguf":
-        need += _gguf_bytes(ckpt, gguf_type)
+        from quantkit.formats.gguf.export import gguf_file_bytes
+
+        need += gguf_file_bytes(ckpt, gguf_type)
     check_output(out, inputs, kind=kind, overwrite=overwrite, need_bytes=need)
     if opts.method == "gptq":
         act = 4 if opts.calib_dtype == "float32" else 2
@@ -256,41 +257,10 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
     _emit(report, as_json, summary)
 
 
-def _gguf_bytes(ckpt, qtype: str) -> int:
-    """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
-    from quantkit.formats.gguf.policy import plan_tensors
-    from quantkit.io.budget import tokenizer_bytes
-
-    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
-
-
 def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> dict:
-    """Quantize into a hidden artifact beside ``out``, then write its codes into the GGUF's blocks.
+    from quantkit.quant.quantize import quantize_to_gguf
 
-    GPTQ rounds every linear onto the fixed grid of the ggml type the GGUF stores it in (any legacy or K
-    type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are."""
-    from pathlib import Path
-
-    from quantkit.formats.gguf.export import export_gguf
-    from quantkit.io.atomic import is_artifact
-    from quantkit.quant.quantize import quantize_checkpoint
-
-    out = Path(out)
-    artifact = out.parent / f".{out.name}.artifact"  # resumable like any quantize output; ours alone
-    if is_artifact(artifact):  # left by a run killed between its two steps
-        shutil.rmtree(artifact)
-    if opts.method == "gptq":
-        report = quantize_checkpoint(
-            model_dir, artifact, opts, device, _progress(), gguf_type=gguf_type, imatrix_out=imatrix_out
-        )
-    else:
-        if opts.scale_dtype == "auto":
-            opts = opts.replace(scale_dtype="float16")
-        report = quantize_checkpoint(model_dir, artifact, opts, device, _progress())
-    try:
-        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=_progress())
-    finally:
-        shutil.rmtree(artifact, ignore_errors=True)
+    report = quantize_to_gguf(model_dir, out, opts, gguf_type, device, _progress(), imatrix_out)
     lossless = report["gguf"]["counts"]["lossless"]
     click.echo(f"{out}: {lossless} linear weights written into their GGUF blocks without re-rounding", err=True)
     return report
@@ -312,13 +282,13 @@ def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: b
 
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
-    from quantkit.formats.gguf.export import export_gguf
+    from quantkit.formats.gguf.export import export_gguf, gguf_file_bytes
     from quantkit.io.atomic import check_output
     from quantkit.io.checkpoint import open_checkpoint
 
     check_output(out, [src], kind="file", overwrite=overwrite)
     ckpt = open_checkpoint(src)
-    check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=_gguf_bytes(ckpt, qtype))
+    check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=gguf_file_bytes(ckpt, qtype))
     report = export_gguf(ckpt, out, qtype, progress=_progress())
     _emit(report, as_json, _format_export(report))
 

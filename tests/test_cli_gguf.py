@@ -45,6 +45,7 @@ def test_quantize_format_gguf(tiny_gemma3, tmp_path):
     assert {s["ggml_type"] for s in report["linears"].values()} == {"Q8_0"}  # GPTQ rounded onto Q8_0's grid
     assert report["gguf"]["counts"]["lossless"] == 7 * 6
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # the intermediate artifact is gone
+    assert GGUFReader(out).get_field("general.name").contents() == tiny_gemma3.name  # not the hidden artifact's
     w, qtype = _gguf_weight(out, "blk.0.attn_q.weight")
     assert qtype == GGMLQuantizationType.Q8_0
     dense = open_checkpoint(tiny_gemma3).get("model.layers.0.self_attn.q_proj.weight", torch.float32).numpy()

@@ -14,6 +14,7 @@ is run again, and ends with the same bytes; an exception or Ctrl-C removes the w
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from tqdm import tqdm
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.grids import LAYOUTS
 from quantkit.formats.gguf.imatrix import write_imatrix
 from quantkit.formats.gguf.policy import plan_tensors
 from quantkit.formats.packed.write import ArtifactWriter, blocks_quantization_config, quantization_config
+from quantkit.io.atomic import is_artifact
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
 from quantkit.io.dtypes import torch_dtype
 from quantkit.io.layout import layer_prefix
@@ -41,7 +44,7 @@ from quantkit.quant.recipes import QuantizeOptions
 from quantkit.quant.run_state import RunState, resume_key
 from quantkit.quant.scale_search import rtn_searched
 
-__all__ = ["QuantizeOptions", "check_plan", "quantize_checkpoint"]
+__all__ = ["QuantizeOptions", "check_plan", "quantize_checkpoint", "quantize_to_gguf"]
 
 
 def _scale_dtype(opts: QuantizeOptions, ckpt: Checkpoint) -> torch.dtype:
@@ -164,6 +167,40 @@ def quantize_checkpoint(
             calib = Path(opts.calib or default_calibration_text()).name
             report["imatrix"] = str(write_imatrix(imatrix_out, run.imatrix, calib, opts.seqlen))
         writer.write_json("quantkit.json", report)
+    return report
+
+
+def quantize_to_gguf(
+    model_dir: str | Path,
+    out: str | Path,
+    opts: QuantizeOptions,
+    gguf_type: str,
+    device: str = "cpu",
+    progress: bool = True,
+    imatrix_out: str | Path | None = None,
+) -> dict[str, Any]:
+    """``quantize --format gguf``: quantize into a hidden artifact beside ``out``, then write its codes into the
+    GGUF's blocks (report["gguf"] is the export's report). The artifact resumes like any quantize output.
+
+    GPTQ rounds every linear onto the fixed grid of the ggml type the GGUF stores it in (any legacy or K
+    type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are.
+    The GGUF's general.name is ``model_dir``'s name (not the hidden artifact's)."""
+    out = Path(out)
+    artifact = out.parent / f".{out.name}.artifact"  # resumable like any quantize output; ours alone
+    if is_artifact(artifact):  # left by a run killed between its two steps
+        shutil.rmtree(artifact)
+    if opts.method == "gptq":
+        report = quantize_checkpoint(
+            model_dir, artifact, opts, device, progress, gguf_type=gguf_type, imatrix_out=imatrix_out
+        )
+    else:
+        if opts.scale_dtype == "auto":
+            opts = opts.replace(scale_dtype="float16")
+        report = quantize_checkpoint(model_dir, artifact, opts, device, progress)
+    try:
+        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=progress, name=Path(model_dir).resolve().name)
+    finally:
+        shutil.rmtree(artifact, ignore_errors=True)
     return report
 
 

@@ -39,6 +39,7 @@ from quantkit.formats.gguf.stream import (
 )
 from quantkit.formats.gguf.vocab import VocabWriter, add_tokenizer_metadata
 from quantkit.io.atomic import atomic_file
+from quantkit.io.budget import tokenizer_bytes
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
 from quantkit.io.tensorio import all_finite
 
@@ -108,11 +109,23 @@ def write_tensor_data(
     return entries
 
 
+def gguf_file_bytes(ckpt: Checkpoint, qtype: str) -> int:
+    """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
+    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
+
+
 def export_gguf(
-    src: Checkpoint | str | Path, out_path: str | Path, qtype: str, *, progress: bool = True, workers: int = 0
+    src: Checkpoint | str | Path,
+    out_path: str | Path,
+    qtype: str,
+    *,
+    progress: bool = True,
+    workers: int = 0,
+    name: str | None = None,
 ) -> dict:
     """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
-    ``workers``: encoding threads (0: one per usable core)."""
+    ``workers``: encoding threads (0: one per usable core); ``name``: general.name (default: ``src``'s
+    directory name)."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
@@ -121,7 +134,7 @@ def export_gguf(
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
-            add_model_metadata(writer, cfg, ckpt.path.name, FILE_TYPES[qtype][1])
+            add_model_metadata(writer, cfg, name or ckpt.path.name, FILE_TYPES[qtype][1])
             add_tokenizer_metadata(writer, ckpt)
             for t in plan:
                 writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
