@@ -395,6 +395,54 @@ def _format_eval(r: dict) -> str:
     return "\n".join(lines)
 
 
+LADDER_TYPES = "q8_0,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="The ladder's directory.")
+@click.option("--types", default=LADDER_TYPES, show_default=True, help="GGUF types, comma-separated.")
+@click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+              help="gptq: quantize --format gguf --method gptq per type; rtn: the plain export.")  # fmt: skip
+@click.option("--calib", type=click.Path(), help="Calibration text (default: the shipped WikiText-2 excerpt).")
+@click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
+@click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for drawing calibration windows. [default: 0]")
+@click.option("--threads", type=click.IntRange(min=1), help="Torch threads per job (default: this machine's).")
+@click.option("--dataset", type=click.Path(), help="Evaluation text (default: the shipped WikiText-2 test excerpt).")
+@click.option("--ctx", type=click.IntRange(min=4), default=512, show_default=True, help="Tokens per eval chunk.")
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N chunks.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Chunks per forward.")
+@click.option(
+    "--ray", "use_ray", is_flag=True, help="Run the jobs as Ray tasks, one per type (pip install 'quantkit[ray]')."
+)
+@click.option("--ray-address", help="Ray cluster to use (default: RAY_ADDRESS, else a local cluster).")
+@click.option("--workers", type=click.IntRange(min=1), help="With --ray: jobs at once (default: CPUs // threads).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of the table.")
+def ladder(model_dir, out, types, method, threads, dataset, ctx, chunks, batch_size, use_ray, ray_address, workers,
+           as_json, **calib) -> None:  # fmt: skip
+    """Quantize MODEL_DIR into every GGUF type of --types in one directory, score them all against one
+    reference pass, and write report.json and a README.md model card (table and plot). Rerun the same
+    command after an interruption: only unfinished types are made again.
+
+    Example: quantkit ladder ./gemma-3-270m --types q8_0,q4_k_m,q4_0 --nsamples 64 -o ./gemma-3-270m-gguf
+    """
+    from quantkit.eval.report import format_table
+    from quantkit.ladder.plan import parse_types
+    from quantkit.ladder.run import EvalOptions, RayOptions, run_ladder
+    from quantkit.quant.recipes import resolve_options
+
+    qtypes = parse_types(types)
+    opts = resolve_options(None, method=method, **calib)
+    evaluation = EvalOptions(dataset, ctx, chunks, batch_size)
+    ray = RayOptions(ray_address, workers) if use_ray or ray_address else None
+    flags = [f"--{k} {v}" for k, v in {**calib, "dataset": dataset, "chunks": chunks}.items() if v is not None]
+    command = " ".join([f"quantkit ladder {model_dir} --types {','.join(qtypes)} --method {method}", *flags,
+                        f"--ctx {ctx} -o {out}"])  # fmt: skip
+    report = run_ladder(model_dir, out, qtypes, method, opts, threads, evaluation, ray, _progress(), command)
+    _emit(report, as_json, f"{out}:\n" + format_table(report["reference"], report["types"]))
+
+
 @cli.command("import-gguf")
 @click.argument("gguf_file", type=click.Path())
 @click.argument("out_dir", type=click.Path())

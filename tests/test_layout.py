@@ -1,5 +1,6 @@
 """The package's shape, checked from its source: modules stay small, no private name crosses a module
-boundary, and imports follow the data flow (io -> model -> quant -> formats -> eval; the CLI wires them)."""
+boundary, and imports follow the data flow (io -> model -> quant -> formats -> eval; the ladder orchestrates
+them; the CLI wires them)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ MAY_IMPORT = {
     "quant": {"io", "model", "formats"},  # the drivers write artifacts through formats
     "formats": {"io", "model", "quant"},  # encoders take quantized weights (quant.primitives)
     "eval": {"io", "model", "quant", "formats"},
-    "cli": {"io", "model", "quant", "formats", "eval"},
+    "ladder": {"io", "model", "quant", "formats", "eval"},  # orchestration: makes, scores and reports files
+    "cli": {"io", "model", "quant", "formats", "eval", "ladder"},
 }
 # The vocabulary every layer shares: a quantized weight's spec, codes and scales (read back by io).
 SHARED = {"quantkit.quant.primitives"}
@@ -76,5 +78,5 @@ def test_imports_follow_the_data_flow(path):
 def test_the_checks_see_the_whole_package():
     """Guards the three checks above against passing on an empty or misread tree."""
     layers = {_layer("quantkit." + _name(p).removesuffix(".py").replace("/", ".")) for p in MODULES}
-    assert {"io", "model", "quant", "formats", "eval", "cli"} <= layers
+    assert {"io", "model", "quant", "formats", "eval", "ladder", "cli"} <= layers
     assert sum(len(_imports(p)) for p in MODULES) > 50
