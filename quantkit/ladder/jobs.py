@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from quantkit.errors import QuantkitError, user_message
+from quantkit.errors import QuantkitError, Terminated, user_message
 from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.stream import torch_threads
 from quantkit.ladder.plan import TypeJob
 from quantkit.quant.quantize import quantize_to_gguf
 
+CANCEL_WAIT_S = 10  # how long cancelled tasks get to remove their temporary directories
 Publish = Callable[[TypeJob, dict[str, Any], bytes | None], None]
 
 
@@ -79,11 +82,15 @@ def _init_ray(ray: Any, address: str | None, cpus: int) -> bool:
         return False
     local = address is None and not os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    in_main = threading.current_thread() is threading.main_thread()
+    on_term = signal.getsignal(signal.SIGTERM) if in_main else None
     try:
         ray.init(address=address, **({"num_cpus": cpus} if local else {}), **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or os.environ.get("RAY_ADDRESS") or "a local cluster"
         raise QuantkitError(f"--ray: cannot start or reach {where}: {' '.join(str(e).split())[:200]}") from None
+    if in_main and on_term is not None:  # Ray's core worker aborts on SIGTERM; ours unwinds (and cleans up)
+        signal.signal(signal.SIGTERM, on_term)
     return True
 
 
@@ -100,22 +107,37 @@ def _task_error(ray: Any, job: TypeJob, e: Exception) -> Exception:
     return QuantkitError(f"{job.qtype}: {msg}") if msg is not None else e
 
 
+def _wait_one(ray: Any, refs: list) -> list:
+    """ray.wait for one task; a SIGTERM / Ctrl-C that arrives inside it (Ray wraps what our handler raises
+    in a SystemError) comes out as itself."""
+    try:
+        return ray.wait(refs, num_returns=1)[0]
+    except SystemError as e:
+        if isinstance(e.__cause__, (Terminated, KeyboardInterrupt)):
+            raise e.__cause__ from None
+        raise
+
+
 def _results(ray: Any, remote: Any, jobs: list[TypeJob], calib_ref: Any, workers: int) -> Iterator[tuple]:
     """(job, report, bytes) as tasks finish, with at most ``workers`` tasks in flight."""
     queue, pending = list(jobs), {}
-    while queue or pending:
-        while queue and len(pending) < workers:
-            job = queue.pop(0)
-            pending[remote.remote(job, calib_ref)] = job
-        done, _ = ray.wait(list(pending), num_returns=1)
-        job = pending.pop(done[0])
-        try:
-            report, data = ray.get(done[0])
-        except Exception as e:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise _task_error(ray, job, e) from None
-        yield job, report, data
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                job = queue.pop(0)
+                pending[remote.remote(job, calib_ref)] = job
+            done = _wait_one(ray, list(pending))
+            job = pending.pop(done[0])
+            try:
+                report, data = ray.get(done[0])
+            except Exception as e:
+                raise _task_error(ray, job, e) from None
+            yield job, report, data
+    finally:  # stopped early (an error, Ctrl-C, SIGTERM): the tasks still running unwind and clean up
+        for ref in pending:
+            ray.cancel(ref)
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_WAIT_S)
 
 
 def run_on_ray(
