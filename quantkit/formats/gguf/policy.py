@@ -14,27 +14,14 @@ from gguf import LlamaFileType as FT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import block_size, row_bytes
+from quantkit.formats.gguf.file_types import FILE_TYPE_NAMES
 from quantkit.formats.gguf.names import GLOBAL_TENSORS, HF_KINDS, LAYER_TENSORS
 from quantkit.io.config import ModelConfig
 from quantkit.io.dtypes import FLOAT_NAMES, TORCH_DTYPES
 from quantkit.io.layout import layer_shapes
 
-# --qtype -> (type of the 2-D weights, general.file_type)
-FILE_TYPES: dict[str, tuple[QT, FT]] = {
-    "f32": (QT.F32, FT.ALL_F32),
-    "f16": (QT.F16, FT.MOSTLY_F16),
-    "bf16": (QT.BF16, FT.MOSTLY_BF16),
-    "q8_0": (QT.Q8_0, FT.MOSTLY_Q8_0),
-    "q4_0": (QT.Q4_0, FT.MOSTLY_Q4_0),
-    "q4_1": (QT.Q4_1, FT.MOSTLY_Q4_1),
-    "q5_0": (QT.Q5_0, FT.MOSTLY_Q5_0),
-    "q4_k": (QT.Q4_K, FT.MOSTLY_Q4_K_S),  # pure Q4_K: llama-quantize --pure Q4_K_S
-    "q6_k": (QT.Q6_K, FT.MOSTLY_Q6_K),
-    "q4_k_m": (QT.Q4_K, FT.MOSTLY_Q4_K_M),
-    "q5_k": (QT.Q5_K, FT.MOSTLY_Q5_K_S),  # pure Q5_K
-    "q3_k_m": (QT.Q3_K, FT.MOSTLY_Q3_K_M),
-    "q5_k_m": (QT.Q5_K, FT.MOSTLY_Q5_K_M),
-}
+# --type -> (type of the 2-D weights, general.file_type)
+FILE_TYPES: dict[str, tuple[QT, FT]] = {k: (QT[t], FT[f]) for k, (t, f) in FILE_TYPE_NAMES.items()}
 # the float ggml types, which are the safetensors dtypes of the same name -> torch dtype
 TORCH_FLOATS = {QT[name]: TORCH_DTYPES[name] for name in FLOAT_NAMES}
 FLOAT_TYPES = tuple(TORCH_FLOATS)
