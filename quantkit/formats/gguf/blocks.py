@@ -3,7 +3,7 @@ without an importance matrix), and write integer codes into blocks.
 
 Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-identical to ggml's
 `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
-F32/F16/BF16 go through gguf-py; Q3_K, Q4_K, Q5_K and Q6_K come from `quantkit.formats.gguf.kquants`
+F32/F16/BF16 go through gguf-py; Q3_K, Q4_K, Q5_K and Q6_K come from `quantkit.formats.gguf.kquants` / `kquants_sym`
 (byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
 `quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -18,14 +18,9 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 from torch import Tensor
 
-from quantkit.formats.gguf.kquants import (
-    Scratch,
-    quantize_q3_k,
-    quantize_q4_k,
-    quantize_q5_k,
-    quantize_q6_k,
-    signed_absmax,
-)
+from quantkit.formats.gguf.ggml_float import Scratch, signed_absmax
+from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
+from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
 from quantkit.formats.gguf.layouts import (
     block_size,
     check_codes,
@@ -36,7 +31,13 @@ from quantkit.formats.gguf.layouts import (
 )
 
 GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
-K_QUANTIZERS = {QT.Q3_K: quantize_q3_k, QT.Q4_K: quantize_q4_k, QT.Q5_K: quantize_q5_k, QT.Q6_K: quantize_q6_k}
+K_QUANTIZERS = {
+    QT.Q2_K: quantize_q2_k,
+    QT.Q3_K: quantize_q3_k,
+    QT.Q4_K: quantize_q4_k,
+    QT.Q5_K: quantize_q5_k,
+    QT.Q6_K: quantize_q6_k,
+}
 CHUNK_BLOCKS = 1024  # K-quant super-blocks per numpy pass (256K weights): fastest of 256-2048 here
 
 

@@ -17,6 +17,7 @@ with s (and b) derived from the block's stored fields exactly as the decoder com
 | Q5_K | 32 | 0..31     | as Q4_K                | as Q4_K                   | as Q4_K                             |
 | Q6_K | 16 | -32..31   | fp16 d * sc (int8)     | 0                         | d per 256; sc per 16                |
 | Q3_K | 16 | -4..3     | fp16 d * (sc - 32)     | 0                         | d per 256; sc (6 bit) per 16        |
+| Q2_K | 16 | 0..3      | fp16 d * sc (4 bit)    | -(fp16 dmin * mn (4 bit)) | d, dmin per 256; sc, mn per 16      |
 
 ``choose_grid`` picks those fields from the original weights, each group's scale (and offset) searched to
 minimise the importance-weighted squared error Σ_j w_j (x_j - value_j)² (w = the diagonal of GPTQ's Hessian,
@@ -35,7 +36,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.kquants import signed_absmax
+from quantkit.formats.gguf.ggml_float import signed_absmax
 from quantkit.formats.gguf.layouts import LAYOUTS, PACKERS, Layout, block_size, check_codes
 
 SEARCH_STEPS = 10  # candidate grids per group: 2 * SEARCH_STEPS + 1
@@ -177,12 +178,13 @@ def _super_block_grid(qtype: QT, s: torch.Tensor, b: torch.Tensor) -> BlockGrid:
     o, n = s.shape
     per = block_size(qtype) // LAYOUTS[qtype].g  # sub-blocks per super-block
     s3 = s.reshape(o, -1, per)  # [O, S, per]
-    if qtype in (QT.Q4_K, QT.Q5_K):
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q2_K):
+        q = 15 if qtype == QT.Q2_K else 63  # 4-bit or 6-bit sub-block scales and mins
         mn = (-b).reshape(o, -1, per)
         max_s, max_m = s3.amax(-1, keepdim=True), mn.amax(-1, keepdim=True)
-        sc = torch.where(max_s > 0, _nearest(63 * s3 / max_s.clamp_min(1e-30)), 0 * s3).clamp(0, 63)
-        lm = torch.where(max_m > 0, _nearest(63 * mn / max_m.clamp_min(1e-30)), 0 * mn).clamp(0, 63)
-        d, dmin = (max_s / 63).to(torch.float16), (max_m / 63).to(torch.float16)  # [O, S, 1]
+        sc = torch.where(max_s > 0, _nearest(q * s3 / max_s.clamp_min(1e-30)), 0 * s3).clamp(0, q)
+        lm = torch.where(max_m > 0, _nearest(q * mn / max_m.clamp_min(1e-30)), 0 * mn).clamp(0, q)
+        d, dmin = (max_s / q).to(torch.float16), (max_m / q).to(torch.float16)  # [O, S, 1]
         s_q = (d.float() * sc).reshape(o, n)
         b_q = -(dmin.float() * lm).reshape(o, n)
         fields = {

@@ -14,6 +14,7 @@ uint8 [B, type_bytes] for B blocks. The integers are the ones the decoder multip
 | Q5_K | 256   | d * sc * u - dmin * mn       | u in 0..31        | sc, mn in 0..63, one per 32 |
 | Q6_K | 256   | d * sc * c                   | c in -32..31      | sc in -128..127, one per 16 |
 | Q3_K | 256   | d * sc * c                   | c in -4..3        | sc in -32..31, one per 16   |
+| Q2_K | 256   | d * sc * u - dmin * mn       | u in 0..3         | sc, mn in 0..15, one per 16 |
 
 d, m, dmin are stored as fp16 (``fp16_bytes``: a float32 input is rounded to nearest even here). Signed codes
 are stored with an offset (c + 8 for Q4_0, ...; Q8_0 as int8), which only this module knows. Elements and
@@ -52,6 +53,7 @@ LAYOUTS = {
     QT.Q5_K: Layout(32, 0, 31, 0, False, True),
     QT.Q6_K: Layout(16, -32, 31, 32, True, True),
     QT.Q3_K: Layout(16, -4, 3, 4, True, True),
+    QT.Q2_K: Layout(16, 0, 3, 0, False, True),
 }
 Q3_K_SCALE_OFFSET = 32  # Q3_K stores sc + 32 in 6 bits
 
@@ -214,6 +216,15 @@ def pack_q3_k(d: Array, sc: Array, codes: Array) -> Array:
     return _concat([_bit_planes((u >> 2) & 1), qs, pack_q3_k_scales(sc), fp16_bytes(d)], None)
 
 
+def pack_q2_k(d: Array, dmin: Array, sc: Array, mn: Array, codes: Array) -> Array:
+    """sc, mn in 0..15 -> [B, 84]: scales[16] (sc | mn << 4) | qs[64] | d | dmin. Per 128-run, qs byte l holds
+    the 2-bit codes l, l + 32, l + 64, l + 96."""
+    u = _stored(codes, QT.Q2_K)
+    scales = (sc.astype(np.uint8) & 15) | (mn.astype(np.uint8) << 4)
+    qs = interleave(u.reshape(-1, 4, 32), 2).reshape(-1, 64)
+    return _concat([scales, qs, fp16_bytes(d), fp16_bytes(dmin)], None)
+
+
 def _k_nibbles(u: Array) -> Array:
     """stored codes [B, 256] below 16 -> qs [B, 128]: per 64-run, sub-block 2i in the low nibbles, 2i + 1 high."""
     return interleave(u.reshape(-1, 2, 32), 4).reshape(-1, 128)
@@ -235,4 +246,5 @@ PACKERS = {
     QT.Q5_K: pack_q5_k,
     QT.Q6_K: pack_q6_k,
     QT.Q3_K: pack_q3_k,
+    QT.Q2_K: pack_q2_k,
 }

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 
 from quantkit.formats.gguf.blocks import check_rows, row_bytes
 
-REF_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+REF_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 
 
 def libggml_path() -> Path | None:
