@@ -25,4 +25,11 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
     "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
     "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
+    "q2_k_s": ("Q2_K", "MOSTLY_Q2_K_S"),  # needs an importance matrix, as in llama-quantize
+    "q3_k_s": ("Q3_K", "MOSTLY_Q3_K_S"),
+    "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"),
+    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
+    "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
 }
+PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's
