@@ -137,7 +137,21 @@ def test_rms_error_orders_the_types() -> None:
     x = gaussian(64, 1024, seed=3)
     rms = {t: rel_rms(dequantize_rows(quantize_rows(x, t), t), x) for t in ALL_TYPES}
     assert rms[QT.Q4_K] < 0.08 and rms[QT.Q6_K] < 0.02
-    order = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_1, QT.Q5_0, QT.Q4_K, QT.Q4_1, QT.Q4_0, QT.Q3_K, QT.Q2_K]
+    order = [
+        QT.F32,
+        QT.F16,
+        QT.BF16,
+        QT.Q8_0,
+        QT.Q6_K,
+        QT.Q5_K,
+        QT.Q5_1,
+        QT.Q5_0,
+        QT.Q4_K,
+        QT.Q4_1,
+        QT.Q4_0,
+        QT.Q3_K,
+        QT.Q2_K,
+    ]
     assert [rms[t] for t in order] == sorted(rms[t] for t in order), {t.name: round(rms[t], 5) for t in order}
 
 
