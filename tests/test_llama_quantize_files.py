@@ -48,6 +48,8 @@ LLAMA_TYPES = {
     "q3_k_l": ([], "Q3_K_L"),
     "q4_k_s": ([], "Q4_K_S"),
     "q5_k_s": ([], "Q5_K_S"),
+    "iq4_nl": ([], "IQ4_NL"),
+    "iq4_xs": ([], "IQ4_XS"),
     "f16": ([], "F16"),
     "bf16": ([], "BF16"),
 }
@@ -72,7 +74,7 @@ MODELS = {
 # fallbacks); on the two plain tiny models one file per encoder and per Gemma generation (the types added
 # since add no new tensor or encoder there); on the 16-layer one the types whose rules depend on the layer
 # or on n_gqa
-LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m"]
+LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs"]
 PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m", "f16", "bf16"]
 MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": list(LLAMA_TYPES), "gemma3-l16-gqa4": LAYER_RULES}
 # llama-quantize refuses these without an importance matrix; so does quantkit's RTN export

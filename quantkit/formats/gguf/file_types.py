@@ -31,5 +31,7 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"),
     "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
     "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+    "iq4_nl": ("IQ4_NL", "MOSTLY_IQ4_NL"),
+    "iq4_xs": ("IQ4_XS", "MOSTLY_IQ4_XS"),
 }
 PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's

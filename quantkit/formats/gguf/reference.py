@@ -43,10 +43,14 @@ def libggml_path() -> Path | None:
     return hits[0] if hits else None
 
 
+def ggml_name(qtype: QT) -> str:
+    """The type as libggml's function names spell it: Q4_K -> q4_K, IQ4_NL -> iq4_nl."""
+    return qtype.name.lower() if qtype.name.startswith("IQ") else qtype.name[0].lower() + qtype.name[1:]
+
+
 @functools.cache
 def _ref_fn(lib_path: str, qtype: QT) -> Callable[..., object]:
-    name = qtype.name[0].lower() + qtype.name[1:]  # Q4_K -> q4_K, IQ4_NL -> iQ4_NL
-    name = name.lower() if qtype.name.startswith("IQ") else name
+    name = ggml_name(qtype)
     if qtype in CHUNK_REF:
         fn = getattr(ctypes.CDLL(lib_path), f"quantize_{name}")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
