@@ -15,6 +15,7 @@ import click
 
 from quantkit import __version__
 from quantkit.errors import EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, QuantkitError, Terminated, user_message
+from quantkit.formats.gguf.file_types import FILE_TYPE_NAMES
 from quantkit.io.locks import release_outputs
 
 
@@ -22,9 +23,7 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else text)
 
 
-# formats.gguf.policy.FILE_TYPES' keys (kept here so that --help does not import torch)
-GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k"]
-GGUF_TYPES += ["q3_k_m", "q4_k_m", "q5_k_m"]
+GGUF_TYPES = list(FILE_TYPE_NAMES)  # plain names: --help imports neither gguf-py nor torch
 
 
 class DeviceType(click.ParamType):

@@ -13,6 +13,7 @@ from gguf import quants as gq
 
 from quantkit.formats.gguf.blocks import quantize_rows
 from quantkit.formats.gguf.grids import LAYOUTS, choose_grid, pack, rtn_on_grid
+from quantkit.formats.gguf.reference import ggml_name
 
 TYPES = list(LAYOUTS)
 
@@ -49,8 +50,7 @@ def test_blocks_decode_to_the_grid_values_in_libggml(libggml, qtype):
     grid = choose_grid(W, qtype, imp)
     codes = _rtn(grid, W)
     blocks = np.ascontiguousarray(pack(grid, codes))
-    name = qtype.name[0].lower() + qtype.name[1:]
-    fn = getattr(ctypes.CDLL(str(libggml)), f"dequantize_row_{name}")
+    fn = getattr(ctypes.CDLL(str(libggml)), f"dequantize_row_{ggml_name(qtype)}")
     fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
     out = np.empty(W.numel(), dtype=np.float32)
     fn(blocks.ctypes.data, out.ctypes.data, W.numel())
@@ -91,7 +91,9 @@ def _correlated_hessian(i: int, seed: int) -> torch.Tensor:
     return 2.0 / len(X) * X.T @ X
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q3_K, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+@pytest.mark.parametrize(
+    "qtype", [QT.Q4_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS], ids=lambda q: q.name
+)
 def test_gptq_on_a_fixed_grid(qtype):
     from quantkit.quant.gptq import gptq_quantize
     from quantkit.quant.primitives import QuantSpec
@@ -110,7 +112,9 @@ def test_gptq_on_a_fixed_grid(qtype):
         D = W - v
         return float(((D @ H) * D).sum())
 
-    assert out_err(res.weight.dequantize()) < 0.7 * out_err(rtn_on_grid(W, grid).dequantize())
+    # Q2_K's four levels leave GPTQ less room: measured 0.75 of RTN's error there, 0.4-0.6 elsewhere
+    gain = 0.85 if qtype == QT.Q2_K else 0.7
+    assert out_err(res.weight.dequantize()) < gain * out_err(rtn_on_grid(W, grid).dequantize())
     assert res.sq_output_err == pytest.approx(out_err(res.weight.dequantize()), rel=1e-3)
     blocks = res.weight.blocks()  # the codes go into the type's blocks as they are
     assert np.array_equal(gq.dequantize(blocks, qtype).reshape(W.shape), res.weight.dequantize().numpy())

@@ -139,7 +139,8 @@ def table_gelu(table: torch.Tensor):
 # --------------------------------------------------------------------------------------- bytes and names
 
 
-@pytest.mark.parametrize("qtype", list(policy.FILE_TYPES))
+# q2_k_s needs an importance matrix (test_llama_quantize_files checks the refusal)
+@pytest.mark.parametrize("qtype", [q for q in policy.FILE_TYPES if q != "q2_k_s"])
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_tensors_read_back_exactly(export, arch, qtype, tiny_gemma2, tiny_gemma3):
     path, report = export(arch, qtype)

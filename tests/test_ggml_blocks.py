@@ -22,15 +22,16 @@ from quantkit.formats.gguf.blocks import (
 from quantkit.formats.gguf.policy import fallback_type, q4_k_m_type, use_more_bits
 from quantkit.formats.gguf.reference import REF_TYPES, quantize_rows_ref
 
-K_TYPES = [QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
-ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, *K_TYPES]
+K_TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
+SEARCH_TYPES = [*K_TYPES, QT.IQ4_NL, QT.IQ4_XS]  # scale searches in quantkit's numpy, byte-exact to libggml
+ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, *SEARCH_TYPES]
 HALF_ULP = 2.0**-11  # relative rounding error of fp32 -> fp16
 
 # Worst |error| / max|x| over one block. Legacy types: half a step, or a whole step where the code clamps
 # (the max-magnitude element takes code 0, so the opposite extreme can sit one step past the top code),
-# plus the fp16 rounding of d (and of m for Q4_1 / Q5_1). K-quants: no closed form (quantized sub-scales,
-# searched scales and mins); measured 0.165 (Q3_K), 0.067 (Q4_K), 0.035 (Q5_K) and 0.016 (Q6_K) on these
-# inputs, bounds 20-50 % above that.
+# plus the fp16 rounding of d (and of m for Q4_1 / Q5_1). K-quants and IQ4: no closed form (quantized
+# sub-scales, searched scales and mins); measured 0.326 (Q2_K), 0.165 (Q3_K), 0.067 (Q4_K), 0.035 (Q5_K),
+# 0.016 (Q6_K), 0.094 (IQ4_NL) and 0.084 (IQ4_XS) on these inputs, bounds 20-50 % above that.
 MAX_ERR = {
     QT.F32: 0.0,
     QT.F16: HALF_ULP,
@@ -40,6 +41,9 @@ MAX_ERR = {
     QT.Q5_0: (1 + 15 * HALF_ULP) / 16,
     QT.Q4_1: 1 / 15 + 3 * HALF_ULP,
     QT.Q5_1: 1 / 31 + 3 * HALF_ULP,
+    QT.IQ4_NL: 0.12,
+    QT.IQ4_XS: 0.11,
+    QT.Q2_K: 0.4,
     QT.Q3_K: 0.2,
     QT.Q4_K: 0.1,
     QT.Q5_K: 0.045,
@@ -49,10 +53,18 @@ MAX_ERR = {
 # covers ordinary weights) is off by up to half that step, multiplied by the largest code * sub-scale.
 SUBNORMAL_STEP = 2.0**-24
 REACH = {QT.F32: 0, QT.F16: 1, QT.BF16: 0, QT.Q8_0: 127, QT.Q4_0: 8, QT.Q5_0: 16, QT.Q4_1: 16, QT.Q5_1: 32}
-REACH |= {QT.Q3_K: 4 * 32, QT.Q4_K: 2 * 15 * 63, QT.Q5_K: 2 * 31 * 63, QT.Q6_K: 32 * 128}
+REACH |= {
+    QT.IQ4_NL: 127,
+    QT.IQ4_XS: 127 * 32,
+    QT.Q2_K: 2 * 3 * 15,
+    QT.Q3_K: 4 * 32,
+    QT.Q4_K: 2 * 15 * 63,
+    QT.Q5_K: 2 * 31 * 63,
+    QT.Q6_K: 32 * 128,
+}
 # Re-quantizing K-quant output re-runs the scale search: measured rms change / first round trip's error
-# 0.138 (Q3_K), 0.027 (Q4_K), 0.099 (Q5_K), 0.056 (Q6_K).
-REQUANT_DRIFT = {QT.Q3_K: 0.2, QT.Q4_K: 0.1, QT.Q5_K: 0.15, QT.Q6_K: 0.1}
+# 0.121 (Q2_K), 0.138 (Q3_K), 0.027 (Q4_K), 0.099 (Q5_K), 0.056 (Q6_K), 0.049 (IQ4_NL), 0.072 (IQ4_XS).
+REQUANT_DRIFT = {QT.IQ4_NL: 0.1, QT.IQ4_XS: 0.1, QT.Q2_K: 0.2, QT.Q3_K: 0.2, QT.Q4_K: 0.1, QT.Q5_K: 0.15, QT.Q6_K: 0.1}
 # On x86-64 libggml-base is built without FMA and the numpy K-quants reproduce its float32 C-order
 # arithmetic: measured 0 differing super-blocks. A build that contracts a*b+c into FMA (e.g. aarch64)
 # may flip a code in a few % of blocks.
@@ -136,19 +148,33 @@ def test_rms_error_orders_the_types() -> None:
     x = gaussian(64, 1024, seed=3)
     rms = {t: rel_rms(dequantize_rows(quantize_rows(x, t), t), x) for t in ALL_TYPES}
     assert rms[QT.Q4_K] < 0.08 and rms[QT.Q6_K] < 0.02
-    order = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q6_K, QT.Q5_K, QT.Q5_1, QT.Q5_0, QT.Q4_K, QT.Q4_1, QT.Q4_0, QT.Q3_K]
+    order = [
+        QT.F32,
+        QT.F16,
+        QT.BF16,
+        QT.Q8_0,
+        QT.Q6_K,
+        QT.Q5_K,
+        QT.Q5_1,
+        QT.Q5_0,
+        QT.Q4_K,
+        QT.Q4_1,
+        QT.Q4_0,
+        QT.Q3_K,
+        QT.Q2_K,
+    ]
     assert [rms[t] for t in order] == sorted(rms[t] for t in order), {t.name: round(rms[t], 5) for t in order}
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_requantizing_dequantized_weights_is_stable(qtype: QT) -> None:
-    """Values already on the grid: legacy types give back the same bytes; the K-quants re-run their search
-    and may move a few codes."""
+    """Values already on the grid: legacy types give back the same bytes; the K-quants and IQ4 types re-run
+    their search and may move a few codes."""
     x = np.concatenate([gaussian(16, 1024), heavy_tailed(16, 1024)])
     q = quantize_rows(x, qtype)
     y = dequantize_rows(q, qtype)
     q2 = quantize_rows(y, qtype)
-    if qtype in K_TYPES:
+    if qtype in SEARCH_TYPES:
         z = dequantize_rows(q2, qtype)
         assert rel_rms(z, y) < REQUANT_DRIFT[qtype] * rel_rms(y, x)
     else:
@@ -264,14 +290,14 @@ def test_matches_libggml_reference(libggml, qtype: QT) -> None:
     x = np.concatenate([gaussian(128, 512), heavy_tailed(96, 512, seed=7), awkward_rows()])
     ours, ref = quantize_rows(x, qtype), quantize_rows_ref(x, qtype, libggml)
     bad, first = differing_blocks(ours, ref, qtype)
-    if qtype in K_TYPES:
+    if qtype in SEARCH_TYPES:
         assert bad.mean() <= K_MISMATCH_LIMIT, f"{bad.sum()}/{bad.size} blocks differ; {first}"
     else:
         nonzero = block_max(x, block_size(qtype)) > 0
         assert not bad[nonzero].any(), f"{bad[nonzero].sum()} non-zero blocks differ; {first}"
 
 
-@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", SEARCH_TYPES, ids=lambda t: t.name)
 def test_k_quant_edge_cases_match_libggml(libggml, qtype: QT) -> None:
     """fp16 super-scales that underflow, constant and all-zero rows, tiny values, ties, large values: judged
     by bytes alone."""

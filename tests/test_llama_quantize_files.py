@@ -17,6 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from make_tiny_checkpoint import make_tiny_checkpoint
 
+from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.policy import FILE_TYPES, plan_tensors
 from quantkit.io.checkpoint import open_checkpoint
@@ -35,12 +36,20 @@ LLAMA_TYPES = {
     "q4_0": ([], "Q4_0"),
     "q4_1": ([], "Q4_1"),
     "q5_0": ([], "Q5_0"),
+    "q5_1": ([], "Q5_1"),
     "q4_k": (PURE, "Q4_K_S"),
     "q5_k": (PURE, "Q5_K_S"),
     "q6_k": ([], "Q6_K"),
     "q3_k_m": ([], "Q3_K_M"),
     "q4_k_m": ([], "Q4_K_M"),
     "q5_k_m": ([], "Q5_K_M"),
+    "q2_k": ([], "Q2_K"),
+    "q3_k_s": ([], "Q3_K_S"),
+    "q3_k_l": ([], "Q3_K_L"),
+    "q4_k_s": ([], "Q4_K_S"),
+    "q5_k_s": ([], "Q5_K_S"),
+    "iq4_nl": ([], "IQ4_NL"),
+    "iq4_xs": ([], "IQ4_XS"),
     "f16": ([], "F16"),
     "bf16": ([], "BF16"),
 }
@@ -50,7 +59,27 @@ MODELS = {
     "gemma2": {"arch": "gemma2"},
     "gemma3": {"arch": "gemma3"},
     "gemma3-h320": {"arch": "gemma3", "hidden": 320, "head_dim": 64, "query_pre_attn_scalar": 64},
+    # 16 layers and 4 query heads per KV head (as the 270M): the layer rules (n/8, n/16, use_more_bits, the
+    # first 4) and the n_gqa >= 4 ones fire; hidden 128 keeps it small
+    "gemma3-l16-gqa4": {
+        "arch": "gemma3",
+        "hidden": 128,
+        "head_dim": 64,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 1,
+        "intermediate_size": 512,
+    },  # fmt: skip
 }
+# which types run on which model, to keep this test short: every type on the 320-wide model (row-length
+# fallbacks); on the two plain tiny models one file per encoder and per Gemma generation (the types added
+# since add no new tensor or encoder there); on the 16-layer one the types whose rules depend on the layer
+# or on n_gqa
+LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs"]
+PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m", "f16", "bf16"]
+MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": list(LLAMA_TYPES), "gemma3-l16-gqa4": LAYER_RULES}
+# llama-quantize refuses these without an importance matrix; so does quantkit's RTN export
+NEED_IMATRIX = {"q2_k_s": "Q2_K_S"}
+CASES = [(m, t) for m in MODELS for t in MODEL_TYPES[m]]
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +106,7 @@ def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
 
 
 def test_every_exported_type_is_compared():
-    assert set(LLAMA_TYPES) == set(FILE_TYPES) - {"f32"}  # f32 is llama-quantize's input
+    assert set(LLAMA_TYPES) | set(NEED_IMATRIX) == set(FILE_TYPES) - {"f32"}  # f32 is llama-quantize's input
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -92,8 +121,7 @@ def test_f32_input_holds_the_bf16_values(model, f32_files):
         np.testing.assert_array_equal(np.asarray(t.data).reshape(want.shape), want.numpy(), err_msg=t.name)
 
 
-@pytest.mark.parametrize("qtype", list(LLAMA_TYPES))
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize(("model", "qtype"), CASES)
 def test_export_equals_llama_quantize(model, qtype, f32_files, tmp_path):
     ckpt_dir, f32 = f32_files(model)
     theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
@@ -107,3 +135,14 @@ def test_export_equals_llama_quantize(model, qtype, f32_files, tmp_path):
     assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}  # names and types
     differ = [n for n, (_, data) in got.items() if data != want[n][1]]
     assert not differ, f"{len(differ)} of {len(want)} tensors differ from llama-quantize's, e.g. {differ[:4]}"
+
+
+@pytest.mark.parametrize("qtype", list(NEED_IMATRIX))
+def test_both_refuse_without_an_importance_matrix(qtype, f32_files, tmp_path):
+    ckpt_dir, f32 = f32_files("gemma3")
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    run = subprocess.run([str(LLAMA_QUANTIZE), str(f32), str(theirs), NEED_IMATRIX[qtype], "2"], capture_output=True)
+    assert run.returncode != 0 and b"requires an imatrix" in run.stderr + run.stdout
+    with pytest.raises(QuantkitError, match="requires an importance matrix"):
+        export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2)
+    assert not ours.exists() and list(tmp_path.iterdir()) == ([theirs] if theirs.exists() else [])

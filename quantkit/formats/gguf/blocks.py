@@ -3,7 +3,8 @@ without an importance matrix), and write integer codes into blocks.
 
 Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-identical to ggml's
 `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
-F32/F16/BF16 go through gguf-py; Q3_K, Q4_K, Q5_K and Q6_K come from `quantkit.formats.gguf.kquants`
+F32/F16/BF16 go through gguf-py; the K-quants come from `quantkit.formats.gguf.kquants` / `kquants_sym`, IQ4_NL and
+IQ4_XS from `quantkit.formats.gguf.iquants`
 (byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
 `quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -18,14 +19,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 from torch import Tensor
 
-from quantkit.formats.gguf.kquants import (
-    Scratch,
-    quantize_q3_k,
-    quantize_q4_k,
-    quantize_q5_k,
-    quantize_q6_k,
-    signed_absmax,
-)
+from quantkit.formats.gguf.ggml_float import Scratch, signed_absmax
+from quantkit.formats.gguf.iquants import quantize_iq4_nl, quantize_iq4_xs
+from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
+from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
 from quantkit.formats.gguf.layouts import (
     block_size,
     check_codes,
@@ -36,8 +33,17 @@ from quantkit.formats.gguf.layouts import (
 )
 
 GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
-K_QUANTIZERS = {QT.Q3_K: quantize_q3_k, QT.Q4_K: quantize_q4_k, QT.Q5_K: quantize_q5_k, QT.Q6_K: quantize_q6_k}
-CHUNK_BLOCKS = 1024  # K-quant super-blocks per numpy pass (256K weights): fastest of 256-2048 here
+# the searching quantizers, in numpy (K-quants and IQ4)
+NUMPY_QUANTIZERS = {
+    QT.IQ4_NL: quantize_iq4_nl,
+    QT.IQ4_XS: quantize_iq4_xs,
+    QT.Q2_K: quantize_q2_k,
+    QT.Q3_K: quantize_q3_k,
+    QT.Q4_K: quantize_q4_k,
+    QT.Q5_K: quantize_q5_k,
+    QT.Q6_K: quantize_q6_k,
+}
+CHUNK_WEIGHTS = 1024 * 256  # weights per numpy pass (1024 K-quant super-blocks): fastest of 256-2048 here
 
 
 def check_rows(x: np.ndarray, qtype: QT) -> None:
@@ -66,13 +72,14 @@ def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
     blocks = x.reshape(-1, blk)  # [R * n/256, 256]: super-blocks in row order
     out = np.empty((blocks.shape[0], size), dtype=np.uint8)
     ws = Scratch()  # this call's buffers, reused by every chunk
-    for s in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        chunk = blocks[s : s + CHUNK_BLOCKS]
+    step = CHUNK_WEIGHTS // blk
+    for s in range(0, blocks.shape[0], step):
+        chunk = blocks[s : s + step]
         if isinstance(chunk, torch.Tensor):
             chunk = torch.from_numpy(ws.get("rows", tuple(chunk.shape))).copy_(chunk).numpy()
         if not _all_finite(chunk):
             raise NonFiniteError("NaN or inf in the weights")
-        out[s : s + CHUNK_BLOCKS] = K_QUANTIZERS[qtype](chunk, ws)
+        out[s : s + step] = NUMPY_QUANTIZERS[qtype](chunk, ws)
     return out.reshape(R, row_bytes(qtype, n))
 
 
@@ -118,7 +125,7 @@ def quantize_rows_torch(x: torch.Tensor, qtype: QT) -> torch.Tensor:
     """float [R, n] (float32, bf16 or fp16: converted chunk by chunk) -> uint8 [R, row_bytes], for Q8_0 / Q4_0
     (torch) and the K-quants (numpy). Raises NonFiniteError on NaN or inf: Q8_0 / Q4_0 see them in each
     block's min and max, which both need (so no separate pass checks the input), the K-quants in a sum."""
-    if qtype in K_QUANTIZERS:
+    if qtype in NUMPY_QUANTIZERS:
         return torch.from_numpy(_quantize_k(x, qtype))
     R, n = x.shape
     blk, size = GGML_QUANT_SIZES[qtype]
@@ -144,7 +151,7 @@ def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
     """float32 [R, n] (n a multiple of the block size) -> uint8 [R, n/block*type_bytes], as ggml stores it."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_rows(x, qtype)
-    if qtype in K_QUANTIZERS:
+    if qtype in NUMPY_QUANTIZERS:
         return _quantize_k(x, qtype)
     if qtype in TORCH_QUANTIZERS:
         return quantize_rows_torch(torch.from_numpy(x), qtype).numpy()

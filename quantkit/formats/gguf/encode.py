@@ -17,7 +17,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.formats.gguf.blocks import (
-    K_QUANTIZERS,
+    NUMPY_QUANTIZERS,
     TORCH_QUANTIZERS,
     dequantize_rows,
     q4_0_from_codes,
@@ -111,7 +111,7 @@ def encode_rows(src: torch.Tensor, qtype: QT) -> tuple[np.ndarray, bool]:
     """Rows [R, n] in any float dtype -> (uint8 [R, row_bytes], whether they decode to exactly ``src``)."""
     if TORCH_FLOATS.get(qtype) == src.dtype:  # bf16 -> BF16 etc.: the stored bytes as they are
         return src.view(torch.uint8).numpy(), True
-    if qtype in TORCH_QUANTIZERS or qtype in K_QUANTIZERS:  # converted to float32 chunk by chunk
+    if qtype in TORCH_QUANTIZERS or qtype in NUMPY_QUANTIZERS:  # converted to float32 chunk by chunk
         return quantize_rows_torch(src, qtype).numpy(), False
     x = src.float()
     if qtype in TORCH_FLOATS:

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.blocks import K_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
+from quantkit.formats.gguf.blocks import NUMPY_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
 from quantkit.formats.gguf.metadata import add_model_metadata, check_llamacpp_compatible
 from quantkit.formats.gguf.names import RULES
-from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors
+from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix
 from quantkit.formats.gguf.stream import (
     Job,
     ShardReader,
@@ -52,7 +52,7 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
     t = job.tensor
     bad = QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
     # these quantizers see NaN/inf themselves
-    checked = (t.qtype in TORCH_QUANTIZERS or t.qtype in K_QUANTIZERS) and not t.is_norm
+    checked = (t.qtype in TORCH_QUANTIZERS or t.qtype in NUMPY_QUANTIZERS) and not t.is_norm
     if src is not None and not checked and not all_finite(src):
         raise bad
     if src is None:
@@ -131,6 +131,7 @@ def export_gguf(
     cfg, out_path = ckpt.config, Path(out_path)
     check_llamacpp_compatible(cfg)
     plan = plan_tensors(cfg, qtype)
+    check_importance(ckpt, qtype, plan)
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
@@ -147,6 +148,17 @@ def export_gguf(
         finally:
             writer.close()
     return _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)
+
+
+def check_importance(ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor]) -> None:
+    """Refuse, as llama-quantize does without --imatrix, a file type whose weights need an importance matrix
+    (Q2_K_S), unless GPTQ already wrote those weights' blocks from its calibration."""
+    for t in plan:
+        if requires_imatrix(qtype, t) and not ckpt.has_blocks(t.hf_name.removesuffix(".weight")):
+            raise QuantkitError(
+                f"--type {qtype} requires an importance matrix ({t.gguf_name} would be {t.qtype.name}, as in "
+                f"llama-quantize); use quantize --method gptq --format gguf --type {qtype}, which calibrates it"
+            )
 
 
 def _progress(total: int, enabled: bool) -> Any:

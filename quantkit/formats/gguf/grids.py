@@ -4,6 +4,8 @@ Every ggml weight type decodes one row as groups of g consecutive weights, each 
 
     value = s * c + b,   c an integer in [lo, hi],
 
+or, for the non-linear IQ4 types, value = s * levels[c] (c indexes ggml's 16 kvalues_iq4nl levels),
+
 with s (and b) derived from the block's stored fields exactly as the decoder computes them in float32:
 
 | type | g  | c range   | s                      | b                         | stored per group / block            |
@@ -17,6 +19,9 @@ with s (and b) derived from the block's stored fields exactly as the decoder com
 | Q5_K | 32 | 0..31     | as Q4_K                | as Q4_K                   | as Q4_K                             |
 | Q6_K | 16 | -32..31   | fp16 d * sc (int8)     | 0                         | d per 256; sc per 16                |
 | Q3_K | 16 | -4..3     | fp16 d * (sc - 32)     | 0                         | d per 256; sc (6 bit) per 16        |
+| Q2_K | 16 | 0..3      | fp16 d * sc (4 bit)    | -(fp16 dmin * mn (4 bit)) | d, dmin per 256; sc, mn per 16      |
+| IQ4_NL | 32 | 0..15 (levels) | fp16 d          | 0                         | d                                   |
+| IQ4_XS | 32 | 0..15 (levels) | fp16 d * sc     | 0                         | d per 256; sc (-32..31) per 32      |
 
 ``choose_grid`` picks those fields from the original weights, each group's scale (and offset) searched to
 minimise the importance-weighted squared error Σ_j w_j (x_j - value_j)² (w = the diagonal of GPTQ's Hessian,
@@ -35,10 +40,11 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.kquants import signed_absmax
+from quantkit.formats.gguf.ggml_float import signed_absmax
 from quantkit.formats.gguf.layouts import LAYOUTS, PACKERS, Layout, block_size, check_codes
 
-SEARCH_STEPS = 10  # candidate grids per group: 2 * SEARCH_STEPS + 1
+SEARCH_STEPS = 10  # candidate grids per group: 2 * SEARCH_STEPS + 1 (twice that for the IQ4 types)
+Levels = tuple[int, ...] | None  # a non-linear type's levels (Layout.levels)
 
 
 @dataclass(frozen=True)
@@ -61,28 +67,46 @@ class BlockGrid:
             s, b = s[:, None], b[:, None]
         lay = self.layout
         safe = torch.where(s == 0, torch.ones_like(s), s)
-        c = torch.round((w - b) / safe).clamp(lay.lo, lay.hi)
+        c = nearest_codes((w - b) / safe, lay.lo, lay.hi, lay.levels)
         c = torch.where(s == 0, torch.zeros_like(c), c)
-        return c.to(torch.int8), s * c + b
+        return c.to(torch.int8), s * level_of(c, lay.levels) + b
 
     def to(self, device: torch.device | str) -> BlockGrid:
         """This grid with s and b on ``device`` (the stored fields stay where they are: numpy)."""
         return replace(self, s=self.s.to(device), b=self.b.to(device))
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        g = self.layout.g
-        return self.s.repeat_interleave(g, 1) * codes.float() + self.b.repeat_interleave(g, 1)
+        g, levels = self.layout.g, self.layout.levels
+        return self.s.repeat_interleave(g, 1) * level_of(codes.float(), levels) + self.b.repeat_interleave(g, 1)
+
+
+def nearest_codes(t: torch.Tensor, lo: int, hi: int, levels: Levels) -> torch.Tensor:
+    """The code nearest t = (w - b) / s, as float: round and clamp to [lo, hi], or for a non-linear type the
+    index of the nearest level (ties to the upper one, as ggml's best_index_int8)."""
+    if levels is None:
+        return torch.round(t).clamp(lo, hi)
+    lv = torch.tensor(levels, dtype=t.dtype, device=t.device)
+    return torch.bucketize(t, (lv[:-1] + lv[1:]) / 2, right=True).to(t.dtype)
+
+
+def level_of(c: torch.Tensor, levels: Levels) -> torch.Tensor:
+    """What s multiplies for code c (float): c itself, or its level of a non-linear type."""
+    if levels is None:
+        return c
+    return torch.tensor(levels, dtype=c.dtype, device=c.device)[c.long()]
 
 
 # ------------------------------------------------------------------------------------------ grid search
 
 
-def _rounded_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lo: int, hi: int):
-    """Σ w (x - (s c + b))² with c = clamp(round((x - b) / s), lo, hi): the error of rounding onto (s, b)."""
+def _rounded_error(
+    x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lo: int, hi: int, levels: Levels = None
+) -> torch.Tensor:
+    """Σ w (x - (s c + b))² with c the code nearest (x - b) / s: the error of rounding onto (s, b)."""
     safe = torch.where(s == 0, torch.ones_like(s), s)[:, None]
-    c = torch.round((x - b[:, None]) / safe).clamp(lo, hi)
+    c = nearest_codes((x - b[:, None]) / safe, lo, hi, levels)
     c = torch.where(s[:, None] == 0, torch.zeros_like(c), c)
-    return (w * (x - (s[:, None] * c + b[:, None])) ** 2).sum(-1)
+    return (w * (x - (s[:, None] * level_of(c, levels) + b[:, None])) ** 2).sum(-1)
 
 
 def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor], ok: torch.Tensor) -> list[torch.Tensor]:
@@ -106,6 +130,26 @@ def _search_sym(x: torch.Tensor, w: torch.Tensor, lo: int, hi: int) -> torch.Ten
         num, den = (w * x * c).sum(-1), (w * c * c).sum(-1)
         s = num / den.clamp_min(1e-30)
         best = _keep_better(best, [s, zero_b, _rounded_error(x, w, s, zero_b, lo, hi)], den > 0)
+    return torch.where(m == 0, zero_b, best[0])
+
+
+def _search_levels(x: torch.Tensor, w: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """Per group the scale s minimising Σ w (x - s q)², q the level nearest x / s. Candidates map the signed
+    largest-magnitude value m onto levels near either end of the table (s = m / levels[0] is the first),
+    each refitted by weighted least squares on its levels and kept if re-rounding onto it is better.
+    x, w [N, g] -> s [N] (0 for all-zero groups)."""
+    m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
+    zero_b = torch.zeros_like(m)
+    lo, hi = 0, len(levels) - 1
+    s0 = m / levels[0]
+    best = [s0, zero_b, _rounded_error(x, w, s0, zero_b, lo, hi, levels)]
+    safe_m = torch.where(m == 0, torch.ones_like(m), m)
+    for end in (levels[0], levels[-1]):
+        for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
+            q = level_of(nearest_codes(x * ((end + t) / safe_m)[:, None], lo, hi, levels), levels)
+            num, den = (w * x * q).sum(-1), (w * q * q).sum(-1)
+            s = num / den.clamp_min(1e-30)
+            best = _keep_better(best, [s, zero_b, _rounded_error(x, w, s, zero_b, lo, hi, levels)], den > 0)
     return torch.where(m == 0, zero_b, best[0])
 
 
@@ -159,7 +203,9 @@ def choose_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor | None = No
     imp = imp + 1e-8 * imp.mean().clamp_min(1e-30)  # no zero weights: every value keeps a say
     x = W.reshape(-1, lay.g)  # [O*I/g, g]
     w = imp.reshape(1, -1).expand(o, i).reshape(-1, lay.g)
-    if lay.sym:
+    if lay.levels is not None:
+        s, b = _search_levels(x, w, lay.levels), torch.zeros(x.shape[0])
+    elif lay.sym:
         s, b = _search_sym(x, w, lay.lo, lay.hi), torch.zeros(x.shape[0])
     else:
         s, b = _search_asym(x, w, lay.hi, offset_le_zero=lay.super_block)
@@ -177,12 +223,13 @@ def _super_block_grid(qtype: QT, s: torch.Tensor, b: torch.Tensor) -> BlockGrid:
     o, n = s.shape
     per = block_size(qtype) // LAYOUTS[qtype].g  # sub-blocks per super-block
     s3 = s.reshape(o, -1, per)  # [O, S, per]
-    if qtype in (QT.Q4_K, QT.Q5_K):
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q2_K):
+        q = 15 if qtype == QT.Q2_K else 63  # 4-bit or 6-bit sub-block scales and mins
         mn = (-b).reshape(o, -1, per)
         max_s, max_m = s3.amax(-1, keepdim=True), mn.amax(-1, keepdim=True)
-        sc = torch.where(max_s > 0, _nearest(63 * s3 / max_s.clamp_min(1e-30)), 0 * s3).clamp(0, 63)
-        lm = torch.where(max_m > 0, _nearest(63 * mn / max_m.clamp_min(1e-30)), 0 * mn).clamp(0, 63)
-        d, dmin = (max_s / 63).to(torch.float16), (max_m / 63).to(torch.float16)  # [O, S, 1]
+        sc = torch.where(max_s > 0, _nearest(q * s3 / max_s.clamp_min(1e-30)), 0 * s3).clamp(0, q)
+        lm = torch.where(max_m > 0, _nearest(q * mn / max_m.clamp_min(1e-30)), 0 * mn).clamp(0, q)
+        d, dmin = (max_s / q).to(torch.float16), (max_m / q).to(torch.float16)  # [O, S, 1]
         s_q = (d.float() * sc).reshape(o, n)
         b_q = -(dmin.float() * lm).reshape(o, n)
         fields = {
@@ -192,7 +239,7 @@ def _super_block_grid(qtype: QT, s: torch.Tensor, b: torch.Tensor) -> BlockGrid:
             "mn": lm.to(torch.uint8).numpy(),
         }
         return BlockGrid(qtype, s_q, b_q, fields)
-    # Q6_K, Q3_K: signed sub-block scales against the signed largest one
+    # Q6_K, Q3_K, IQ4_XS: signed sub-block scales against the signed largest one
     big = torch.from_numpy(signed_absmax(s3.reshape(-1, per).numpy(), 1)).reshape(o, -1, 1)  # [O, S, 1]
     nmax, lo, hi = (128, -128, 127) if qtype == QT.Q6_K else (32, -32, 31)
     zero = big == 0

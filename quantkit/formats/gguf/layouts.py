@@ -14,6 +14,9 @@ uint8 [B, type_bytes] for B blocks. The integers are the ones the decoder multip
 | Q5_K | 256   | d * sc * u - dmin * mn       | u in 0..31        | sc, mn in 0..63, one per 32 |
 | Q6_K | 256   | d * sc * c                   | c in -32..31      | sc in -128..127, one per 16 |
 | Q3_K | 256   | d * sc * c                   | c in -4..3        | sc in -32..31, one per 16   |
+| Q2_K | 256   | d * sc * u - dmin * mn       | u in 0..3         | sc, mn in 0..15, one per 16 |
+| IQ4_NL | 32  | d * IQ4_LEVELS[u]            | u in 0..15        |                             |
+| IQ4_XS | 256 | d * sc * IQ4_LEVELS[u]       | u in 0..15        | sc in -32..31, one per 32   |
 
 d, m, dmin are stored as fp16 (``fp16_bytes``: a float32 input is rounded to nearest even here). Signed codes
 are stored with an offset (c + 8 for Q4_0, ...; Q8_0 as int8), which only this module knows. Elements and
@@ -40,6 +43,11 @@ class Layout:
     offset: int  # added to a code before it goes into its bit field (Q8_0 stores the int8 itself)
     sym: bool  # value = s * c; else s * u + b
     super_block: bool  # K type: 256-weight super-blocks whose sub-block scales are quantized themselves
+    levels: tuple[int, ...] | None = None  # non-linear types: value = s * levels[c] (c indexes the table)
+
+
+# ggml's kvalues_iq4nl: the 16 levels of IQ4_NL / IQ4_XS, ascending
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 LAYOUTS = {
@@ -52,6 +60,9 @@ LAYOUTS = {
     QT.Q5_K: Layout(32, 0, 31, 0, False, True),
     QT.Q6_K: Layout(16, -32, 31, 32, True, True),
     QT.Q3_K: Layout(16, -4, 3, 4, True, True),
+    QT.Q2_K: Layout(16, 0, 3, 0, False, True),
+    QT.IQ4_NL: Layout(32, 0, 15, 0, True, False, IQ4_LEVELS),
+    QT.IQ4_XS: Layout(32, 0, 15, 0, True, True, IQ4_LEVELS),
 }
 Q3_K_SCALE_OFFSET = 32  # Q3_K stores sc + 32 in 6 bits
 
@@ -169,6 +180,24 @@ def pack_q5_1(d: Array, m: Array, codes: Array) -> Array:
     return _concat([fp16_bytes(d), fp16_bytes(m), *_q5_fields(_stored(codes, QT.Q5_1))], None)
 
 
+def pack_iq4_nl(d: Array, codes: Array) -> Array:
+    """level indices [B, 32] -> [B, 18]: d | qs[16] (nibbles as Q4_0, no offset)."""
+    return _concat([fp16_bytes(d), _nibbles(_stored(codes, QT.IQ4_NL))], None)
+
+
+def pack_iq4_xs(d: Array, sc: Array, codes: Array) -> Array:
+    """sc in -32..31 [B, 8], level indices [B, 256] -> [B, 136]: d | scales_h (u16: bits 2j, 2j + 1 = the top
+    2 bits of s j) | scales_l[4] (low nibbles of s 2k | s 2k + 1) | qs[128] (per 32-run as IQ4_NL). s = sc + 32."""
+    s = (sc.astype(np.int16) + 32).astype(np.uint16)
+    B = s.shape[0]
+    high = ((s >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)  # disjoint bits
+    low = (s & 15).astype(np.uint8)
+    qs = _nibbles(_stored(codes, QT.IQ4_XS).reshape(-1, 32)).reshape(B, 128)
+    return _concat(
+        [fp16_bytes(d), high.astype("<u2").reshape(B, 1).view(np.uint8), low[:, 0::2] | (low[:, 1::2] << 4), qs], None
+    )
+
+
 def _nibbles(u: Array) -> Array:
     """stored codes [B, 32] below 16 -> [B, 16]: byte j = u[j] | u[j + 16] << 4."""
     return interleave(u.reshape(-1, 2, 16), 4)
@@ -214,6 +243,15 @@ def pack_q3_k(d: Array, sc: Array, codes: Array) -> Array:
     return _concat([_bit_planes((u >> 2) & 1), qs, pack_q3_k_scales(sc), fp16_bytes(d)], None)
 
 
+def pack_q2_k(d: Array, dmin: Array, sc: Array, mn: Array, codes: Array) -> Array:
+    """sc, mn in 0..15 -> [B, 84]: scales[16] (sc | mn << 4) | qs[64] | d | dmin. Per 128-run, qs byte l holds
+    the 2-bit codes l, l + 32, l + 64, l + 96."""
+    u = _stored(codes, QT.Q2_K)
+    scales = (sc.astype(np.uint8) & 15) | (mn.astype(np.uint8) << 4)
+    qs = interleave(u.reshape(-1, 4, 32), 2).reshape(-1, 64)
+    return _concat([scales, qs, fp16_bytes(d), fp16_bytes(dmin)], None)
+
+
 def _k_nibbles(u: Array) -> Array:
     """stored codes [B, 256] below 16 -> qs [B, 128]: per 64-run, sub-block 2i in the low nibbles, 2i + 1 high."""
     return interleave(u.reshape(-1, 2, 32), 4).reshape(-1, 128)
@@ -235,4 +273,7 @@ PACKERS = {
     QT.Q5_K: pack_q5_k,
     QT.Q6_K: pack_q6_k,
     QT.Q3_K: pack_q3_k,
+    QT.Q2_K: pack_q2_k,
+    QT.IQ4_NL: pack_iq4_nl,
+    QT.IQ4_XS: pack_iq4_xs,
 }

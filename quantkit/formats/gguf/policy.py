@@ -1,12 +1,14 @@
 """llama-quantize's choice of ggml type for each tensor of a GGUF file type, for Gemma 2 / Gemma 3.
 
 A file type (``--type q4_k_m``) names a main type; llama-quantize then gives some tensors another one: the
-tied embedding (also the output) more bits, the K mixes more bits on attn_v / ffn_down of some layers, and
-a fallback where a row's length is not a multiple of the type's block. Norms are always F32.
+tied embedding (also the output) more bits, the mixes more bits on attn_v / ffn_down / attn_output of some
+layers (``MIX_RULES``), and a fallback where a row's length is not a multiple of the type's block. Norms are
+always F32. Q2_K_S needs an importance matrix for its Q2_K weights (``requires_imatrix``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as QT
@@ -14,32 +16,26 @@ from gguf import LlamaFileType as FT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import block_size, row_bytes
+from quantkit.formats.gguf.file_types import FILE_TYPE_NAMES, PURE
 from quantkit.formats.gguf.names import GLOBAL_TENSORS, HF_KINDS, LAYER_TENSORS
 from quantkit.io.config import ModelConfig
 from quantkit.io.dtypes import FLOAT_NAMES, TORCH_DTYPES
 from quantkit.io.layout import layer_shapes
 
-# --qtype -> (type of the 2-D weights, general.file_type)
-FILE_TYPES: dict[str, tuple[QT, FT]] = {
-    "f32": (QT.F32, FT.ALL_F32),
-    "f16": (QT.F16, FT.MOSTLY_F16),
-    "bf16": (QT.BF16, FT.MOSTLY_BF16),
-    "q8_0": (QT.Q8_0, FT.MOSTLY_Q8_0),
-    "q4_0": (QT.Q4_0, FT.MOSTLY_Q4_0),
-    "q4_1": (QT.Q4_1, FT.MOSTLY_Q4_1),
-    "q5_0": (QT.Q5_0, FT.MOSTLY_Q5_0),
-    "q4_k": (QT.Q4_K, FT.MOSTLY_Q4_K_S),  # pure Q4_K: llama-quantize --pure Q4_K_S
-    "q6_k": (QT.Q6_K, FT.MOSTLY_Q6_K),
-    "q4_k_m": (QT.Q4_K, FT.MOSTLY_Q4_K_M),
-    "q5_k": (QT.Q5_K, FT.MOSTLY_Q5_K_S),  # pure Q5_K
-    "q3_k_m": (QT.Q3_K, FT.MOSTLY_Q3_K_M),
-    "q5_k_m": (QT.Q5_K, FT.MOSTLY_Q5_K_M),
-}
+# --type -> (type of the 2-D weights, general.file_type)
+FILE_TYPES: dict[str, tuple[QT, FT]] = {k: (QT[t], FT[f]) for k, (t, f) in FILE_TYPE_NAMES.items()}
 # the float ggml types, which are the safetensors dtypes of the same name -> torch dtype
 TORCH_FLOATS = {QT[name]: TORCH_DTYPES[name] for name in FLOAT_NAMES}
 FLOAT_TYPES = tuple(TORCH_FLOATS)
 
-FALLBACK = {QT.Q3_K: QT.Q4_0, QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}
+FALLBACK = {
+    QT.Q2_K: QT.Q4_0,
+    QT.Q3_K: QT.Q4_0,
+    QT.Q4_K: QT.Q5_0,
+    QT.Q5_K: QT.Q5_1,
+    QT.Q6_K: QT.Q8_0,
+    QT.IQ4_XS: QT.IQ4_NL,
+}
 
 
 def tensor_kind(name: str) -> str:
@@ -61,39 +57,79 @@ def fallback_type(qtype: QT, row_len: int) -> QT:
     return alt if row_len % block_size(alt) == 0 else QT.F16
 
 
-K_MIXES = {"q3_k_m": QT.Q3_K, "q4_k_m": QT.Q4_K, "q5_k_m": QT.Q5_K}  # mix -> its default type
+Rule = Callable[[int, int, int], "QT | None"]
+_BITS = lambda t: lambda i, n, g: t if use_more_bits(i, n) else None  # noqa: E731
+_FIRST_EIGHTH = lambda t: lambda i, n, g: t if i < n // 8 else None  # noqa: E731
+_GQA4 = lambda t: lambda i, n, g: t if g >= 4 else None  # noqa: E731
+_ALWAYS = lambda t: lambda i, n, g: t  # noqa: E731
+# llama_tensor_get_type_impl for a dense Gemma (no experts, not Falcon, not a 70B), without an imatrix:
+# GGUF kind -> file type -> rule (layer i, n_layers n, n_gqa g) -> the weight's type, None: the file's main
+# type. llama-quantize visits tensors layer by layer, so its counters i_attention_wv and i_ffn_down are the
+# layer index; n_gqa is n_head / n_head_kv.
+MIX_RULES: dict[str, dict[FT, Rule]] = {
+    "attn_v": {
+        FT.MOSTLY_Q2_K: lambda i, n, g: QT.Q4_K if g >= 4 else QT.Q3_K,
+        FT.MOSTLY_Q2_K_S: _GQA4(QT.Q4_K),
+        FT.MOSTLY_Q3_K_M: lambda i, n, g: QT.Q5_K if i < 2 else QT.Q4_K,
+        FT.MOSTLY_Q3_K_L: _ALWAYS(QT.Q5_K),
+        FT.MOSTLY_IQ4_NL: _GQA4(QT.Q5_K),
+        FT.MOSTLY_IQ4_XS: _GQA4(QT.Q5_K),
+        FT.MOSTLY_Q4_K_M: _BITS(QT.Q6_K),
+        FT.MOSTLY_Q5_K_M: _BITS(QT.Q6_K),
+        FT.MOSTLY_Q4_K_S: lambda i, n, g: QT.Q5_K if i < 4 else None,
+    },
+    "ffn_down": {
+        FT.MOSTLY_Q2_K: _ALWAYS(QT.Q3_K),
+        FT.MOSTLY_Q2_K_S: _FIRST_EIGHTH(QT.Q4_K),
+        FT.MOSTLY_Q3_K_M: lambda i, n, g: QT.Q5_K if i < n // 16 else QT.Q4_K,
+        FT.MOSTLY_Q3_K_L: _ALWAYS(QT.Q5_K),
+        FT.MOSTLY_Q4_K_M: _BITS(QT.Q6_K),
+        FT.MOSTLY_IQ4_NL: _FIRST_EIGHTH(QT.Q5_K),
+        FT.MOSTLY_IQ4_XS: _FIRST_EIGHTH(QT.Q5_K),
+        FT.MOSTLY_Q5_K_M: _BITS(QT.Q6_K),
+        FT.MOSTLY_Q4_K_S: _FIRST_EIGHTH(QT.Q5_K),
+    },
+    "attn_output": {
+        FT.MOSTLY_Q2_K: _ALWAYS(QT.Q3_K),
+        FT.MOSTLY_Q3_K_M: _ALWAYS(QT.Q4_K),
+        FT.MOSTLY_Q3_K_L: _ALWAYS(QT.Q5_K),
+    },
+}
 
 
-def k_mix_type(mix: str, hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
-    """Type llama-quantize gives a 2-D weight in a Q3_K_M / Q4_K_M / Q5_K_M file (tied embeddings, Gemma).
+def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int, n_gqa: int = 1) -> QT:
+    """llama-quantize's type for one weight of a ``qtype`` file (kind: GGUF or HF, e.g. 'attn_v', 'v_proj').
 
-    token_embd (the tied output) -> Q6_K. Q4_K_M / Q5_K_M: attn_v and ffn_down on use_more_bits layers -> Q6_K.
-    Q3_K_M: attn_v -> Q5_K on layers 0-1, else Q4_K; ffn_down -> Q5_K on the first n/16 layers, else Q4_K;
-    attn_output -> Q4_K. Any other weight gets the mix's type; norms stay F32. Then the row-length fallback
-    (Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, else F16)."""
+    Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q8_0
+    in Q8_0 files, and where its row is not a multiple of the main type's block), the mixes' rules
+    (``MIX_RULES``) pick other types for some layer weights, and then a row not a multiple of the type's
+    block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, else
+    F16). Norms are F32."""
     kind = tensor_kind(hf_or_gguf_kind)
     if kind.endswith("norm"):
         return QT.F32
-    qtype = K_MIXES[mix]
+    main, ftype = FILE_TYPES[qtype]
+    if main in FLOAT_TYPES:
+        return main
     if kind == "token_embd":
-        return fallback_type(QT.Q6_K, row_len)
-    if kind in ("attn_v", "ffn_down") and layer is None:
-        raise ValueError(f"{kind} needs a layer index")
-    if mix == "q3_k_m":
-        if kind == "attn_v":
-            qtype = QT.Q5_K if layer < 2 else QT.Q4_K
-        elif kind == "ffn_down":
-            qtype = QT.Q5_K if layer < n_layers // 16 else QT.Q4_K
-        elif kind == "attn_output":
-            qtype = QT.Q4_K
-    elif kind in ("attn_v", "ffn_down") and use_more_bits(layer, n_layers):
-        qtype = QT.Q6_K
-    return fallback_type(qtype, row_len)
+        return fallback_type(QT.Q8_0 if main == QT.Q8_0 or row_len % block_size(main) else QT.Q6_K, row_len)
+    rule = None if qtype in PURE else MIX_RULES.get(kind, {}).get(ftype)
+    if rule is not None:
+        if layer is None:
+            raise ValueError(f"{kind} needs a layer index")
+        main = rule(layer, n_layers, n_gqa) or main
+    return fallback_type(main, row_len)
 
 
 def q4_k_m_type(hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
-    """``k_mix_type`` for Q4_K_M."""
-    return k_mix_type("q4_k_m", hf_or_gguf_kind, layer, n_layers, row_len)
+    """``weight_type`` for Q4_K_M."""
+    return weight_type("q4_k_m", hf_or_gguf_kind, layer, n_layers, row_len)
+
+
+def requires_imatrix(qtype: str, t: PlannedTensor) -> bool:
+    """llama-quantize's tensor_requires_imatrix without the codebook types: Q2_K weights of a Q2_K_S file,
+    the token embedding excepted."""
+    return FILE_TYPES[qtype][1] == FT.MOSTLY_Q2_K_S and t.qtype == QT.Q2_K and not t.gguf_name.startswith("token_embd")
 
 
 @dataclass(frozen=True)
@@ -115,26 +151,17 @@ class PlannedTensor:
 # ------------------------------------------------------------------------------------------ type choice
 
 
-def weight_type(qtype: str, kind: str, layer: int | None, n_layers: int, row_len: int) -> QT:
-    """llama-quantize's type for one 2-D weight of a ``qtype`` file (kind: GGUF kind, e.g. 'attn_v')."""
-    if qtype in K_MIXES:
-        return k_mix_type(qtype, kind, layer, n_layers, row_len)
-    main = FILE_TYPES[qtype][0]
-    if kind == "token_embd" and main not in (*FLOAT_TYPES, QT.Q8_0):
-        main = QT.Q6_K  # the tied embedding is the output tensor
-    return fallback_type(main, row_len)
-
-
 def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
     """Every GGUF tensor in file order, with its HF source name, shape and ggml type."""
     if qtype not in FILE_TYPES:
         raise QuantkitError(f"GGUF type {qtype!r} is not supported (choose from {', '.join(FILE_TYPES)})")
     n, h = cfg.num_hidden_layers, cfg.hidden_size
+    n_gqa = cfg.num_attention_heads // cfg.num_key_value_heads
     shapes = layer_shapes(cfg)
 
     def planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], layer: int | None) -> PlannedTensor:
         kind = gguf_name.split(".")[-2]
-        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1])
+        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1], n_gqa)
         return PlannedTensor(gguf_name, hf_name, shape, t)
 
     emb, norm = GLOBAL_TENSORS["model.embed_tokens"], GLOBAL_TENSORS["model.norm"]

@@ -15,7 +15,23 @@ from gguf import GGMLQuantizationType as QT
 
 from quantkit.formats.gguf.blocks import check_rows, row_bytes
 
-REF_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+REF_TYPES = (
+    QT.Q8_0,
+    QT.Q4_0,
+    QT.Q4_1,
+    QT.Q5_0,
+    QT.Q5_1,
+    QT.Q2_K,
+    QT.Q3_K,
+    QT.Q4_K,
+    QT.Q5_K,
+    QT.Q6_K,
+    QT.IQ4_NL,
+    QT.IQ4_XS,
+)
+# types whose oracle is the row quantizer llama-quantize calls, `quantize_<type>(src, dst, nrows, n_per_row,
+# imatrix=NULL)`: quantize_row_iq4_nl_ref is another quantizer (no scale search)
+CHUNK_REF = (QT.IQ4_NL,)
 
 
 def libggml_path() -> Path | None:
@@ -27,11 +43,21 @@ def libggml_path() -> Path | None:
     return hits[0] if hits else None
 
 
+def ggml_name(qtype: QT) -> str:
+    """The type as libggml's function names spell it: Q4_K -> q4_K, IQ4_NL -> iq4_nl."""
+    return qtype.name.lower() if qtype.name.startswith("IQ") else qtype.name[0].lower() + qtype.name[1:]
+
+
 @functools.cache
-def _ref_fn(lib_path: str, qtype: QT) -> Callable[[int, int, int], None]:
-    name = qtype.name[0].lower() + qtype.name[1:]  # Q4_K -> q4_K
-    fn = getattr(ctypes.CDLL(lib_path), f"quantize_row_{name}_ref")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+def _ref_fn(lib_path: str, qtype: QT) -> Callable[..., object]:
+    name = ggml_name(qtype)
+    if qtype in CHUNK_REF:
+        fn = getattr(ctypes.CDLL(lib_path), f"quantize_{name}")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = ctypes.c_size_t
+    else:
+        fn = getattr(ctypes.CDLL(lib_path), f"quantize_row_{name}_ref")
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
     return fn
 
 
@@ -45,5 +71,9 @@ def quantize_rows_ref(x: np.ndarray, qtype: QT, lib_path: Path | None = None) ->
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_rows(x, qtype)
     out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
-    _ref_fn(str(lib_path), qtype)(x.ctypes.data, out.ctypes.data, x.size)
+    fn = _ref_fn(str(lib_path), qtype)
+    if qtype in CHUNK_REF:
+        fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], None)
+    else:
+        fn(x.ctypes.data, out.ctypes.data, x.size)
     return out

@@ -1,0 +1,37 @@
+"""The GGUF file types quantkit writes (``--type``), by name: the one list the CLI, the exporter and the GPTQ
+path share. Plain strings, so that the CLI's --help imports neither gguf-py nor torch; ``policy`` turns them
+into gguf-py's enums and says which ggml type each tensor gets.
+
+A name is either a pure type (every 2-D weight but the tied embedding in that ggml type) or one of
+llama-quantize's mixes (``*_k_s`` / ``*_k_m`` / ``*_k_l``, ``q2_k``, ``iq4_*``), whose per-tensor rules are
+llama.cpp's ``llama_tensor_get_type``.
+"""
+
+from __future__ import annotations
+
+# --type -> (gguf-py GGMLQuantizationType name of the main weight type, gguf-py LlamaFileType name)
+FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+    "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
+    "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+    "q4_k": ("Q4_K", "MOSTLY_Q4_K_S"),  # pure Q4_K: llama-quantize --pure Q4_K_S
+    "q5_k": ("Q5_K", "MOSTLY_Q5_K_S"),  # pure Q5_K
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
+    "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
+    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
+    "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
+    "q2_k_s": ("Q2_K", "MOSTLY_Q2_K_S"),  # needs an importance matrix, as in llama-quantize
+    "q3_k_s": ("Q3_K", "MOSTLY_Q3_K_S"),
+    "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"),
+    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
+    "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+    "iq4_nl": ("IQ4_NL", "MOSTLY_IQ4_NL"),
+    "iq4_xs": ("IQ4_XS", "MOSTLY_IQ4_XS"),
+}
+PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's
