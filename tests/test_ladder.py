@@ -94,7 +94,7 @@ def test_refusals_are_one_line_and_leave_nothing(tiny_gemma2, ladder, tmp_path, 
     (foreign / "mine.txt").write_text("x")
     cases = [
         (
-            ["ladder", str(tiny_gemma2), "--types", "q4_0,iq4_xs", "-o", str(new)],
+            ["ladder", str(tiny_gemma2), "--types", "q4_0,iq2_m", "-o", str(new)],
             f"(supported: {', '.join(FILE_TYPES)})",
         ),
         ([*_ladder_args(tiny_gemma2, out), "--seed", "7"], "a ladder of other settings (differs in calibration.seed)"),
