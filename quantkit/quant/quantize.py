@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats.card import CARD_NAME, artifact_card, source_provenance
 from quantkit.formats.gguf.grids import LAYOUTS
 from quantkit.formats.gguf.imatrix import write_imatrix
 from quantkit.formats.gguf.policy import plan_tensors
@@ -163,6 +164,10 @@ def quantize_checkpoint(
         if imatrix_out:
             calib = Path(opts.calib or default_calibration_text()).name
             report["imatrix"] = str(write_imatrix(imatrix_out, run.imatrix, calib, opts.seqlen))
+        prov = source_provenance(ckpt.path, ckpt.raw_config)
+        report["provenance"] = prov.as_dict()
+        card = artifact_card(report, prov, Path(out_dir).name, ckpt.config.model_type, writer.total_bytes)
+        writer.write_text(CARD_NAME, card)
         writer.write_json("quantkit.json", report)
     return report
 
