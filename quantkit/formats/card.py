@@ -95,8 +95,9 @@ def source_provenance(model_dir: Path, config: dict[str, Any]) -> Provenance:
     """The provenance of an unquantized source directory (``config``: its config.json)."""
     hub = hub_source(model_dir)
     card = read_front_matter(model_dir / CARD_NAME)
-    base = hub.repo if hub else None
-    return Provenance(model_dir.name, base, hub.commit if hub else None, _license(card, config))
+    if hub is None:
+        return Provenance(model_dir.name, None, None, _license(card, config))
+    return Provenance(hub.repo.split("/")[1], hub.repo, hub.commit, _license(card, config))
 
 
 def arch_tag(model_type: str) -> str:

@@ -122,8 +122,10 @@ def export_gguf(
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
-            add_model_metadata(writer, cfg, ckpt.path.name, FILE_TYPES[qtype][1])
-            add_provenance(writer, *checkpoint_provenance(ckpt.path, ckpt.raw_config), qtype, cfg.model_type)
+            prov, report = checkpoint_provenance(ckpt.path, ckpt.raw_config)
+            name = ckpt.path.name if report else prov.name  # a hub snapshot is named by its repo, not its commit
+            add_model_metadata(writer, cfg, name, FILE_TYPES[qtype][1])
+            add_provenance(writer, prov, report, qtype, cfg.model_type)
             add_tokenizer_metadata(writer, ckpt)
             for t in plan:
                 writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
