@@ -198,7 +198,7 @@ tokenizer = AutoTokenizer.from_pretrained("./{name}")
 vLLM (reads compressed-tensors checkpoints): `vllm serve ./{name}`
 
 llama.cpp, through a GGUF written from this checkpoint (its codes go into {qtype} blocks without rounding
-again where the grid fits):
+again when the scales are float16 and the groups a multiple of 32; otherwise they are quantized again):
 
 ```sh
 quantkit export ./{name} --format gguf --type {qtype} -o {name}-{qtype}.gguf
