@@ -138,7 +138,10 @@ def _progress() -> bool:
     return bool((ctx.find_root().obj or {}).get("progress", False))
 
 
-@cli.command()
+MODEL_HELP = "MODEL_DIR may also be a Hugging Face id, org/name[@revision] (fetched into the hub cache)."
+
+
+@cli.command(epilog=MODEL_HELP)
 @click.argument("model_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect(model_dir: str, as_json: bool) -> None:
@@ -148,12 +151,13 @@ def inspect(model_dir: str, as_json: bool) -> None:
     """
     from quantkit.eval.summary import describe, format_summary
     from quantkit.io.checkpoint import open_checkpoint
+    from quantkit.io.hub import resolve_model
 
-    d = describe(open_checkpoint(model_dir, require_tokenizer=False))
+    d = describe(open_checkpoint(resolve_model(model_dir), require_tokenizer=False))
     _emit(d, as_json, format_summary(d))
 
 
-@cli.command()
+@cli.command(epilog=MODEL_HELP)
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output directory (or .gguf file).")
 @click.option("--recipe", help="A recipes/NAME.toml (or path); flags override it.")
@@ -218,6 +222,7 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
     from quantkit.io.atomic import check_output
     from quantkit.io.budget import calibration_bytes, quantized_artifact_bytes, refuse_if_over_memory
     from quantkit.io.checkpoint import open_checkpoint
+    from quantkit.io.hub import resolve_model
     from quantkit.quant.quantize import quantize_checkpoint
     from quantkit.quant.recipes import resolve_options
 
@@ -227,6 +232,8 @@ def quantize(model_dir, out, recipe, fmt, gguf_type, device, imatrix_out, overwr
     check_output(out, inputs, kind=kind, overwrite=overwrite)
     if imatrix_out:
         check_output(imatrix_out, [*inputs, out], kind="file", overwrite=overwrite)
+    model_dir = str(resolve_model(model_dir))
+    inputs = [model_dir, opts.calib]
     ckpt = open_checkpoint(model_dir)
     need = quantized_artifact_bytes(ckpt, opts.bits, opts.group_size, opts.sym)
     if fmt == "gguf":
@@ -265,7 +272,7 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> d
     return report
 
 
-@cli.command()
+@cli.command(epilog="SRC may also be a Hugging Face id, org/name[@revision] (fetched into the hub cache).")
 @click.argument("src", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
@@ -284,8 +291,10 @@ def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: b
     from quantkit.formats.gguf.export import export_gguf, gguf_file_bytes
     from quantkit.io.atomic import check_output
     from quantkit.io.checkpoint import open_checkpoint
+    from quantkit.io.hub import resolve_model
 
     check_output(out, [src], kind="file", overwrite=overwrite)
+    src = str(resolve_model(src))
     ckpt = open_checkpoint(src)
     check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=gguf_file_bytes(ckpt, qtype))
     report = export_gguf(ckpt, out, qtype, progress=_progress())
@@ -303,7 +312,7 @@ def _format_export(r: dict) -> str:
     )
 
 
-@cli.command("eval-ppl")
+@cli.command("eval-ppl", epilog=MODEL_HELP)
 @click.argument("model_dir", type=click.Path())
 @click.option(
     "--quantized",
@@ -329,9 +338,14 @@ def _format_export(r: dict) -> str:
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--stream/--no-stream", default=None, help="Layer-streamed evaluation (default: when needed).")
 @click.option("--plot", type=click.Path(), help="Draw KLD and delta-ppl against bits/weight to this image.")
+@click.option(
+    "--card", is_flag=True, help="Add the results to each --quantized artifact's README.md (one table per dataset)."
+)
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, plot, overwrite, as_json):
+def eval_ppl(
+    model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, plot, card, overwrite, as_json
+):
     """Perplexity of MODEL_DIR (llama-perplexity's method), and with --quantized the drift: Δppl, KL
     divergence, top-1 agreement, on the same tokens. Several --quantized (packed artifacts and GGUF files,
     mixed) are scored against one reference pass and reported in one table.
@@ -339,20 +353,24 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
     Example: quantkit eval-ppl ./gemma-2-9b --quantized ./w4g128 --quantized model-q4_0.gguf --chunks 40
     """
     from quantkit.eval.evaluate import evaluate_many
-    from quantkit.eval.report import format_table, open_quantized, rows
+    from quantkit.eval.report import check_cards, format_table, open_quantized, rows, write_cards
     from quantkit.eval.report import plot as draw
     from quantkit.io.budget import eval_bytes, refuse_if_over_memory
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.dtypes import torch_dtype
+    from quantkit.io.hub import resolve_model
     from quantkit.io.texts import default_evaluation_text, perplexity_chunks
     from quantkit.io.tokenizer import Tokenizer
 
     if plot and not quantized:
         raise QuantkitError("--plot: give at least one --quantized model to plot")
+    if card and not quantized:
+        raise QuantkitError("--card: give at least one --quantized artifact whose card gets the results")
     if plot:
         from quantkit.io.atomic import check_output
 
         check_output(plot, [model_dir, *quantized], kind="file", overwrite=overwrite)
+    model_dir, quantized = str(resolve_model(model_dir)), [str(resolve_model(q)) for q in quantized]
     ref = open_checkpoint(model_dir)
     if ref.is_quantized:
         raise QuantkitError(
@@ -360,6 +378,8 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
             f"artifact as --quantized (quantkit eval-ppl MODEL_DIR --quantized {model_dir})"
         )
     quants = [open_quantized(q, ref) for q in quantized]
+    if card:
+        check_cards(quants)
     data = dataset or default_evaluation_text()
     ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
     act = 4 if dtype == "float32" else 2
@@ -372,6 +392,8 @@ def eval_ppl(model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, devi
     res = dict(results[0], dataset=str(data))
     if quants:
         res["models"] = rows(quants, results)
+    if card:
+        res["cards"] = write_cards(quants, res, data, ref)
     if plot:
         res["plot"] = str(draw(res["models"], plot, f"{ref.path.name}: {res['chunks']} x {res['ctx']} tokens"))
     text = _format_eval(res) if len(quants) <= 1 else format_table(res["reference"], res["models"])

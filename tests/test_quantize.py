@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from conftest import CALIB_TEXT
 from gguf import GGMLQuantizationType as QT
+from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -30,7 +32,11 @@ FAST_GPTQ = ["--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
 def _quantize(model: Path, out: Path, *args: str) -> dict:
     res = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(out), "--json", *args])
     assert res.exit_code == 0, res.output
-    return json.loads(res.stdout)
+    report = json.loads(res.stdout)
+    if out.is_dir():  # every packed artifact has its model card, front matter as the Hub parses it
+        card = metadata_load(out / "README.md")
+        assert card["library_name"] == "transformers" and card["tags"][:2] == ["quantkit", report["options"]["method"]]
+    return report
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -87,8 +93,11 @@ def test_same_input_same_bytes(tiny_gemma2, tmp_path):
         out = tmp_path / f"q{k}"
         _quantize(tiny_gemma2, out, "--method", "gptq", *FAST_GPTQ, "--seed", "7")
         files = sorted(p for p in out.iterdir() if p.name != "quantkit.json")  # it records time and memory
-        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files})
-    assert digests[0] == digests[1]
+        # the card names its directory (q0, q1): the same bytes once the name is taken out
+        data = {p.name: re.sub(rb"\b%s\b" % out.name.encode(), b"OUT", p.read_bytes()) if p.suffix == ".md"
+                else p.read_bytes() for p in files}  # fmt: skip
+        digests.append({name: hashlib.sha256(b).hexdigest() for name, b in data.items()})
+    assert digests[0] == digests[1] and "README.md" in digests[0]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,8 +37,10 @@ def _quantize(model: Path, out: Path, args: list[str]) -> dict:
 
 
 def _files(out: Path) -> dict[str, bytes]:
-    """Every file of an artifact except quantkit.json (it records time, memory and the resume point)."""
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "quantkit.json"}
+    """Every file of an artifact except quantkit.json (it records time, memory and the resume point); the
+    model card with its directory's name taken out (it names the artifact)."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "quantkit.json"}
+    return files | {"README.md": re.sub(rb"\b%s\b" % out.name.encode(), b"OUT", files["README.md"])}
 
 
 def _layers_done(partial: Path) -> int:

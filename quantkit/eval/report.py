@@ -8,13 +8,26 @@ before choosing a file; matplotlib is an optional extra (``pip install quantkit[
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.card import (
+    CARD_NAME,
+    artifact_card,
+    checkpoint_provenance,
+    eval_section,
+    read_report,
+    section_key,
+    update_card,
+)
 from quantkit.formats.gguf.model import GGUFModel, is_gguf, same_forward
 from quantkit.io.atomic import atomic_file
 from quantkit.io.checkpoint import Checkpoint, dir_size, open_checkpoint
+from quantkit.io.hub import hub_source
+from quantkit.io.locks import hold
 
 
 def open_quantized(path: str | Path, ref: Checkpoint) -> Checkpoint | GGUFModel:
@@ -104,3 +117,39 @@ def plot(table: list[dict[str, Any]], path: str | Path, title: str = "") -> Path
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path
+
+
+def check_cards(models: list[Checkpoint | GGUFModel]) -> None:
+    """``eval-ppl --card`` writes the cards of quantkit's packed artifacts (GGUF files have none): refuse, before
+    any work, a directory quantkit did not write (a hub cache snapshot among them) and one that is busy."""
+    for m in models:
+        if isinstance(m, GGUFModel):
+            continue
+        if read_report(m.path) is None or hub_source(m.path) is not None:
+            raise QuantkitError(f"--card: {m.path} is not a quantkit artifact (no quantkit.json); its card is not ours")
+        if not os.access(m.path, os.W_OK):
+            raise QuantkitError(f"--card: {m.path} is not writable (check its permissions)")
+        hold((m.path / CARD_NAME).resolve(), f"--card: {m.path / CARD_NAME}")
+
+
+def dataset_label(path: Path) -> str:
+    """A dataset's name in a card: its file name and the start of its SHA-256 (another text, another table)."""
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{Path(path).name} (sha256 {digest})"
+
+
+def write_cards(models: list[Checkpoint | GGUFModel], res: dict[str, Any], dataset: Path, ref: Checkpoint) -> list[str]:
+    """Put this run's table into the card of every packed artifact in ``models`` (``res``: eval-ppl's result
+    with its ``models`` rows), replacing an earlier table of the same dataset; returns the cards written."""
+    label = dataset_label(dataset)
+    written = []
+    for m, row in zip(models, res["models"], strict=True):
+        if isinstance(m, GGUFModel):
+            continue
+        fallback = ""
+        if not (m.path / CARD_NAME).is_file():  # an artifact written before cards existed gets one
+            prov, report = checkpoint_provenance(m.path, m.raw_config)
+            fallback = artifact_card(report, prov, m.path.name, m.config.model_type, dir_size(m.path))
+        section = eval_section(label, ref.path.name, res, row)
+        written.append(str(update_card(m.path, section_key(label), section, fallback)))
+    return written

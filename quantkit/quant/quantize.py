@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats.card import CARD_NAME, artifact_card, source_provenance
 from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.grids import LAYOUTS
 from quantkit.formats.gguf.imatrix import write_imatrix
@@ -166,6 +167,10 @@ def quantize_checkpoint(
         if imatrix_out:
             calib = Path(opts.calib or default_calibration_text()).name
             report["imatrix"] = str(write_imatrix(imatrix_out, run.imatrix, calib, opts.seqlen))
+        prov = source_provenance(ckpt.path, ckpt.raw_config)
+        report["provenance"] = prov.as_dict()
+        card = artifact_card(report, prov, Path(out_dir).name, ckpt.config.model_type, writer.total_bytes)
+        writer.write_text(CARD_NAME, card)
         writer.write_json("quantkit.json", report)
     return report
 
@@ -184,7 +189,8 @@ def quantize_to_gguf(
 
     GPTQ rounds every linear onto the fixed grid of the ggml type the GGUF stores it in (any legacy or K
     type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are.
-    The GGUF's general.name is ``model_dir``'s name (not the hidden artifact's)."""
+    The GGUF's general.name is the source's (its directory's, or a hub snapshot's repo), not the hidden
+    artifact's."""
     out = Path(out)
     artifact = out.parent / f".{out.name}.artifact"  # resumable like any quantize output; ours alone
     if is_artifact(artifact):  # left by a run killed between its two steps
@@ -198,7 +204,8 @@ def quantize_to_gguf(
             opts = opts.replace(scale_dtype="float16")
         report = quantize_checkpoint(model_dir, artifact, opts, device, progress)
     try:
-        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=progress, name=Path(model_dir).resolve().name)
+        name = report["provenance"]["name"]
+        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=progress, name=name)
     finally:
         shutil.rmtree(artifact, ignore_errors=True)
     return report

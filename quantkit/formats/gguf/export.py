@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.card import checkpoint_provenance
 from quantkit.formats.gguf.blocks import NUMPY_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
-from quantkit.formats.gguf.metadata import add_model_metadata, check_llamacpp_compatible
+from quantkit.formats.gguf.metadata import add_model_metadata, add_provenance, check_llamacpp_compatible
 from quantkit.formats.gguf.names import RULES
 from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix
 from quantkit.formats.gguf.stream import (
@@ -135,7 +136,10 @@ def export_gguf(
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
-            add_model_metadata(writer, cfg, name or ckpt.path.name, FILE_TYPES[qtype][1])
+            prov, report = checkpoint_provenance(ckpt.path, ckpt.raw_config)
+            default_name = ckpt.path.name if report else prov.name  # a hub snapshot: its repo, not its commit
+            add_model_metadata(writer, cfg, name or default_name, FILE_TYPES[qtype][1])
+            add_provenance(writer, prov, report, qtype, cfg.model_type)
             add_tokenizer_metadata(writer, ckpt)
             for t in plan:
                 writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

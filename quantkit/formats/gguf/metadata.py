@@ -8,18 +8,27 @@ The attention scale and the sliding pattern follow llama.cpp's Gemma rules (``na
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 from gguf import LlamaFileType as FT
 
+from quantkit import __version__
 from quantkit.errors import QuantkitError
+from quantkit.formats.card import HUB, Provenance, arch_tag
 from quantkit.formats.gguf.names import RULES, RULES_BY_ARCH, GemmaRules, sliding_layers
 from quantkit.io.config import FULL, MAX_LAYERS, SLIDING, ModelConfig, config_from_dict
+from quantkit.io.texts import default_calibration_text
 
 K = gguf.Keys
 ROPE_FREQ_BASE = 10000.0  # llama.cpp default for rope.freq_base and Gemma 3's rope.freq_base_swa
+# llama-quantize's keys for the importance matrix a file was quantized with (tools/quantize/quantize.cpp)
+IMATRIX_FILE, IMATRIX_DATASET = "quantize.imatrix.file", "quantize.imatrix.dataset"
+IMATRIX_ENTRIES, IMATRIX_CHUNKS = "quantize.imatrix.entries_count", "quantize.imatrix.chunks_count"
+RECIPE_KEY, VERSION_KEY = "quantkit.recipe", "quantkit.version"  # quantkit's own: the options, as JSON
 
 # ---------------------------------------------------------------------------------- HF config -> GGUF
 
@@ -75,6 +84,38 @@ def add_model_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, name: str, file_typ
         w.add_rope_scaling_factor(cfg.rope_scaling_factor)
     if cfg.final_logit_softcapping is not None:
         w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+
+
+def add_provenance(w: gguf.GGUFWriter, prov: Provenance, report: dict[str, Any] | None, qtype: str, arch: str) -> None:
+    """Where the file came from, in the keys llama.cpp's tools write: general.quantized_by, the base model
+    as convert_hf_to_gguf.py derives it from a card's ``base_model`` id (name and organization in title
+    form, repo_url), general.license, general.tags; for GPTQ into ggml blocks (importance-weighted) the
+    quantize.imatrix.* keys as llama-quantize writes them for --imatrix; and quantkit's recipe (``report``:
+    the quantize report of a quantkit artifact, None for an unquantized source)."""
+    w.add_quantized_by("quantkit")
+    if prov.base_model:
+        name, org = gguf.Metadata.get_model_id_components(prov.base_model)[:2]
+        w.add_base_model_count(1)
+        if name:
+            w.add_base_model_name(0, gguf.Metadata.id_to_title(name))
+        if org:
+            w.add_base_model_organization(0, gguf.Metadata.id_to_title(org))
+            w.add_base_model_repo_url(0, f"{HUB}/{prov.base_model}")
+    if prov.license:
+        w.add_license(prov.license)
+    opts = report["options"] if report else {}
+    tags = ["quantkit", *([opts["method"]] if opts else []), qtype, arch_tag(arch)]
+    w.add_tags(list(dict.fromkeys(tags)))
+    w.add_string(VERSION_KEY, __version__)
+    if not opts:
+        return
+    w.add_string(RECIPE_KEY, json.dumps(opts, sort_keys=True))
+    if opts["method"] == "gptq" and str(report.get("format", "")).startswith("ggml blocks"):
+        if report.get("imatrix"):
+            w.add_string(IMATRIX_FILE, str(report["imatrix"]))
+        w.add_string(IMATRIX_DATASET, Path(opts.get("calib") or default_calibration_text()).name)
+        w.add_uint32(IMATRIX_ENTRIES, len(report.get("linears", {})))
+        w.add_uint32(IMATRIX_CHUNKS, int(opts["nsamples"]))
 
 
 # ---------------------------------------------------------------------------------- GGUF -> HF config

@@ -202,6 +202,10 @@ class ArtifactWriter:
     def write_json(self, name: str, obj: Any) -> None:
         (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
 
+    def write_text(self, name: str, text: str) -> None:
+        """A small text file beside the shards (the model card), published with them."""
+        (self.tmp / name).write_text(text, encoding="utf-8")
+
     def copy_tokenizer(self, src_dir: Path) -> None:
         for name in TOKENIZER_FILES:
             if (src_dir / name).is_file():
