@@ -68,7 +68,7 @@ def test_ladder_files_are_the_separate_commands_files(tiny_gemma2, ladder, tmp_p
     for got, want in zip(report["types"], ev["models"], strict=True):
         assert {k: got[k] for k in want if k != "name"} == {k: v for k, v in want.items() if k != "name"}
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: gemma2\n") and "![quality against size](quality.png)" in card
+    assert card.startswith("---\n") and "library_name: gguf" in card and "![quality against size](quality.png)" in card
     assert f"| Q4_0 | {report['types'][0]['size_bytes'] / 1e6:.1f} |" in card
 
 

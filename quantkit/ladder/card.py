@@ -1,21 +1,18 @@
-"""The ladder directory's README.md: a model card with the quality table and the plot.
-
-``front_matter`` is a stand-in, kept apart on purpose: the shared Hub-convention YAML front matter is
-another branch's ``quantkit.formats.card.front_matter``; at merge this module's copy gives way to it.
-"""
+"""The ladder directory's README.md: a model card (the Hub's front matter, the quality table, the plot)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from quantkit.eval.report import format_table
+from quantkit.formats.card import front_matter
 
 
-def front_matter(base_model: str, types: list[str]) -> str:
-    """Hub-convention YAML front matter of a GGUF ladder (stand-in for formats.card.front_matter)."""
-    tags = ["gguf", "quantized", "quantkit", *(t.upper() for t in types)]
-    lines = ["---", f"base_model: {base_model}", "library_name: gguf", "tags:"]
-    return "\n".join([*lines, *(f"- {t}" for t in tags), "---", ""])
+def ladder_front_matter(report: dict[str, Any]) -> str:
+    """Front matter of a GGUF ladder: the source's Hub id and license when known, one tag per type."""
+    prov = report.get("provenance") or {}
+    tags = ["gguf", "quantized", "quantkit", *(r["type"].upper() for r in report["types"])]
+    return front_matter(prov.get("base_model"), tags, prov.get("license"), library_name="gguf")
 
 
 def ladder_card(report: dict[str, Any], plot_name: str | None) -> str:
@@ -25,7 +22,7 @@ def ladder_card(report: dict[str, Any], plot_name: str | None) -> str:
     method = report["settings"]["method"]
     how = "GPTQ into each type's own blocks" if method == "gptq" else "round-to-nearest (llama-quantize's rules)"
     lines = [
-        front_matter(model, [r["type"] for r in report["types"]]),
+        ladder_front_matter(report),
         f"# {model}: GGUF ladder",
         "",
         f"{len(report['types'])} GGUF files of `{model}` made by quantkit {report['quantkit_version']} ({how}), "

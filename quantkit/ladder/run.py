@@ -21,6 +21,7 @@ from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.eval.evaluate import evaluate_many
 from quantkit.eval.report import open_quantized, plot, rows
+from quantkit.formats.card import source_provenance
 from quantkit.formats.gguf.export import gguf_file_bytes
 from quantkit.io.atomic import ARTIFACT_MARKER, atomic_file, check_output
 from quantkit.io.budget import eval_bytes, refuse_if_over_memory
@@ -167,10 +168,12 @@ def _report(ckpt, out: Path, jobs, settings, evaluation: EvalOptions, data: Path
     first = results[0]
     ev = {k: first[k] for k in ("chunks", "ctx", "tokens_scored", "seconds", "tokens_per_s", "mode")}
     ev.update(dataset=str(data), dataset_name=data.name, dataset_sha256=digest(data.read_bytes()))
+    prov = source_provenance(ckpt.path, ckpt.raw_config)  # a hub snapshot is named by its repo
     return {
         "quantkit_version": __version__,
         "model": str(ckpt.path.resolve()),
-        "model_name": ckpt.path.resolve().name,
+        "model_name": prov.name,
+        "provenance": prov.as_dict(),
         "settings": settings,
         "reference": first["reference"],
         "eval": ev,
