@@ -53,7 +53,7 @@ def build_shipped(job: TypeJob, calib: bytes | None) -> tuple[dict[str, Any], by
     worker; returns the report and the GGUF's bytes."""
     with tempfile.TemporaryDirectory(prefix="quantkit-ladder-") as d:
         if job.method == "gptq":
-            text = Path(d) / "calibration.txt"
+            text = Path(d) / Path(job.opts.calib or "calibration.txt").name  # the name goes into the GGUF
             text.write_bytes(calib or b"")
             job = dataclasses.replace(job, opts=job.opts.replace(calib=str(text)))
         out = Path(d) / job.file_name

@@ -109,7 +109,8 @@ def add_provenance(w: gguf.GGUFWriter, prov: Provenance, report: dict[str, Any] 
     w.add_string(VERSION_KEY, __version__)
     if not opts:
         return
-    w.add_string(RECIPE_KEY, json.dumps(opts, sort_keys=True))
+    calib = opts.get("calib")  # its file name only: a file's metadata must not depend on where the text lay
+    w.add_string(RECIPE_KEY, json.dumps(dict(opts, calib=calib and Path(calib).name), sort_keys=True))
     if opts["method"] == "gptq" and str(report.get("format", "")).startswith("ggml blocks"):
         if report.get("imatrix"):
             w.add_string(IMATRIX_FILE, str(report["imatrix"]))
