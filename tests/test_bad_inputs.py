@@ -234,7 +234,7 @@ def rtn(ws: Workspace, *extra) -> list:
 
 
 def gptq(ws: Workspace, *extra) -> list:
-    return ["quantize", ws.model, "--nsamples", "4", "--seqlen", "32", "-o", ws.out, *extra]
+    return ["quantize", ws.model, "--fast", "--nsamples", "4", "--seqlen", "32", "-o", ws.out, *extra]
 
 
 def ppl(ws: Workspace, *extra, model: Path | None = None) -> list:

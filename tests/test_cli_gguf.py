@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 from quantkit.cli import cli
 from quantkit.io.checkpoint import open_checkpoint
 
-GPTQ = ["--method", "gptq", "--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
+GPTQ = ["--method", "gptq", "--fast", "--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT)]
 
 
 def _gguf_weight(path, name: str) -> np.ndarray:
@@ -24,7 +24,7 @@ def _gguf_weight(path, name: str) -> np.ndarray:
 
 def test_export_writes_gptq_codes_without_rerounding(tiny_gemma2, tmp_path):
     art, out = tmp_path / "w4g32", tmp_path / "m.gguf"
-    res = CliRunner().invoke(cli, ["quantize", str(tiny_gemma2), "-o", str(art), "--group", "32", *GPTQ])
+    res = CliRunner().invoke(cli, ["quantize", str(tiny_gemma2), "-o", str(art), "--group", "32", "--sym", *GPTQ])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["export", str(art), "--format", "gguf", "--type", "q4_0", "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output

@@ -67,7 +67,7 @@ def test_lowers_error_against_the_unquantized_outputs():
 
 def test_first_subset_unchanged_then_differs(tiny_gemma2, tmp_path):
     """Layer 0's q/k/v read the embedding in both models: identical codes; later linears see drift."""
-    opts = resolve_options(None, method="gptq", nsamples=4, seqlen=64, calib=str(CALIB_TEXT), group_size=64)
+    opts = resolve_options(None, fast=True, method="gptq", nsamples=4, seqlen=64, calib=str(CALIB_TEXT), group_size=64)
     quantize_checkpoint(tiny_gemma2, tmp_path / "plain", opts, progress=False)
     report = quantize_checkpoint(tiny_gemma2, tmp_path / "v2", opts.replace(fp_targets=True), progress=False)
     a, b = ({} for _ in range(2))

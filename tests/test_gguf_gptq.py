@@ -20,7 +20,7 @@ from quantkit.formats.gguf.policy import plan_tensors
 from quantkit.io.checkpoint import open_checkpoint
 from quantkit.model import LINEAR_NAMES, build_model
 
-GPTQ = ["--method", "gptq", "--nsamples", "16", "--seqlen", "64", "--calib", str(CALIB_TEXT), "--act-order"]
+GPTQ = ["--method", "gptq", "--fast", "--nsamples", "16", "--seqlen", "64", "--calib", str(CALIB_TEXT), "--act-order"]
 
 
 def _cli(*args: str) -> dict:

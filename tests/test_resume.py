@@ -16,7 +16,7 @@ import pytest
 from conftest import CALIB_TEXT, ROOT, make_tiny_checkpoint
 
 N_LAYERS = 8
-GPTQ = ["--method", "gptq", "--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT), "--seed", "3"]
+GPTQ = ["--method", "gptq", "--fast", "--nsamples", "8", "--seqlen", "64", "--calib", str(CALIB_TEXT), "--seed", "3"]
 RTN = ["--method", "rtn", "--group", "64"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 

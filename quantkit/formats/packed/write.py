@@ -5,7 +5,8 @@ Per quantized linear P:
     P.weight_scale       scale dtype [O, G]
     P.weight_zero_point  int32 [ceil(O*b/32), G]   asymmetric only, packed along O
     P.weight_shape       int64 [2] = [O, I]
-Everything else (embedding, norms) stays dense under its HF name. Tensors are streamed into shards of
+Everything else (embedding, norms) stays dense under its HF name. An asymmetric scheme's config also says
+``"dequantize": true`` (see ``LOAD_DEQUANTIZED``). Tensors are streamed into shards of
 bounded size inside a temporary directory that is renamed into place when the writer closes cleanly.
 """
 
@@ -65,6 +66,16 @@ def blocks_quantization_config(gguf_type: str) -> dict[str, Any]:
     return {"quant_method": "quantkit", "format": GGML_BLOCKS, "gguf_type": gguf_type}
 
 
+# transformers 5.23 reads ``dequantize`` from config.json's quantization_config (CompressedTensorsConfig) and
+# then decompresses each linear while loading, with compressed-tensors' own PackedQuantizationCompressor,
+# which unpacks the zero point above correctly. Without it, transformers first builds the compressed module
+# layout on the meta device, where compressed-tensors 0.20 leaves the zero point unpacked ([O, G] int8, its
+# ``compress`` skips packing on meta) and the load stops at the size check against our packed [O/8, G] int32.
+# Either route ends dense: the compressed route decompresses the whole model on its first forward anyway.
+# vLLM and compressed-tensors' QuantizationConfig ignore the key; the tensors stay vLLM's layout.
+LOAD_DEQUANTIZED = {"dequantize": True}
+
+
 def quantization_config(spec: QuantSpec, actorder: bool = False, observer: str = "minmax") -> dict[str, Any]:
     """config.json ``quantization_config`` for compressed-tensors 0.20 (W4A16 / W8A16 style schemes)."""
     strategy = "channel" if spec.group_size == -1 else "group"
@@ -97,6 +108,7 @@ def quantization_config(spec: QuantSpec, actorder: bool = False, observer: str =
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
+        **({} if spec.sym else LOAD_DEQUANTIZED),
     }
 
 
