@@ -113,11 +113,21 @@ class Reference:
                 if len(raw) != self.chunk_bytes():
                     raise QuantkitError(f"{self.path}: reference file ends inside chunk {c} (it changed meanwhile?)")
                 rows = np.frombuffer(raw, dtype="<u2").reshape(s, nv)
-                heads = rows.view("<f4")[:, :2]
-                if not np.isfinite(heads).all():
-                    raise QuantkitError(f"{self.path}: chunk {c} holds a scale or offset that is NaN or inf")
+                _check_heads(rows.view("<f4")[:, :2], self.n_vocab, f"{self.path}: chunk {c}")
                 out.append(torch.from_numpy(decode_rows(rows, self.n_vocab)))
         return torch.stack(out)
+
+
+def _check_heads(heads: np.ndarray, n_vocab: int, where: str) -> None:
+    """Refuse a row's (scale, min_log_prob) that no logits give: 0 <= scale <= 16/65535 and
+    -16 - log(n_vocab) <= min_log_prob <= 0 (a small margin for float32 rounding)."""
+    scale, low = heads[:, 0], heads[:, 1]
+    top = float(_SPAN / _LEVELS) * 1.001
+    bottom = -float(_SPAN) - np.log(n_vocab) - 0.01
+    if not (np.isfinite(heads).all() and (scale >= 0).all() and (scale <= top).all()):
+        raise QuantkitError(f"{where}: a row's scale is not in [0, 16/65535] (damaged reference file)")
+    if not ((low >= bottom).all() and (low <= 1e-4).all()):
+        raise QuantkitError(f"{where}: a row's minimum log-probability is not in [{bottom:.2f}, 0] (damaged file)")
 
 
 def read_reference(path: str | Path) -> Reference:
