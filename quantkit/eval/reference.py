@@ -57,32 +57,31 @@ def file_size(n_ctx: int, n_vocab: int, n_chunk: int) -> int:
     return HEADER.size + 4 * n_chunk * n_ctx + 2 * n_chunk * scored_positions(n_ctx) * row_width(n_vocab)
 
 
-def encode_rows(logits: np.ndarray) -> np.ndarray:
-    """[S, V] logits -> [S, nv] uint16 rows, the arithmetic of llama.cpp's ``log_softmax`` (float32, the sum
-    of exponentials in float64, rounding half to even as its ``nearest_int``, codes wrapped to 16 bits)."""
-    x = np.ascontiguousarray(logits, dtype=np.float32)
+def encode_rows(logits: torch.Tensor) -> np.ndarray:
+    """[S, V] logits -> [S, nv] uint16 rows, the arithmetic of llama.cpp's ``log_softmax`` (float32, rounding
+    half to even as its ``nearest_int``; the sum of exponentials in float32 pairwise sums where llama.cpp adds
+    them one by one in float64: the same to float32 precision)."""
+    x = logits.detach().to("cpu", torch.float32)
     s, v = x.shape
-    mx = x.max(-1, keepdims=True)
-    mn = np.maximum(x.min(-1, keepdims=True), mx - _SPAN)
-    lse = np.log(np.exp(x - mx).astype(np.float64).sum(-1, keepdims=True)).astype(np.float32)
+    mx = x.amax(-1, keepdim=True)
+    mn = torch.maximum(x.amin(-1, keepdim=True), mx - float(_SPAN))
+    lse = (x - mx).exp_().sum(-1, keepdim=True).log_()
     min_log_prob = (mn - mx) - lse
-    scale = (mx - mn) / _LEVELS
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.float32(1.0) / scale
-        codes = np.rint(inv * (x - mn))
-    codes = np.where((x > mn) & (scale != 0), codes, 0).astype(np.int64) & 0xFFFF
+    scale = (mx - mn) / float(_LEVELS)
+    inv = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = (x - mn).mul_(inv).round_().clamp_(0, float(_LEVELS))  # l <= floor: 0; the top rounds to 65535
     out = np.zeros((s, row_width(v)), dtype="<u2")
     heads = out.view("<f4")  # [S, nv/2]
-    heads[:, 0], heads[:, 1] = scale[:, 0], min_log_prob[:, 0]
-    out[:, 4 : 4 + v] = codes
+    heads[:, 0], heads[:, 1] = scale[:, 0].numpy(), min_log_prob[:, 0].numpy()
+    out[:, 4 : 4 + v] = codes.numpy()
     return out
 
 
-def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
+def decode_rows(rows: np.ndarray, n_vocab: int) -> torch.Tensor:
     """[S, nv] uint16 rows -> [S, V] float32 log-probabilities (scale * code + min_log_prob)."""
-    heads = np.ascontiguousarray(rows).view("<f4")[:, :2]  # [S, 2]
-    codes = rows[:, 4 : 4 + n_vocab].astype(np.float32)
-    return heads[:, :1] * codes + heads[:, 1:2]
+    heads = torch.from_numpy(np.ascontiguousarray(rows).view("<f4")[:, :2].copy())  # [S, 2]
+    codes = torch.from_numpy(rows[:, 4 : 4 + n_vocab]).to(torch.float32)
+    return codes.mul_(heads[:, :1]).add_(heads[:, 1:2])
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class Reference:
                     raise QuantkitError(f"{self.path}: reference file ends inside chunk {c} (it changed meanwhile?)")
                 rows = np.frombuffer(raw, dtype="<u2").reshape(s, nv)
                 _check_heads(rows.view("<f4")[:, :2], self.n_vocab, f"{self.path}: chunk {c}")
-                out.append(torch.from_numpy(decode_rows(rows, self.n_vocab)))
+                out.append(decode_rows(rows, self.n_vocab))
         return torch.stack(out)
 
 
@@ -198,7 +197,7 @@ class ReferenceWriter:
     def add(self, logits: torch.Tensor) -> None:
         """logits [B, S, V] of the scored positions of the next B chunks (soft-capped, as the model outputs)."""
         for chunk in logits:
-            self.f.write(encode_rows(chunk.float().numpy()).tobytes())
+            self.f.write(encode_rows(chunk).data)
         self.remaining -= len(logits)
 
 
