@@ -108,8 +108,8 @@ class Reference:
         with open(self.path, "rb") as f:
             f.seek(self.data_offset + start * self.chunk_bytes())
             for c in range(start, stop):
-                raw = f.read(self.chunk_bytes())
-                if len(raw) != self.chunk_bytes():
+                raw = bytearray(self.chunk_bytes())  # writable: torch shares it
+                if f.readinto(raw) != len(raw):
                     raise QuantkitError(f"{self.path}: reference file ends inside chunk {c} (it changed meanwhile?)")
                 rows = np.frombuffer(raw, dtype="<u2").reshape(s, nv)
                 _check_heads(rows.view("<f4")[:, :2], self.n_vocab, f"{self.path}: chunk {c}")
