@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -190,3 +191,15 @@ def test_shipped_texts_tokenize():
         assert label == name and len(path.read_text(encoding="utf-8")) > 35_000
     assert resolve_dataset("x=a/b.txt") == ("x", Path("a/b.txt"))
     assert resolve_dataset("a/b.txt") == ("b.txt", Path("a/b.txt"))
+
+
+def test_card_gets_a_table_per_dataset(models, tmp_path):
+    """--card with two datasets: the artifact's card holds one evaluation table for each, with its numbers."""
+    art = tmp_path / "rtn"
+    shutil.copytree(models["rtn"], art)
+    res = _run(["eval-ppl", models["model"], "--quantized", art, "--ctx", 32, "--chunks", 1, "--dataset", "wiki",
+                "--dataset", "code", "--card"])  # fmt: skip
+    card = (art / "README.md").read_text()
+    for label, name in (("wiki", "wiki.test.excerpt.raw"), ("code", "code.cpython-lib.excerpt.txt")):
+        assert f"## Evaluation: {name} (sha256" in card
+        assert f"{res['datasets'][label]['models'][0]['kld_mean']:.5f}" in card
