@@ -38,12 +38,16 @@ recipes: install
 	  $(BIN)/quantkit quantize $(TINY) --recipe $$r --nsamples 8 --seqlen 64 -o build/recipes/$$name || exit 1; \
 	done
 
-# llama-quantize (a test oracle: it must read quantkit's imatrix files), built from the llama.cpp tree in the
-# pinned llama-cpp-python sdist; scripts/build_llamacpp.sh with no LLAMA_TARGETS also builds the benchmark peers.
+# llama-quantize and llama-perplexity (test oracles: one must read quantkit's imatrix files, the other quantkit's
+# saved references and write the ones quantkit reads), built from the llama.cpp tree in the pinned
+# llama-cpp-python sdist; scripts/build_llamacpp.sh with no LLAMA_TARGETS also builds the benchmark peers.
 LLAMA_QUANTIZE := build/llama.cpp/bin/llama-quantize
-llama-tools: $(LLAMA_QUANTIZE)
+LLAMA_PERPLEXITY := build/llama.cpp/bin/llama-perplexity
+llama-tools: $(LLAMA_QUANTIZE) $(LLAMA_PERPLEXITY)
 $(LLAMA_QUANTIZE): | install
 	LLAMA_TARGETS=llama-quantize PIP=$(BIN)/pip scripts/build_llamacpp.sh
+$(LLAMA_PERPLEXITY): | install
+	LLAMA_TARGETS=llama-perplexity PIP=$(BIN)/pip scripts/build_llamacpp.sh
 
 test: install lint recipes llama-tools
 	$(BIN)/pytest -q

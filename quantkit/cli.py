@@ -351,17 +351,16 @@ def _format_export(r: dict) -> str:
 )
 @click.option(
     "--dataset",
-    type=click.Path(),
-    help="Evaluation text (default: the shipped ~100 kB excerpt of WikiText-2 test, raw).",
+    multiple=True,
+    help="Evaluation text: a path, NAME=PATH, or a shipped text (wiki, code, fr); repeat for drift per dataset "
+    "(default: wiki, the shipped ~100 kB excerpt of WikiText-2 test, raw).",
 )
 @click.option(
     "--ctx",
     type=click.IntRange(min=4),
-    default=512,
-    show_default=True,
-    help="Tokens per chunk (the second half is scored).",
+    help="Tokens per chunk (the second half is scored).  [default: 512, or the --reference file's]",
 )
-@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N chunks.")
+@click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N chunks (of each dataset).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Chunks per forward.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
@@ -370,62 +369,58 @@ def _format_export(r: dict) -> str:
 @click.option(
     "--card", is_flag=True, help="Add the results to each --quantized artifact's README.md (one table per dataset)."
 )
+@click.option(
+    "--save-reference",
+    type=click.Path(),
+    help="Also write MODEL_DIR's log-probabilities here, in llama-perplexity's --kl-divergence-base format.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(),
+    help="Score --quantized against this saved reference (quantkit's or llama-perplexity's) instead of running "
+    "MODEL_DIR, whose tokenizer and config alone are used.",
+)
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def eval_ppl(
-    model_dir, quantized, dataset, ctx, chunks, batch_size, dtype, device, stream, plot, card, overwrite, as_json
-):
+def eval_ppl(model_dir, quantized, dataset, plot, card, save_reference, reference, overwrite, as_json, **flags):
     """Perplexity of MODEL_DIR (llama-perplexity's method), and with --quantized the drift: Δppl, KL
     divergence, top-1 agreement, on the same tokens. Several --quantized (packed artifacts and GGUF files,
-    mixed) are scored against one reference pass and reported in one table.
+    mixed) are scored against one reference pass and reported in one table; several --dataset, per dataset
+    and over all of them.
 
     Example: quantkit eval-ppl ./gemma-2-9b --quantized ./w4g128 --quantized model-q4_0.gguf --chunks 40
-    """
-    from quantkit.eval.evaluate import evaluate_many
-    from quantkit.eval.report import check_cards, format_table, open_quantized, rows, write_cards
-    from quantkit.eval.report import plot as draw
-    from quantkit.io.budget import eval_bytes, refuse_if_over_memory
-    from quantkit.io.checkpoint import open_checkpoint
-    from quantkit.io.dtypes import torch_dtype
-    from quantkit.io.hub import resolve_model
-    from quantkit.io.texts import default_evaluation_text, perplexity_chunks
-    from quantkit.io.tokenizer import Tokenizer
 
+    Save the reference once, then score without the unquantized weights:
+    quantkit eval-ppl ./gemma-2-9b --save-reference base.kld --chunks 40;
+    quantkit eval-ppl ./gemma-2-9b --reference base.kld --quantized model-q4_0.gguf
+    """
+    from quantkit.eval.report import format_domains, format_table
+    from quantkit.eval.session import EvalOptions, check_single_text, dataset_specs, run_eval
+    from quantkit.io.atomic import check_output
+    from quantkit.io.hub import resolve_model
+
+    specs = dataset_specs(dataset)
     if plot and not quantized:
         raise QuantkitError("--plot: give at least one --quantized model to plot")
     if card and not quantized:
         raise QuantkitError("--card: give at least one --quantized artifact whose card gets the results")
-    if plot:
-        from quantkit.io.atomic import check_output
-
-        check_output(plot, [model_dir, *quantized], kind="file", overwrite=overwrite)
+    if reference and save_reference:
+        raise QuantkitError("--reference and --save-reference: give one (a saved reference is already saved)")
+    if reference or save_reference:
+        check_single_text(specs, "--reference" if reference else "--save-reference")
+    inputs = [model_dir, *quantized, reference, *(p for _, p in specs)]
+    for out in (save_reference, plot):
+        if out:
+            check_output(out, inputs, kind="file", overwrite=overwrite)
     model_dir, quantized = str(resolve_model(model_dir)), [str(resolve_model(q)) for q in quantized]
-    ref = open_checkpoint(model_dir)
-    if ref.is_quantized:
-        raise QuantkitError(
-            f"{model_dir}: a quantized artifact; eval-ppl expects the unquantized model as MODEL_DIR and the "
-            f"artifact as --quantized (quantkit eval-ppl MODEL_DIR --quantized {model_dir})"
-        )
-    quants = [open_quantized(q, ref) for q in quantized]
-    if card:
-        check_cards(quants)
-    data = dataset or default_evaluation_text()
-    ids = perplexity_chunks(Tokenizer(ref.tokenizer_path), data, ctx, chunks)
-    act = 4 if dtype == "float32" else 2
-    need = eval_bytes(ref.config, ids.shape[0], ctx, batch_size, act) * (1 + len(quants))
-    refuse_if_over_memory(need, f"--ctx {ctx} x --batch-size {batch_size}", "lower --ctx or --batch-size")
-    dt = torch_dtype(dtype)
-    results = evaluate_many(
-        ref, ids, quants, dtype=dt, device=device, stream=stream, batch_size=batch_size, progress=_progress()
-    )
-    res = dict(results[0], dataset=str(data))
-    if quants:
-        res["models"] = rows(quants, results)
-    if card:
-        res["cards"] = write_cards(quants, res, data, ref)
-    if plot:
-        res["plot"] = str(draw(res["models"], plot, f"{ref.path.name}: {res['chunks']} x {res['ctx']} tokens"))
-    text = _format_eval(res) if len(quants) <= 1 else format_table(res["reference"], res["models"])
+    opts = EvalOptions(**flags, progress=_progress())
+    res = run_eval(model_dir, quantized, specs, opts, reference, save_reference, plot, card)
+    if len(specs) > 1:
+        refs = {k: d["reference"] for k, d in res["datasets"].items()} | {"all": res["reference"]}
+        tables = {k: d.get("models", []) for k, d in res["datasets"].items()} | {"all": res.get("models", [])}
+        text = format_domains(refs, tables)
+    else:
+        text = _format_eval(res) if len(quantized) <= 1 else format_table(res["reference"], res["models"])
     _emit(res, as_json, text)
 
 

@@ -2,7 +2,8 @@
 # Builds llama.cpp's command-line tools (llama-quantize, llama-perplexity, llama-imatrix) from the llama.cpp
 # tree vendored in the llama-cpp-python sdist that quantkit's tests pin, into build/llama.cpp/ (gitignored).
 # The binaries serve this machine's benchmarks and tests (make test builds llama-quantize, which must read
-# quantkit's imatrix files), so they are compiled for this CPU (GGML_NATIVE on).
+# quantkit's imatrix files, and llama-perplexity, which writes and reads saved references), so they are
+# compiled for this CPU (GGML_NATIVE on).
 #
 #     scripts/build_llamacpp.sh            # -> build/llama.cpp/bin/llama-quantize ...
 #     JOBS=2 PIP=.venv/bin/pip SDIST=path/to/llama_cpp_python-0.3.36.tar.gz scripts/build_llamacpp.sh

@@ -170,6 +170,19 @@ def gguf_fields(path: Path) -> tuple[list[tuple[int, int]], int]:
     return spots, int(reader.data_offset)
 
 
+def _reference_mutation(m: Mutator, raw: bytes, path: Path) -> bytes:
+    """Rewrite a count of the header, a token or a row's scale / offset (the file is valid before the case),
+    or mutate the header's and tokens' bytes."""
+    n_ctx, n_chunk = struct.unpack_from("<I", raw, 8)[0], struct.unpack_from("<i", raw, 16)[0]
+    data = 20 + 4 * n_ctx * n_chunk
+    if m.r.random() < 0.6:
+        b = bytearray(raw)
+        at = m.r.choice([8, 12, 16, 20 + 4 * m.r.randrange(n_ctx * n_chunk), data, data + 4])
+        b[at : at + 4] = m.number(4).to_bytes(4, "little")
+        return bytes(b)
+    return m.bytes_(raw, data)
+
+
 # --------------------------------------------------------------------------------------------- targets
 
 
@@ -221,6 +234,9 @@ TARGETS = {
         Target("gguf-eval", "gguf", lambda d: d / "m.gguf", _gguf_mutation,
                lambda src, model, out: ["eval-ppl", str(model), "--quantized", str(src / "m.gguf"),
                                         "--ctx", "32", "--chunks", "1", "--dataset", str(TEXT)]),
+        Target("reference", "ref", lambda d: d / "base.kld", _reference_mutation,
+               lambda src, model, out: ["eval-ppl", str(model), "--reference", str(src / "base.kld"), "--quantized",
+                                        str(model.parent / "art"), "--dataset", str(TEXT)]),
         Target("imatrix", "imatrix", lambda d: d / "m.imatrix.gguf", _gguf_mutation,
                lambda src, model, out: ["@read_imatrix", str(src / "m.imatrix.gguf")]),
     ]
@@ -228,7 +244,8 @@ TARGETS = {
 
 
 def make_sources(work: Path) -> dict[str, Path]:
-    """The valid inputs: a tiny Gemma 2 checkpoint, an RTN artifact, an F32 GGUF, an imatrix file."""
+    """The valid inputs: a tiny Gemma 2 checkpoint, an RTN artifact, an F32 GGUF, an imatrix file, a saved
+    reference (32 tokens of the shipped WikiText-2 excerpt)."""
     from make_tiny_checkpoint import make_tiny_checkpoint
 
     from quantkit.formats.gguf.export import export_gguf
@@ -246,7 +263,13 @@ def make_sources(work: Path) -> dict[str, Path]:
     for i in range(2):
         stats.add_from_hessian(i, "self_attn.q_proj", torch.eye(256) * 2.0, 16)
     write_imatrix(work / "imatrix" / "m.imatrix.gguf", stats, "wiki.valid", 16)
-    return {"model": model, "art": work / "art", "gguf": work / "gguf", "imatrix": work / "imatrix"}
+    (work / "ref").mkdir()
+    from quantkit.eval.session import EvalOptions, run_eval
+
+    opts = EvalOptions(ctx=32, chunks=1, progress=False)
+    run_eval(model, [], [("wiki", TEXT)], opts, save_reference=work / "ref" / "base.kld")
+    return {"model": model, "art": work / "art", "gguf": work / "gguf", "imatrix": work / "imatrix",
+            "ref": work / "ref"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- a case

@@ -829,6 +829,26 @@ def eval_absurd_batch(ws):
     return ["eval-ppl", ws.model, "--dataset", _long_text(ws), "--ctx", "16384", "--batch-size", "100000"]
 
 
+@case("eval-ppl", "--reference and --save-reference: give one")
+def reference_and_save_reference(ws):
+    return ppl(ws, "--reference", ws.root / "a.kld", "--save-reference", ws.root / "b.kld")
+
+
+@case("eval-ppl", "--dataset: the label 'wiki' is given twice")
+def dataset_label_twice(ws):
+    return ["eval-ppl", ws.model, "--dataset", "wiki", "--dataset", f"wiki={TEST_TEXT}"]
+
+
+@case("eval-ppl", "--save-reference: a reference file holds one text's tokens")
+def save_reference_two_texts(ws):
+    return ["eval-ppl", ws.model, "--dataset", "wiki", "--dataset", "code", "--save-reference", ws.root / "b.kld"]
+
+
+@case("eval-ppl", "not a llama-perplexity log-probability file")
+def reference_not_a_reference(ws):
+    return ppl(ws, "--reference", TEST_TEXT)
+
+
 @case("eval-ppl", "describes a different model")
 def quantized_of_other_model(ws):
     edit_config(ws.art, rms_norm_eps=1e-5)

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT
 
 import quantkit
+import quantkit.io.texts as texts
 
 SOURCES = ("pyproject.toml", "README.md", "quantkit", "recipes", "data")
 
@@ -50,15 +51,21 @@ def test_wheel_ships_recipes_and_texts(site, tmp_path):
     code = (
         "import quantkit, quantkit.quant.recipes as r, quantkit.io.texts as d;"
         "print(quantkit.__file__); print(r.RECIPES_DIR); print(d.default_calibration_text());"
-        "print(d.default_evaluation_text())"
+        "print(d.default_evaluation_text());"
+        "print(*(d.resolve_dataset(n)[1] for n in d.SHIPPED_TEXTS), sep=chr(10))"
     )
     lines = _run([sys.executable, "-c", code], cwd=tmp_path, env=_env(site)).stdout.split()
     assert all(Path(p).resolve().is_relative_to(site.resolve()) for p in lines), lines
     assert sorted(p.name for p in Path(lines[1]).glob("*.toml")) == sorted(
         p.name for p in (ROOT / "recipes").glob("*.toml")
     )
-    for shipped, original in ((lines[2], "wiki.valid.excerpt.txt"), (lines[3], "wiki.test.excerpt.raw")):
+    named = [texts.SHIPPED_TEXTS[n] for n in texts.SHIPPED_TEXTS]  # --dataset wiki, code, fr
+    originals = ["wiki.valid.excerpt.txt", "wiki.test.excerpt.raw", *named]
+    assert len(lines) == 4 + len(named)
+    for shipped, original in zip(lines[2:], originals, strict=True):
         assert Path(shipped).read_bytes() == (ROOT / "data" / original).read_bytes()
+    licences = {p.name for p in Path(lines[2]).parent.glob("LICENSE.*.txt")}
+    assert licences == {"LICENSE.python.txt", "LICENSE.vim.txt"}  # the shipped texts' licences travel with them
 
 
 def test_wheel_version(site, tmp_path):

@@ -13,81 +13,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from quantkit.eval.reference import FLOOR, Reference, ReferenceWriter
+from quantkit.eval.stats import Tally, log_probs
 from quantkit.formats.packed.linear import linears_from_checkpoint
 from quantkit.io.budget import available_memory
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.model import Gemma, build_model, load_layer_from
 
 ModelFactory = Callable[[bool], Gemma]
-
-
-@dataclass
-class NllStats:
-    """Running sums for PPL = exp(mean nll) and its standard error PPL·sqrt(var(nll)/(n-1))."""
-
-    total: float = 0.0
-    total_sq: float = 0.0
-    count: int = 0
-
-    def add(self, nll: torch.Tensor) -> None:
-        v = nll.double()
-        self.total += float(v.sum())
-        self.total_sq += float((v * v).sum())
-        self.count += v.numel()
-
-    def summary(self) -> dict[str, float]:
-        mean = self.total / self.count
-        var = max(self.total_sq / self.count - mean * mean, 0.0)
-        ppl = math.exp(mean)
-        se = ppl * math.sqrt(var / (self.count - 1)) if self.count > 1 else float("nan")
-        return {"ppl": ppl, "ppl_se": se, "nll": mean}
-
-
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(logits.float(), dim=-1)
-
-
-def _nll(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -lp.gather(-1, targets[..., None]).squeeze(-1)
-
-
-@dataclass
-class Comparison:
-    """One quantized model against the reference, on the same tokens."""
-
-    quant: NllStats = field(default_factory=NllStats)
-    kld: list[np.ndarray] = field(default_factory=list)
-    same_top1: int = 0
-
-    def add(self, ref_lp: torch.Tensor, q_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """ref_lp: reference log-probs [B, S, V]; q_logits [B, S, V]; targets [B, S] (the next tokens)."""
-        q_lp = _log_probs(q_logits)
-        self.quant.add(_nll(q_lp, targets))
-        kl = (ref_lp.exp() * (ref_lp - q_lp)).sum(-1)  # [B, S]
-        self.kld.append(kl.flatten().double().numpy())
-        self.same_top1 += int((ref_lp.argmax(-1) == q_lp.argmax(-1)).sum())
-
-    def summary(self, r: dict[str, float]) -> dict[str, Any]:
-        kl = np.concatenate(self.kld)
-        q = self.quant.summary()
-        return {
-            "reference": r,
-            "quantized": q,
-            "delta_ppl": q["ppl"] - r["ppl"],
-            "delta_ppl_pct": 100.0 * (q["ppl"] / r["ppl"] - 1.0),
-            "kld_mean": float(kl.mean()),
-            "kld_p99": float(np.percentile(kl, 99)),
-            "kld_p999": float(np.percentile(kl, 99.9)),
-            "top1_agreement": self.same_top1 / kl.size,
-        }
 
 
 def scored(ctx: int) -> slice:
@@ -175,9 +113,31 @@ def _whole_model_streams(models, batches, sl, dtype, device) -> Iterator[list[to
     return zip(*[_whole_model_logits(m, batches, sl) for m in built], strict=True)
 
 
+def _forwards(models, batches, sl, dtype, device, stream, group_bytes, progress) -> Iterator[list[torch.Tensor]]:
+    """Per batch, the scored-position logits of every model in ``models`` (none: an empty list per batch)."""
+    if not models:
+        return ([] for _ in batches)
+    if stream:
+        ctx = batches[0].shape[1]
+        group = group_batches(models[0][0].config, dtype, ctx, batches[0].shape[0], group_bytes)
+        return _streamed_logits(models, batches, sl, dtype, device, group, progress)
+    return (list(outs) for outs in _whole_model_streams(models, batches, sl, dtype, device))
+
+
+def _dataset_rows(datasets: list[tuple[str, int]], n: int) -> list[tuple[str, int, int]]:
+    """(name, first chunk, end chunk) of each dataset, in the order its chunks are stacked."""
+    spans, start = [], 0
+    for name, count in datasets:
+        spans.append((name, start, start + count))
+        start += count
+    if start != n:
+        raise ValueError(f"datasets cover {start} chunks, not {n}")
+    return spans
+
+
 @torch.no_grad()
 def evaluate_many(
-    ref: Checkpoint,
+    ref: Checkpoint | None,
     chunks: torch.Tensor,
     quants: list[Checkpoint],
     dtype: torch.dtype = torch.float32,
@@ -186,47 +146,69 @@ def evaluate_many(
     batch_size: int = 1,
     progress: bool = True,
     group_bytes: int = 1 << 30,
+    datasets: list[tuple[str, int]] | None = None,
+    reference: Reference | None = None,
+    save: ReferenceWriter | None = None,
 ) -> list[dict[str, Any]]:
     """Score ``ref`` and every model in ``quants`` on ``chunks`` [n, ctx] in one pass over the text (the
     reference runs once). Returns one result per quantized model (or the reference alone). Layer-streamed,
-    chunks go through the layers in groups whose hidden states take about ``group_bytes`` per model."""
+    chunks go through the layers in groups whose hidden states take about ``group_bytes`` per model.
+
+    ``datasets``: (name, chunk count) of the texts stacked in ``chunks``; each result then also holds every
+    metric per dataset under "datasets" (the top level is over all of them). ``reference``: a saved reference
+    (its tokens already checked against ``chunks``) stands in for ``ref``, which is then not run (pass None).
+    ``save``: the reference's log-probabilities are also written there, batch by batch."""
     n, ctx = chunks.shape
     sl = scored(ctx)
     targets = chunks[:, sl.start + 1 : sl.stop + 1]  # [n, S]
+    models = ([(ref, False)] if reference is None else []) + [(q, True) for q in quants]
     if stream is None:
-        stream = model_bytes(ref, dtype) * (1 + len(quants)) > 0.6 * available_memory(unknown=8 << 30)
+        stream = bool(models) and (
+            model_bytes(models[0][0], dtype) * len(models) > 0.6 * available_memory(unknown=8 << 30)
+        )
+    spans = _dataset_rows(datasets or [("all", n)], n)
+    tallies = [Tally.empty(len(quants)) for _ in spans]
+    floor = -math.inf if reference is None else FLOOR
     batches = _batches(chunks, batch_size)
     t0 = time.perf_counter()
-    models = [(ref, False)] + [(q, True) for q in quants]
-    if stream:
-        group = group_batches(ref.config, dtype, ctx, batch_size, group_bytes)
-        logits = _streamed_logits(models, batches, sl, dtype, device, group, progress)
-    else:
-        logits = _whole_model_streams(models, batches, sl, dtype, device)
-    ref_stats, comparisons = NllStats(), [Comparison() for _ in quants]
+    logits = _forwards(models, batches, sl, dtype, device, stream, group_bytes, progress)
     start = 0
-    bar = tqdm(total=len(batches), desc="eval", unit="batch", disable=not progress or stream)
-    for ref_logits, *q_logits in logits:
-        ref_lp = _log_probs(ref_logits)
-        tg = targets[start : start + len(ref_lp)]
-        start += len(ref_lp)
-        ref_stats.add(_nll(ref_lp, tg))
-        for cmp, ql in zip(comparisons, q_logits, strict=True):
-            cmp.add(ref_lp, ql, tg)
+    bar = tqdm(total=len(batches), desc="eval", unit="batch", disable=not progress or (stream and bool(models)))
+    for i, outs in enumerate(logits):
+        b = len(batches[i])
+        if reference is None:
+            ref_logits, q_logits = outs[0], outs[1:]
+            if save is not None:
+                save.add(ref_logits)
+            ref_lp = log_probs(ref_logits)
+        else:
+            ref_lp, q_logits = reference.log_probs(start, start + b), outs
+        for tally, (_, lo, hi) in zip(tallies, spans, strict=True):
+            a, z = max(lo, start) - start, min(hi, start + b) - start
+            if a < z:
+                tally.add(ref_lp[a:z], [q[a:z] for q in q_logits], targets[start + a : start + z], floor)
+        start += b
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
-    r = ref_stats.summary()
-    results = [c.summary(r) for c in comparisons] or [{"reference": r}]
+    total = tallies[0]
+    for t in tallies[1:]:
+        total = total.merged(t)
     info = {
-        "tokens_scored": ref_stats.count,
+        "tokens_scored": total.ref.count,
         "chunks": n,
         "ctx": ctx,
         "seconds": round(seconds, 3),
-        "tokens_per_s": n * ctx * len(models) / seconds,  # forward-pass tokens, all models together
+        "tokens_per_s": n * ctx * max(1, len(models)) / seconds,  # forward-pass tokens, all models together
         "mode": "layer-streamed" if stream else "whole-model",
+        "reference_source": "model" if reference is None else str(reference.path),
     }
-    return [{**res, **info} for res in results]
+    results = [{**res, **info} for res in total.summaries()]
+    if datasets is not None:
+        per = [t.summaries() for t in tallies]
+        for k, res in enumerate(results):
+            res["datasets"] = {name: per[d][k] for d, (name, _, _) in enumerate(spans)}
+    return results
 
 
 def evaluate(ref: Checkpoint, chunks: torch.Tensor, quant: Checkpoint | None = None, **kwargs) -> dict[str, Any]:

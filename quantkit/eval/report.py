@@ -89,8 +89,44 @@ def format_table(reference: dict[str, float], table: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def plot(table: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """KLD mean and Δppl % against bits per weight, one labelled point per model, written to ``path``."""
+def dataset_rows(models: list[Checkpoint | GGUFModel], results: list[dict[str, Any]]) -> dict[str, list[dict]]:
+    """Dataset name -> ``rows`` of every model on that dataset alone (results of ``evaluate_many(datasets=)``)."""
+    names = list(results[0]["datasets"]) if results and "datasets" in results[0] else []
+    return {name: rows(models, [res["datasets"][name] for res in results]) for name in names}
+
+
+def format_domains(references: dict[str, dict], tables: dict[str, list[dict[str, Any]]]) -> str:
+    """One markdown table, a block per dataset ("all" last: every dataset's tokens together)."""
+    cols = ("dataset", "model", "bits/w", "ppl", "Δppl %", "KLD mean", "KLD p99", "KLD p99.9", "same top-1 %")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, ref in references.items():
+        lines.append(f"| {name} | reference | | {ref['ppl']:.4f} ± {ref['ppl_se']:.4f} | | | | | |")
+        for r in tables.get(name, []):
+            bits = "" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.3f}"
+            lines.append(
+                f"| {name} | {r['name']} | {bits} | {r['ppl']:.4f} ± {r['ppl_se']:.4f} | {r['delta_ppl_pct']:+.3f} "
+                f"| {r['kld_mean']:.5f} | {r['kld_p99']:.5f} | {r['kld_p999']:.5f} | {100 * r['top1_agreement']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def _series(ax, pts: list[dict[str, Any]], key: str, label: str | None) -> None:
+    """One dataset's models on ``ax``: points (o packed, s GGUF), joined in bits order when labelled."""
+    pts = sorted(pts, key=lambda r: r["bits_per_weight"])
+    if label is not None:
+        (line,) = ax.plot([r["bits_per_weight"] for r in pts], [r[key] for r in pts], alpha=0.5, label=label)
+        color = line.get_color()
+    for r in pts:
+        marker = "s" if r["kind"] == "gguf" else "o"
+        ax.scatter(r["bits_per_weight"], r[key], marker=marker, **({"color": color} if label is not None else {}))
+        ax.annotate(r["name"], (r["bits_per_weight"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+
+def plot(
+    table: list[dict[str, Any]], path: str | Path, title: str = "", series: dict[str, list[dict]] | None = None
+) -> Path:
+    """KLD mean and Δppl % against bits per weight, one labelled point per model, written to ``path``; with
+    ``series`` (dataset name -> rows), one line per dataset instead."""
     try:
         import matplotlib
 
@@ -98,18 +134,19 @@ def plot(table: list[dict[str, Any]], path: str | Path, title: str = "") -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         raise QuantkitError("--plot: matplotlib is not installed (pip install 'quantkit[plot]')") from None
-    pts = [r for r in table if r["bits_per_weight"] is not None]
+    groups = series if series else {None: table}
+    groups = {k: [r for r in v if r["bits_per_weight"] is not None] for k, v in groups.items()}
+    every = [r for v in groups.values() for r in v]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "kld_mean", "mean KL divergence"), (axes[1], "delta_ppl_pct", "Δppl %")):
-        for r in pts:
-            marker = "s" if r["kind"] == "gguf" else "o"
-            ax.scatter(r["bits_per_weight"], r[key], marker=marker)
-            ax.annotate(r["name"], (r["bits_per_weight"], r[key]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+        for name, pts in groups.items():
+            _series(ax, pts, key, name)
         ax.set_xlabel("bits per weight (decoder linears)")
         ax.set_ylabel(label)
-        ax.set_yscale("log" if all(r[key] > 0 for r in pts) else "linear")
+        ax.set_yscale("log" if all(r[key] > 0 for r in every) else "linear")
         ax.grid(True, alpha=0.3)
+        if series:
+            ax.legend(fontsize=8)
     fig.suptitle(title or "quality against size (o packed artifact, s GGUF)")
     fig.tight_layout()
     path = Path(path)

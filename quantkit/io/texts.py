@@ -38,9 +38,9 @@ def calibration_windows(tok: Tokenizer, path: str | Path, nsamples: int, seqlen:
     return torch.cat([bos, windows], dim=1)
 
 
-def perplexity_chunks(tok: Tokenizer, path: str | Path, ctx: int, max_chunks: int | None = None) -> torch.Tensor:
-    """llama-perplexity's chunks [n_chunk, ctx]: tokenize the whole text once with BOS (after removing one
-    trailing newline), cut into ctx-token chunks, replace each chunk's first token by BOS."""
+def text_tokens(tok: Tokenizer, path: str | Path, ctx: int, max_chunks: int | None = None) -> torch.Tensor:
+    """The text's tokens cut as llama-perplexity cuts them [n_chunk, ctx]: the whole text tokenized once with
+    BOS (after removing one trailing newline), the first n_chunk * ctx tokens (what its reference file holds)."""
     text = read_text(path, "evaluation")
     if text.endswith("\n"):
         text = text[:-1]
@@ -48,9 +48,19 @@ def perplexity_chunks(tok: Tokenizer, path: str | Path, ctx: int, max_chunks: in
     if len(ids) < 2 * ctx:
         raise QuantkitError(f"{path}: {len(ids)} tokens; need at least 2*ctx = {2 * ctx}")
     n = len(ids) // ctx if max_chunks is None else min(max_chunks, len(ids) // ctx)
-    chunks = ids[: n * ctx].reshape(n, ctx).clone()
-    chunks[:, 0] = tok.bos_id
+    return ids[: n * ctx].reshape(n, ctx).clone()
+
+
+def with_bos(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Chunks [n, ctx] as they are evaluated: each one's first token replaced by BOS."""
+    chunks = tokens.clone()
+    chunks[:, 0] = bos_id
     return chunks
+
+
+def perplexity_chunks(tok: Tokenizer, path: str | Path, ctx: int, max_chunks: int | None = None) -> torch.Tensor:
+    """llama-perplexity's chunks [n_chunk, ctx]: ``text_tokens``, each chunk's first token replaced by BOS."""
+    return with_bos(text_tokens(tok, path, ctx, max_chunks), tok.bos_id)
 
 
 # packaged name -> top-level directory of the source tree (pyproject.toml maps one onto the other)
@@ -74,3 +84,24 @@ def default_calibration_text() -> Path:
 def default_evaluation_text() -> Path:
     """The WikiText-2 test (raw) excerpt shipped with quantkit (pass ``--dataset`` for the full text)."""
     return shipped("texts") / "wiki.test.excerpt.raw"
+
+
+# --dataset NAME: evaluation texts shipped with quantkit (data/README.md says where each comes from)
+SHIPPED_TEXTS = {
+    "wiki": "wiki.test.excerpt.raw",
+    "code": "code.cpython-lib.excerpt.txt",
+    "fr": "fr.vim-tutor.excerpt.txt",
+}
+
+
+def resolve_dataset(spec: str) -> tuple[str, Path]:
+    """(label, path) of a ``--dataset`` value: ``NAME=PATH`` labels PATH; a shipped text's name (``wiki``,
+    ``code``, ...) selects it; anything else is a path, labelled by its file name."""
+    label, sep, rest = spec.partition("=")
+    if sep and label and "/" not in label:
+        if not rest:
+            raise QuantkitError(f"--dataset {spec}: no path after '=' (NAME=PATH)")
+        return label, Path(rest)
+    if spec in SHIPPED_TEXTS:
+        return spec, shipped("texts") / SHIPPED_TEXTS[spec]
+    return Path(spec).name or spec, Path(spec)
