@@ -1015,6 +1015,15 @@ def import_block_count_huge(ws):  # found by the fuzzer: per-layer lists were bu
     return imp(ws)
 
 
+@case("import-gguf", "metadata 'general.name' holds a string that is not UTF-8")
+def import_string_not_utf8(ws):  # found by the fuzzer: gguf-py's UnicodeDecodeError was a traceback
+    field = gguf.GGUFReader(ws.gguf).fields["general.name"]
+    with open(ws.gguf, "r+b") as f:
+        f.seek(field.offset + sum(part.nbytes for part in field.parts[:4]))  # key length, key, type, length
+        f.write(b"\xbc")
+    return imp(ws)
+
+
 @case("import-gguf", "is also an input")
 def import_onto_itself(ws):
     return imp(ws, ws.gguf, ws.gguf)

@@ -60,7 +60,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
     path = Path(path)
     source = str(path)
     reader = open_gguf(path)
-    meta = read_metadata(reader)
+    meta = read_metadata(reader, source)
     rules = gemma_rules(meta, source)  # fail fast on a non-Gemma file
     vocab = read_vocab(reader, source)
     config = build_config(meta, len(vocab.pieces), source)
@@ -138,9 +138,18 @@ def check_sizes(path: Path) -> None:
             take("<IQ")  # type, offset: gguf-py checks them against the data section
 
 
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Every KV pair except the vocab arrays, as Python values."""
-    return {k: f.contents() for k, f in reader.fields.items() if k not in _VOCAB_ARRAYS}
+def read_metadata(reader: gguf.GGUFReader, source: str) -> dict[str, Any]:
+    """Every KV pair except the vocab arrays, as Python values. GGUF strings are UTF-8: a value that is not
+    is a one-line error naming its key."""
+    meta = {}
+    for k, f in reader.fields.items():
+        if k in _VOCAB_ARRAYS:
+            continue
+        try:
+            meta[k] = f.contents()
+        except UnicodeDecodeError:
+            raise QuantkitError(f"{source}: metadata {k!r} holds a string that is not UTF-8") from None
+    return meta
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:

@@ -241,7 +241,10 @@ def _token_id(value: Any, key: str, source: str) -> int:
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any) -> Any:
     field = reader.get_field(key)
-    return default if field is None else field.contents()
+    try:
+        return default if field is None else field.contents()
+    except UnicodeDecodeError:
+        raise QuantkitError(f"{reader.data.filename}: metadata {key!r} holds a string that is not UTF-8") from None
 
 
 def _numeric_array(
