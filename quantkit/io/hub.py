@@ -93,7 +93,7 @@ def resolve_model(spec: str | Path) -> Path:
     except ImportError:
         raise QuantkitError(
             f"{spec}: not a local path; to read it as a Hugging Face id install huggingface_hub "
-            "(pip install 'quantkit[hub]')"
+            "(pip install huggingface_hub)"
         ) from None
     try:
         folder = snapshot_download(
