@@ -343,6 +343,19 @@ def run_case(target: Target, sources: dict[str, Path], work: Path, k: int, seed:
     return {"i": k, "verdict": verdict, "detail": detail, "exit": code, "error": lines[-1] if lines else ""}
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS. VmHWM belongs to the address space exec made, whereas Linux carries
+    ru_maxrss over from the parent across fork and exec (a worker of a large pytest process would report
+    the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_dir: Path, max_rss_gib: float) -> None:
     """Run cases [start, stop) of ``target``, one JSON line each (flushed before the next case starts).
 
@@ -356,7 +369,7 @@ def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_d
         for k in range(start, stop):
             print(json.dumps({"start": k}), flush=True)
             res = run_case(TARGETS[target], sources, Path(tmp), k, seed, timeout)
-            res["rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            res["rss_gib"] = peak_rss_gib()
             print(json.dumps(res), flush=True)
             if res["verdict"] != "ok" or res["rss_gib"] > max_rss_gib:
                 return
