@@ -4,7 +4,7 @@ without an importance matrix), and write integer codes into blocks.
 Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-identical to ggml's
 `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
 F32/F16/BF16 go through gguf-py; the K-quants come from `quantkit.formats.gguf.kquants` / `kquants_sym`, IQ4_NL and
-IQ4_XS from `quantkit.formats.gguf.iquants`
+IQ4_XS from `quantkit.formats.gguf.iquants`, IQ3_XXS and IQ3_S from `quantkit.formats.gguf.iquants_codebook`
 (byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
 `quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from quantkit.formats.gguf.ggml_float import Scratch, signed_absmax
 from quantkit.formats.gguf.iquants import quantize_iq4_nl, quantize_iq4_xs
+from quantkit.formats.gguf.iquants_codebook import quantize_iq3_s, quantize_iq3_xxs
 from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
 from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
 from quantkit.formats.gguf.layouts import (
@@ -37,6 +38,8 @@ GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 NUMPY_QUANTIZERS = {
     QT.IQ4_NL: quantize_iq4_nl,
     QT.IQ4_XS: quantize_iq4_xs,
+    QT.IQ3_XXS: quantize_iq3_xxs,
+    QT.IQ3_S: quantize_iq3_s,
     QT.Q2_K: quantize_q2_k,
     QT.Q3_K: quantize_q3_k,
     QT.Q4_K: quantize_q4_k,

@@ -252,6 +252,36 @@ def pack_q2_k(d: Array, dmin: Array, sc: Array, mn: Array, codes: Array) -> Arra
     return _concat([scales, qs, fp16_bytes(d), fp16_bytes(dmin)], None)
 
 
+def pack_iq3_xxs(d: Array, points: Array, signs: Array, sc: Array) -> Array:
+    """IQ3_XXS: fp16 d [B], codebook points [B, 8 runs, 8 groups] (0..255), 7-bit sign bytes [B, 8, 4], 4-bit
+    run scales [B, 8] -> [B, 98]: d | qs[64] (the points, run by run) | per run a u32: its four sign bytes at
+    bits 0, 7, 14, 21 and its scale at bit 28."""
+    B = points.shape[0]
+    s = signs.astype(np.uint32)
+    aux = s[..., 0] | (s[..., 1] << 7) | (s[..., 2] << 14) | (s[..., 3] << 21) | (sc.astype(np.uint32) << 28)
+    qs = points.astype(np.uint8).reshape(B, 64)
+    return _concat([fp16_bytes(d), qs, aux.astype("<u4").view(np.uint8).reshape(B, 32)], None)
+
+
+def pack_iq3_s(d: Array, points: Array, signs: Array, sc: Array, written: Array) -> Array:
+    """IQ3_S: fp16 d [B], codebook points [B, 8 runs, 8 groups] (0..511), sign bytes [B, 8, 4] (bit i: weight
+    8j + i negative), 4-bit run scales [B, 8] -> [B, 110]: d | qs[64] (the low 8 bits of the points) | qh[8]
+    (bit k of byte r: bit 8 of run r's point k) | signs[32] | scales[4] (runs 2j | 2j + 1 << 4). Only the
+    ``written`` runs [B, 8] store their qs, qh and signs; as in C, whose qs and signs pointers advance only
+    past a run it writes, a run after an all-zero one stores them one slot early, and the last slots stay 0."""
+    B = points.shape[0]
+    p = points.astype(np.int64) * written[..., None]
+    qh = ((p >> 8) << np.arange(8)).sum(-1).astype(np.uint8)  # disjoint bits
+    slot = np.cumsum(written, axis=1) - 1  # [B, 8]: where each written run goes
+    rows, runs = np.nonzero(written)
+    qs, sg = np.zeros((B, 8, 8), np.uint8), np.zeros((B, 8, 4), np.uint8)
+    qs[rows, slot[rows, runs]] = (p[rows, runs] & 255).astype(np.uint8)
+    sg[rows, slot[rows, runs]] = signs[rows, runs].astype(np.uint8)
+    u = sc.astype(np.uint8)
+    scales = u[:, 0::2] | (u[:, 1::2] << 4)
+    return _concat([fp16_bytes(d), qs.reshape(B, 64), qh, sg.reshape(B, 32), scales], None)
+
+
 def _k_nibbles(u: Array) -> Array:
     """stored codes [B, 256] below 16 -> qs [B, 128]: per 64-run, sub-block 2i in the low nibbles, 2i + 1 high."""
     return interleave(u.reshape(-1, 2, 32), 4).reshape(-1, 128)

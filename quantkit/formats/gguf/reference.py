@@ -28,10 +28,14 @@ REF_TYPES = (
     QT.Q6_K,
     QT.IQ4_NL,
     QT.IQ4_XS,
+    QT.IQ3_XXS,
+    QT.IQ3_S,
 )
 # types whose oracle is the row quantizer llama-quantize calls, `quantize_<type>(src, dst, nrows, n_per_row,
 # imatrix=NULL)`: quantize_row_iq4_nl_ref is another quantizer (no scale search)
-CHUNK_REF = (QT.IQ4_NL,)
+CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S)
+# types whose tables libggml builds on first use: `ggml_quantize_init(type)` (the codebook neighbours)
+INIT_REF = (QT.IQ3_XXS, QT.IQ3_S)
 
 
 def libggml_path() -> Path | None:
@@ -51,12 +55,16 @@ def ggml_name(qtype: QT) -> str:
 @functools.cache
 def _ref_fn(lib_path: str, qtype: QT) -> Callable[..., object]:
     name = ggml_name(qtype)
+    lib = ctypes.CDLL(lib_path)
+    if qtype in INIT_REF:
+        lib.ggml_quantize_init.argtypes, lib.ggml_quantize_init.restype = [ctypes.c_int], None
+        lib.ggml_quantize_init(int(qtype))
     if qtype in CHUNK_REF:
-        fn = getattr(ctypes.CDLL(lib_path), f"quantize_{name}")
+        fn = getattr(lib, f"quantize_{name}")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = ctypes.c_size_t
     else:
-        fn = getattr(ctypes.CDLL(lib_path), f"quantize_row_{name}_ref")
+        fn = getattr(lib, f"quantize_row_{name}_ref")
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
     return fn
 
