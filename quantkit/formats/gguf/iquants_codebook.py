@@ -46,7 +46,10 @@ class Codebook:
     resnap_all: bool  # IQ3_S re-rounds every group at the final scale, IQ3_XXS the off-codebook ones
     levels: np.ndarray  # int64 [G, 4]: the points' levels l (coordinates 2l + 1)
     index: np.ndarray  # int64 [4096]: key -> point index, -1 off the codebook
-    neighbours: np.ndarray  # int64 [4096, N]: key -> candidate points in C's order, -1 padding
+    neighbours: np.ndarray  # int64 [T]: the candidate points of every key off the codebook, in C's order
+    start: np.ndarray  # int64 [4096]: where a key's candidates start in ``neighbours``
+    count: np.ndarray  # int64 [4096]: how many it has (0 on the codebook)
+    coords: np.ndarray  # float32 [G, 4]: the points' coordinates 2l + 1
 
 
 def _codebook_levels(cls: type) -> np.ndarray:
@@ -55,33 +58,35 @@ def _codebook_levels(cls: type) -> np.ndarray:
     return np.searchsorted(np.array(cls.grid_map, dtype=F32), cls.grid.reshape(-1, 4)).astype(np.int64)
 
 
-def _neighbours(levels: np.ndarray, nwant: int) -> tuple[np.ndarray, np.ndarray]:
-    """iq3xs_init_impl's tables: key -> point index, and for keys off the codebook the points at the nwant
-    nearest squared distances, sorted by (distance, index), padded with -1 to [4096, N]."""
+def _neighbours(levels: np.ndarray, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """iq3xs_init_impl's tables: key -> point index (-1 off the codebook); and for keys off it, the points at
+    the nwant nearest squared distances, sorted by (distance, index), as one flat list [T] with each key's
+    start and count [4096] (0 for keys on the codebook)."""
     index = np.full(4096, -1, dtype=np.int64)
     index[(levels << _SHIFTS).sum(1)] = np.arange(len(levels))
     keys = np.arange(4096)
     pos = 2 * ((keys[:, None] >> _SHIFTS) & 7) + 1  # [4096, 4]
-    d2 = ((2 * levels + 1)[None] - pos[:, None]) ** 2  # [4096, G, 4]
-    d2 = d2.sum(-1)
+    d2 = (((2 * levels + 1)[None] - pos[:, None]) ** 2).sum(-1)  # [4096, G]
     order = np.argsort(d2, axis=1, kind="stable")  # ties by index, as qsort on (d2, index)
     s = np.take_along_axis(d2, order, axis=1)
     rank = np.concatenate([np.zeros((4096, 1), np.int64), np.cumsum(s[:, 1:] != s[:, :-1], axis=1)], axis=1)
-    keep = rank < nwant
-    n = int(keep.sum(1).max())
-    out = np.where(keep[:, :n], order[:, :n], -1)
-    out[index >= 0] = -1  # keys on the codebook have no list
-    return index, out
+    keep = (rank < nwant) & (index < 0)[:, None]
+    count = keep.sum(1)
+    return index, order[keep], np.cumsum(count) - count, count
+
+
+def _coords(levels: np.ndarray) -> np.ndarray:
+    return (2 * levels + 1).astype(F32)
 
 
 @cache
 def codebook(qtype: QT) -> Codebook:
     if qtype == QT.IQ3_XXS:
         levels = _codebook_levels(gq.IQ3_XXS)
-        return Codebook(qtype, 15, 1e-8, 1.0125, True, True, False, levels, *_neighbours(levels, 2))
+        return Codebook(qtype, 15, 1e-8, 1.0125, True, True, False, levels, *_neighbours(levels, 2), _coords(levels))
     if qtype == QT.IQ3_S:
         levels = _codebook_levels(gq.IQ3_S)
-        return Codebook(qtype, 9, 0.0, 1.033, False, False, True, levels, *_neighbours(levels, 3))
+        return Codebook(qtype, 9, 0.0, 1.033, False, False, True, levels, *_neighbours(levels, 3), _coords(levels))
     raise ValueError(f"no codebook for {qtype.name}")
 
 
@@ -104,10 +109,36 @@ def _signs(x: np.ndarray, w: np.ndarray, parity: bool) -> tuple[np.ndarray, np.n
     return xval, (bits & 127 if parity else bits)
 
 
-def _snap(cb: Codebook, xval: np.ndarray, waux: np.ndarray, iscale: np.ndarray, scale: np.ndarray):
+def _best_neighbours(cb: Codebook, key: np.ndarray, xv: np.ndarray, wv: np.ndarray, scale: np.ndarray):
+    """``iq3_find_best_neighbour`` for M groups off the codebook: keys [M], |x| and sqrt(w) [M, 4], scale [M]
+    -> the candidate of least sum wv * (scale * q - xv)^2 [M], the first of the least as C's strict '<'.
+    The candidate lists are ragged (1-38 points): flattened to [T] and reduced per segment."""
+    cnt = cb.count[key]
+    seg = np.cumsum(cnt) - cnt  # [M]
+    total = int(seg[-1] + cnt[-1])
+    at = np.arange(total)
+    cand = cb.neighbours[np.repeat(cb.start[key] - seg, cnt) + at]  # [T]
+    diff = np.repeat(scale, cnt)[:, None] * cb.coords[cand]  # [T, 4]
+    diff -= np.repeat(xv, cnt, axis=0)
+    err = np.repeat(wv, cnt, axis=0)
+    err *= diff
+    err *= diff  # C's (w * diff) * diff
+    diff = err
+    d2 = ((diff[:, 0] + diff[:, 1]) + diff[:, 2]) + diff[:, 3]  # [T]
+    least = np.minimum.reduceat(d2, seg)
+    first = np.minimum.reduceat(np.where(d2 == np.repeat(least, cnt), at, total), seg)
+    return cand[first]
+
+
+def _by_group(a: np.ndarray) -> np.ndarray:
+    """[32, S] -> [8 S, 4]: coordinate i of group k of run s at [8 s + k, i] (a copy)."""
+    return a.reshape(8, 4, -1).transpose(2, 0, 1).reshape(-1, 4)
+
+
+def _snap(cb: Codebook, xval: np.ndarray, xt: np.ndarray, wt: np.ndarray, iscale: np.ndarray, scale: np.ndarray):
     """Levels [32, S] of xval at inverse scale ``iscale`` [S], each 4-group on the codebook: rounded, or its
-    best neighbour at ``scale`` [S] by sum waux * (scale * q - x)^2 (``iq3_find_best_neighbour``); and which
-    groups were on the codebook as rounded [8, S]."""
+    best neighbour at ``scale`` [S]; and which groups were on the codebook as rounded [8, S]. xt, wt: |x| and
+    sqrt(w) as [8 S, 4] (group k + 8 s, coordinate)."""
     f = np.multiply(iscale, xval, dtype=F32)
     f -= F32(1)
     f *= F32(0.5)
@@ -117,15 +148,8 @@ def _snap(cb: Codebook, xval: np.ndarray, waux: np.ndarray, iscale: np.ndarray, 
     on = cb.index[key] >= 0
     k, s = np.nonzero(~on)
     if k.size:
-        cand = cb.neighbours[key[k, s]]  # [M, N]
-        q = (2 * cb.levels[cand] + 1).astype(F32)  # [M, N, 4]
-        xv = xval.reshape(8, 4, -1)[k, :, s][:, None, :]  # [M, 1, 4]
-        wv = waux.reshape(8, 4, -1)[k, :, s][:, None, :]
-        diff = scale[s][:, None, None] * q - xv
-        t = (wv * diff) * diff
-        d2 = ((t[..., 0] + t[..., 1]) + t[..., 2]) + t[..., 3]  # [M, N]
-        d2[cand < 0] = np.inf
-        best = cand[np.arange(k.size), np.argmin(d2, axis=1)]  # the first of the least, as C's strict '<'
+        col = s * 8 + k
+        best = _best_neighbours(cb, key[k, s], xt[col], wt[col], scale[s])
         g[k, :, s] = cb.levels[best]
     return lv, on
 
@@ -142,6 +166,7 @@ def search_runs(cb: Codebook, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     w = np.multiply(x, x)
     waux = np.sqrt(w)
     xval, signs = _signs(x, w, cb.parity)
+    xt, wt = _by_group(xval), _by_group(waux)
     mx = xval.max(axis=0)
     zero = (mx < F32(cb.eps)) if cb.eps else ~(mx != 0)
     mx = np.where(zero, F32(1), mx)
@@ -152,7 +177,7 @@ def search_runs(cb: Codebook, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i in range(-cb.trials, cb.trials + 1):
             iscale = (F32(2 * KMAX - 1) + F32(i) * F32(0.2)) / mx
-            aux, aux_on = _snap(cb, xval, waux, iscale, F32(1) / iscale)
+            aux, aux_on = _snap(cb, xval, xt, wt, iscale, F32(1) / iscale)
             sumqx, sumq2 = _fit(w, xval, aux)
             better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
             np.copyto(scale, sumqx / sumq2, where=better)
@@ -163,7 +188,8 @@ def search_runs(cb: Codebook, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
         if redo.any():
             cols = np.flatnonzero(redo)
             sub = scale[cols]
-            again, _ = _snap(cb, xval[:, cols], waux[:, cols], F32(1) / sub, sub)
+            xc = xval[:, cols]
+            again, _ = _snap(cb, xc, _by_group(xc), _by_group(waux[:, cols]), F32(1) / sub, sub)
             if not cb.resnap_all:  # IQ3_XXS keeps the groups that were on the codebook
                 keep = np.repeat(on[:, cols], 4, axis=0)
                 again = np.where(keep, lv[:, cols], again)
