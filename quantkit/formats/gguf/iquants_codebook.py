@@ -46,9 +46,9 @@ class Codebook:
     resnap_all: bool  # IQ3_S re-rounds every group at the final scale, IQ3_XXS the off-codebook ones
     levels: np.ndarray  # int64 [G, 4]: the points' levels l (coordinates 2l + 1)
     index: np.ndarray  # int64 [4096]: key -> point index, -1 off the codebook
-    neighbours: np.ndarray  # int64 [T]: the candidate points of every key off the codebook, in C's order
-    start: np.ndarray  # int64 [4096]: where a key's candidates start in ``neighbours``
-    count: np.ndarray  # int64 [4096]: how many it has (0 on the codebook)
+    count: np.ndarray  # int64 [4096]: how many candidate points a key off the codebook has (0 on it)
+    row: np.ndarray  # int64 [4096]: the key's row in ``lists[count]``
+    lists: dict[int, np.ndarray]  # n -> int64 [keys with n candidates, n]: the points in C's order
     coords: np.ndarray  # float32 [G, 4]: the points' coordinates 2l + 1
 
 
@@ -58,10 +58,10 @@ def _codebook_levels(cls: type) -> np.ndarray:
     return np.searchsorted(np.array(cls.grid_map, dtype=F32), cls.grid.reshape(-1, 4)).astype(np.int64)
 
 
-def _neighbours(levels: np.ndarray, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _neighbours(levels: np.ndarray, nwant: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """iq3xs_init_impl's tables: key -> point index (-1 off the codebook); and for keys off it, the points at
-    the nwant nearest squared distances, sorted by (distance, index), as one flat list [T] with each key's
-    start and count [4096] (0 for keys on the codebook)."""
+    the nwant nearest squared distances, sorted by (distance, index), grouped by their number n (1-38): each
+    key's n and row in the [keys, n] table of its n."""
     index = np.full(4096, -1, dtype=np.int64)
     index[(levels << _SHIFTS).sum(1)] = np.arange(len(levels))
     keys = np.arange(4096)
@@ -72,7 +72,13 @@ def _neighbours(levels: np.ndarray, nwant: int) -> tuple[np.ndarray, np.ndarray,
     rank = np.concatenate([np.zeros((4096, 1), np.int64), np.cumsum(s[:, 1:] != s[:, :-1], axis=1)], axis=1)
     keep = (rank < nwant) & (index < 0)[:, None]
     count = keep.sum(1)
-    return index, order[keep], np.cumsum(count) - count, count
+    row = np.zeros(4096, dtype=np.int64)
+    lists = {}
+    for n in np.unique(count[count > 0]).tolist():
+        with_n = np.flatnonzero(count == n)
+        row[with_n] = np.arange(with_n.size)
+        lists[n] = order[with_n, :n]
+    return index, count, row, lists
 
 
 def _coords(levels: np.ndarray) -> np.ndarray:
@@ -111,23 +117,24 @@ def _signs(x: np.ndarray, w: np.ndarray, parity: bool) -> tuple[np.ndarray, np.n
 
 def _best_neighbours(cb: Codebook, key: np.ndarray, xv: np.ndarray, wv: np.ndarray, scale: np.ndarray):
     """``iq3_find_best_neighbour`` for M groups off the codebook: keys [M], |x| and sqrt(w) [M, 4], scale [M]
-    -> the candidate of least sum wv * (scale * q - xv)^2 [M], the first of the least as C's strict '<'.
-    The candidate lists are ragged (1-38 points): flattened to [T] and reduced per segment."""
+    -> the candidate of least sum over i of (wv * diff) * diff, diff = scale * q - xv, summed in C's order
+    [M]; argmin's first of the least is C's strict '<'. Groups are taken by their number of candidates n,
+    each such batch dense: [Mn, n, 4]."""
     cnt = cb.count[key]
-    seg = np.cumsum(cnt) - cnt  # [M]
-    total = int(seg[-1] + cnt[-1])
-    at = np.arange(total)
-    cand = cb.neighbours[np.repeat(cb.start[key] - seg, cnt) + at]  # [T]
-    diff = np.repeat(scale, cnt)[:, None] * cb.coords[cand]  # [T, 4]
-    diff -= np.repeat(xv, cnt, axis=0)
-    err = np.repeat(wv, cnt, axis=0)
-    err *= diff
-    err *= diff  # C's (w * diff) * diff
-    diff = err
-    d2 = ((diff[:, 0] + diff[:, 1]) + diff[:, 2]) + diff[:, 3]  # [T]
-    least = np.minimum.reduceat(d2, seg)
-    first = np.minimum.reduceat(np.where(d2 == np.repeat(least, cnt), at, total), seg)
-    return cand[first]
+    order = np.argsort(cnt, kind="stable")
+    cnt = cnt[order]
+    cuts = [0, *(np.flatnonzero(cnt[1:] != cnt[:-1]) + 1).tolist(), cnt.size]
+    best = np.empty(key.size, dtype=np.int64)
+    for a, b in zip(cuts[:-1], cuts[1:], strict=False):
+        idx = order[a:b]
+        cand = cb.lists[int(cnt[a])][cb.row[key[idx]]]  # [Mn, n]
+        diff = scale[idx][:, None, None] * cb.coords[cand]  # [Mn, n, 4]
+        diff -= xv[idx][:, None, :]
+        err = wv[idx][:, None, :] * diff
+        err *= diff
+        d2 = ((err[..., 0] + err[..., 1]) + err[..., 2]) + err[..., 3]  # [Mn, n]
+        best[idx] = np.take_along_axis(cand, d2.argmin(axis=1)[:, None], axis=1)[:, 0]
+    return best
 
 
 def _by_group(a: np.ndarray) -> np.ndarray:
