@@ -7,6 +7,7 @@ so that llama-quantize's row-length fallbacks are exercised. Needs build/llama.c
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -50,6 +51,10 @@ LLAMA_TYPES = {
     "q5_k_s": ([], "Q5_K_S"),
     "iq4_nl": ([], "IQ4_NL"),
     "iq4_xs": ([], "IQ4_XS"),
+    "iq3_xxs": ([], "IQ3_XXS"),
+    "iq3_xs": ([], "IQ3_XS"),
+    "iq3_s": ([], "IQ3_S"),
+    "iq3_m": ([], "IQ3_M"),
     "f16": ([], "F16"),
     "bf16": ([], "BF16"),
 }
@@ -76,9 +81,17 @@ MODELS = {
 # or on n_gqa
 LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs"]
 PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m", "f16", "bf16"]
-MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": list(LLAMA_TYPES), "gemma3-l16-gqa4": LAYER_RULES}
-# llama-quantize refuses these without an importance matrix; so does quantkit's RTN export
-NEED_IMATRIX = {"q2_k_s": "Q2_K_S"}
+# IQ3_XS gives the 320-wide model IQ3_S's tensors (its IQ3_XXS rules fall back): its types are compared by
+# test_types_equal_llama_quantize_dry_run, like the IQ3 types on the 16-layer model (their bytes cost seconds
+# per file and add no encoder)
+H320 = [t for t in LLAMA_TYPES if t != "iq3_xs"]
+MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES}
+# llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
+DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
+DRY_RUN_LINE = re.compile(r"\] +(\S+) +- \[.*\], type = +(\w+), size = [^(]*(?:\((\w+)\))?\s*$")
+# llama-quantize refuses these without an importance matrix (here, with rows of 256: IQ3_XXS files give attn_q
+# and attn_k IQ2_S, IQ3_XS files IQ3_XXS); so does quantkit's RTN export
+NEED_IMATRIX = {"q2_k_s": "Q2_K_S", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS"}
 CASES = [(m, t) for m in MODELS for t in MODEL_TYPES[m]]
 
 
@@ -137,12 +150,32 @@ def test_export_equals_llama_quantize(model, qtype, f32_files, tmp_path):
     assert not differ, f"{len(differ)} of {len(want)} tensors differ from llama-quantize's, e.g. {differ[:4]}"
 
 
+def _dry_run_types(f32: Path, llama_type: str) -> dict[str, str]:
+    """name -> ggml type of every tensor as ``llama-quantize --dry-run`` plans it."""
+    run = subprocess.run([str(LLAMA_QUANTIZE), "--dry-run", str(f32), llama_type], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    hits = [DRY_RUN_LINE.search(line) for line in (run.stdout + run.stderr).splitlines()]
+    return {m[1]: (m[3] or m[2]).upper() for m in hits if m}
+
+
+@pytest.mark.parametrize("qtype", DRY_RUN)
+@pytest.mark.parametrize("model", ["gemma3", "gemma3-h320", "gemma3-l16-gqa4"])
+def test_types_equal_llama_quantize_dry_run(model, qtype, f32_files):
+    """The rules without the bytes, also where llama-quantize needs an imatrix to go on (IQ3_XXS and IQ2_S
+    weights of rows of 256): on the 4-layer model the IQ3_XS rule for ffn_gate / ffn_up (the middle layers)
+    picks IQ3_XXS on layers 0-2 and leaves layer 3 IQ3_S."""
+    ckpt_dir, f32 = f32_files(model)
+    want = _dry_run_types(f32, LLAMA_TYPES.get(qtype, ([], NEED_IMATRIX.get(qtype)))[1])
+    got = {t.gguf_name: t.qtype.name for t in plan_tensors(open_checkpoint(ckpt_dir).config, qtype)}
+    assert got == want
+
+
 @pytest.mark.parametrize("qtype", list(NEED_IMATRIX))
 def test_both_refuse_without_an_importance_matrix(qtype, f32_files, tmp_path):
     ckpt_dir, f32 = f32_files("gemma3")
     theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
     run = subprocess.run([str(LLAMA_QUANTIZE), str(f32), str(theirs), NEED_IMATRIX[qtype], "2"], capture_output=True)
-    assert run.returncode != 0 and b"requires an imatrix" in run.stderr + run.stdout
+    assert run.returncode != 0 and b"requires an imatrix" in run.stderr + run.stdout, run.stderr[-500:]
     with pytest.raises(QuantkitError, match="requires an importance matrix"):
         export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2)
     assert not ours.exists() and list(tmp_path.iterdir()) == ([theirs] if theirs.exists() else [])

@@ -25,6 +25,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.card import checkpoint_provenance
 from quantkit.formats.gguf.blocks import NUMPY_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
+from quantkit.formats.gguf.layouts import LAYOUTS
 from quantkit.formats.gguf.metadata import add_model_metadata, add_provenance, check_llamacpp_compatible
 from quantkit.formats.gguf.names import RULES
 from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix
@@ -156,12 +157,18 @@ def export_gguf(
 
 def check_importance(ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor]) -> None:
     """Refuse, as llama-quantize does without --imatrix, a file type whose weights need an importance matrix
-    (Q2_K_S), unless GPTQ already wrote those weights' blocks from its calibration."""
+    (Q2_K_S; IQ3_XXS / IQ3_XS where a weight's rows fit IQ3_XXS or IQ2_S), unless GPTQ already wrote those
+    weights' blocks from its calibration."""
     for t in plan:
         if requires_imatrix(qtype, t) and not ckpt.has_blocks(t.hf_name.removesuffix(".weight")):
+            hint = (
+                f"use quantize --method gptq --format gguf --type {qtype}, which calibrates it"
+                if t.qtype in LAYOUTS
+                else f"quantkit has no calibrated {t.qtype.name} yet"
+            )
             raise QuantkitError(
                 f"--type {qtype} requires an importance matrix ({t.gguf_name} would be {t.qtype.name}, as in "
-                f"llama-quantize); use quantize --method gptq --format gguf --type {qtype}, which calibrates it"
+                f"llama-quantize); {hint}"
             )
 
 

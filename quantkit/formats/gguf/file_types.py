@@ -3,7 +3,7 @@ path share. Plain strings, so that the CLI's --help imports neither gguf-py nor 
 into gguf-py's enums and says which ggml type each tensor gets.
 
 A name is either a pure type (every 2-D weight but the tied embedding in that ggml type) or one of
-llama-quantize's mixes (``*_k_s`` / ``*_k_m`` / ``*_k_l``, ``q2_k``, ``iq4_*``), whose per-tensor rules are
+llama-quantize's mixes (``*_k_s`` / ``*_k_m`` / ``*_k_l``, ``q2_k``, ``iq4_*``, ``iq3_*``), whose per-tensor rules are
 llama.cpp's ``llama_tensor_get_type``.
 """
 
@@ -33,5 +33,11 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
     "iq4_nl": ("IQ4_NL", "MOSTLY_IQ4_NL"),
     "iq4_xs": ("IQ4_XS", "MOSTLY_IQ4_XS"),
+    # the codebook i-quants: llama-quantize's default type of each (IQ3_XS and IQ3_M are IQ3_S mixes);
+    # their IQ3_XXS / IQ2_S weights need an importance matrix, as in llama-quantize
+    "iq3_xxs": ("IQ3_XXS", "MOSTLY_IQ3_XXS"),
+    "iq3_xs": ("IQ3_S", "MOSTLY_IQ3_XS"),
+    "iq3_s": ("IQ3_S", "MOSTLY_IQ3_S"),
+    "iq3_m": ("IQ3_S", "MOSTLY_IQ3_M"),
 }
 PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's

@@ -3,7 +3,8 @@
 A file type (``--type q4_k_m``) names a main type; llama-quantize then gives some tensors another one: the
 tied embedding (also the output) more bits, the mixes more bits on attn_v / ffn_down / attn_output of some
 layers (``MIX_RULES``), and a fallback where a row's length is not a multiple of the type's block. Norms are
-always F32. Q2_K_S needs an importance matrix for its Q2_K weights (``requires_imatrix``).
+always F32. Q2_K_S needs an importance matrix for its Q2_K weights, IQ3_XXS / IQ3_XS files for their IQ3_XXS
+and IQ2_S weights (``requires_imatrix``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ FALLBACK = {
     QT.Q5_K: QT.Q5_1,
     QT.Q6_K: QT.Q8_0,
     QT.IQ4_XS: QT.IQ4_NL,
+    QT.IQ3_XXS: QT.IQ4_NL,
+    QT.IQ3_S: QT.IQ4_NL,
+    QT.IQ2_S: QT.IQ4_NL,
 }
+# llama-quantize's tensor_requires_imatrix: weights of these types (the token embedding and output excepted)
+# need an importance matrix, and so do Q2_K ones in a Q2_K_S file
+IMATRIX_TYPES = (QT.IQ3_XXS, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_M, QT.IQ1_S)
+# the file types whose tied embedding (also the output) gets Q5_K rather than Q6_K
+EMBD_Q5_K = (FT.MOSTLY_IQ3_XXS,)
 
 
 def tensor_kind(name: str) -> str:
@@ -62,6 +71,7 @@ _BITS = lambda t: lambda i, n, g: t if use_more_bits(i, n) else None  # noqa: E7
 _FIRST_EIGHTH = lambda t: lambda i, n, g: t if i < n // 8 else None  # noqa: E731
 _GQA4 = lambda t: lambda i, n, g: t if g >= 4 else None  # noqa: E731
 _ALWAYS = lambda t: lambda i, n, g: t  # noqa: E731
+_MIDDLE = lambda t: lambda i, n, g: t if n // 8 <= i < 7 * n // 8 else None  # noqa: E731
 # llama_tensor_get_type_impl for a dense Gemma (no experts, not Falcon, not a 70B), without an imatrix:
 # GGUF kind -> file type -> rule (layer i, n_layers n, n_gqa g) -> the weight's type, None: the file's main
 # type. llama-quantize visits tensors layer by layer, so its counters i_attention_wv and i_ffn_down are the
@@ -77,7 +87,15 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_Q4_K_M: _BITS(QT.Q6_K),
         FT.MOSTLY_Q5_K_M: _BITS(QT.Q6_K),
         FT.MOSTLY_Q4_K_S: lambda i, n, g: QT.Q5_K if i < 4 else None,
+        FT.MOSTLY_IQ3_XXS: lambda i, n, g: QT.Q4_K if g >= 4 else QT.IQ3_S,  # with an imatrix: IQ3_XXS
+        FT.MOSTLY_IQ3_XS: _GQA4(QT.Q4_K),
+        FT.MOSTLY_IQ3_S: _GQA4(QT.Q4_K),
+        FT.MOSTLY_IQ3_M: _ALWAYS(QT.Q4_K),
     },
+    "attn_k": {FT.MOSTLY_IQ3_XS: _ALWAYS(QT.IQ3_XXS), FT.MOSTLY_IQ3_XXS: _ALWAYS(QT.IQ2_S)},
+    "attn_q": {FT.MOSTLY_IQ3_XS: _ALWAYS(QT.IQ3_XXS), FT.MOSTLY_IQ3_XXS: _ALWAYS(QT.IQ2_S)},
+    "ffn_gate": {FT.MOSTLY_IQ3_XS: _MIDDLE(QT.IQ3_XXS)},
+    "ffn_up": {FT.MOSTLY_IQ3_XS: _MIDDLE(QT.IQ3_XXS)},
     "ffn_down": {
         FT.MOSTLY_Q2_K: _ALWAYS(QT.Q3_K),
         FT.MOSTLY_Q2_K_S: _FIRST_EIGHTH(QT.Q4_K),
@@ -88,11 +106,15 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_IQ4_XS: _FIRST_EIGHTH(QT.Q5_K),
         FT.MOSTLY_Q5_K_M: _BITS(QT.Q6_K),
         FT.MOSTLY_Q4_K_S: _FIRST_EIGHTH(QT.Q5_K),
+        FT.MOSTLY_IQ3_XXS: lambda i, n, g: QT.Q4_K if i < n // 8 else QT.Q3_K,  # with an imatrix: IQ3_XXS
+        FT.MOSTLY_IQ3_M: _FIRST_EIGHTH(QT.Q4_K),
     },
     "attn_output": {
         FT.MOSTLY_Q2_K: _ALWAYS(QT.Q3_K),
         FT.MOSTLY_Q3_K_M: _ALWAYS(QT.Q4_K),
         FT.MOSTLY_Q3_K_L: _ALWAYS(QT.Q5_K),
+        FT.MOSTLY_IQ3_XXS: _ALWAYS(QT.IQ3_S),
+        FT.MOSTLY_IQ3_M: _ALWAYS(QT.Q4_K),
     },
 }
 
@@ -100,11 +122,11 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
 def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int, n_gqa: int = 1) -> QT:
     """llama-quantize's type for one weight of a ``qtype`` file (kind: GGUF or HF, e.g. 'attn_v', 'v_proj').
 
-    Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q8_0
-    in Q8_0 files, and where its row is not a multiple of the main type's block), the mixes' rules
-    (``MIX_RULES``) pick other types for some layer weights, and then a row not a multiple of the type's
-    block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, else
-    F16). Norms are F32."""
+    Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q5_K
+    in IQ3_XXS files; Q8_0 in Q8_0 files, and where its row is not a multiple of the main type's block), the
+    mixes' rules (``MIX_RULES``) pick other types for some layer weights, and then a row not a multiple of
+    the type's block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS /
+    IQ3_* / IQ2_S -> IQ4_NL, else F16). Norms are F32."""
     kind = tensor_kind(hf_or_gguf_kind)
     if kind.endswith("norm"):
         return QT.F32
@@ -112,7 +134,9 @@ def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: i
     if main in FLOAT_TYPES:
         return main
     if kind == "token_embd":
-        return fallback_type(QT.Q8_0 if main == QT.Q8_0 or row_len % block_size(main) else QT.Q6_K, row_len)
+        if main == QT.Q8_0 or row_len % block_size(main):
+            return fallback_type(QT.Q8_0, row_len)
+        return fallback_type(QT.Q5_K if ftype in EMBD_Q5_K else QT.Q6_K, row_len)
     rule = None if qtype in PURE else MIX_RULES.get(kind, {}).get(ftype)
     if rule is not None:
         if layer is None:
@@ -127,9 +151,11 @@ def q4_k_m_type(hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len:
 
 
 def requires_imatrix(qtype: str, t: PlannedTensor) -> bool:
-    """llama-quantize's tensor_requires_imatrix without the codebook types: Q2_K weights of a Q2_K_S file,
-    the token embedding excepted."""
-    return FILE_TYPES[qtype][1] == FT.MOSTLY_Q2_K_S and t.qtype == QT.Q2_K and not t.gguf_name.startswith("token_embd")
+    """llama-quantize's tensor_requires_imatrix, on the type a weight finally gets (after the row-length
+    fallback): the IQ3_XXS / IQ2 / IQ1 types, and Q2_K in a Q2_K_S file; the token embedding excepted."""
+    if t.gguf_name.startswith(("token_embd.", "output.")):
+        return False
+    return t.qtype in IMATRIX_TYPES or (t.qtype == QT.Q2_K and FILE_TYPES[qtype][1] == FT.MOSTLY_Q2_K_S)
 
 
 @dataclass(frozen=True)
