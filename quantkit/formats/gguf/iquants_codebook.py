@@ -219,7 +219,7 @@ def _super_scales(cb: Codebook, scale: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Run scales [B, 8] -> fp16 d [B], 4-bit run scales [B, 8], and which super-blocks are all zeros [B]."""
     top = scale.max(axis=1)
     empty = ~(top != 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # 1 / subnormal d: inf, as in C
         d = top / F32(31)
         dh = np.where(empty, F32(0), d * F32(cb.fudge)).astype(np.float16)
         f = np.multiply((F32(1) / d)[:, None], scale, dtype=F32)
