@@ -81,10 +81,10 @@ MODELS = {
 # or on n_gqa
 LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs"]
 PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m", "f16", "bf16"]
-# IQ3_XS gives the 320-wide model IQ3_S's tensors (its IQ3_XXS rules fall back): its types are compared by
-# test_types_equal_llama_quantize_dry_run, like the IQ3 types on the 16-layer model (their bytes cost seconds
-# per file and add no encoder)
-H320 = [t for t in LLAMA_TYPES if t != "iq3_xs"]
+# The IQ3 files of the 320-wide model spend seconds in IQ4_NL fallbacks: bytes for iq3_xxs (IQ3_S attn_output)
+# and iq3_m (Q4_K rules), types only for iq3_xs and iq3_s (the same tensors as iq3_xxs's IQ3_S / IQ4_NL ones)
+# and for all four on the 16-layer model, against llama-quantize --dry-run
+H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s")]
 MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES}
 # llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
 DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
