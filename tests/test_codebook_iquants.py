@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from test_ggml_blocks import awkward_rows, differing_blocks, edge_rows, gaussian, heavy_tailed, rel_rms
 
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
-from quantkit.formats.gguf.iquants_codebook import codebook
+from quantkit.formats.gguf.iquants_codebook import CodebookOverflowError, codebook
 from quantkit.formats.gguf.reference import quantize_rows_ref
 
 CODEBOOK_TYPES = [QT.IQ3_XXS, QT.IQ3_S]
@@ -71,3 +71,13 @@ def test_neighbour_lists(qtype: QT, points: int, nearest: int) -> None:
         dist = np.unique(d2)[:nearest]
         assert sorted(cand.tolist()) == np.flatnonzero(np.isin(d2, dist)).tolist()
         assert np.all(np.diff(d2[cand]) >= 0)
+
+
+@pytest.mark.parametrize("qtype", CODEBOOK_TYPES, ids=lambda t: t.name)
+def test_huge_weights_are_refused(qtype: QT) -> None:
+    """|x| ~ 1e18: every candidate's float32 error overflows, where libggml aborts the process
+    (GGML_ASSERT(grid_index >= 0)); quantkit raises. 1e9 still encodes, as in C."""
+    x = gaussian(2, 256, seed=6, scale=1.0)
+    assert quantize_rows(x * np.float32(1e9), qtype).shape[0] == 2
+    with pytest.raises(CodebookOverflowError, match="too large"):
+        quantize_rows(x * np.float32(1e18), qtype)

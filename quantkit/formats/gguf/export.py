@@ -25,6 +25,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.card import checkpoint_provenance
 from quantkit.formats.gguf.blocks import NUMPY_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
+from quantkit.formats.gguf.iquants_codebook import CodebookOverflowError
 from quantkit.formats.gguf.layouts import LAYOUTS
 from quantkit.formats.gguf.metadata import add_model_metadata, add_provenance, check_llamacpp_compatible
 from quantkit.formats.gguf.names import RULES
@@ -57,15 +58,17 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
     checked = (t.qtype in TORCH_QUANTIZERS or t.qtype in NUMPY_QUANTIZERS) and not t.is_norm
     if src is not None and not checked and not all_finite(src):
         raise bad
-    if src is None:
-        data, entry = encode_tensor(ckpt, t)
-        return data, {"method": entry["method"], "exact": entry["exact"]}
-    if t.is_norm:  # 1 + w in fp32, stored F32
+    if t.is_norm and src is not None:  # 1 + w in fp32, stored F32
         return (src.float() + 1.0).numpy().view(np.uint8), {"method": "norm", "exact": True}
     try:
+        if src is None:
+            data, entry = encode_tensor(ckpt, t)
+            return data, {"method": entry["method"], "exact": entry["exact"]}
         data, exact = encode_rows(src, t.qtype)
     except NonFiniteError:
         raise bad from None
+    except CodebookOverflowError as e:  # libggml aborts on such weights
+        raise QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r}: {e}") from None
     return data, {"method": "lossless" if exact else "requantized", "exact": exact}
 
 

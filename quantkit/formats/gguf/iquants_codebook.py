@@ -30,6 +30,14 @@ from quantkit.formats.gguf.ggml_float import F32, Scratch, columns, dot, nearest
 from quantkit.formats.gguf.layouts import pack_iq3_s, pack_iq3_xxs
 
 KMAX = 8  # levels per coordinate
+FLT_MAX = np.finfo(F32).max
+
+
+class CodebookOverflowError(ValueError):
+    """Weights so large (|x| ~ 1e10 and up) that every candidate's float32 error overflows: libggml aborts
+    there (``GGML_ASSERT(grid_index >= 0)``), quantkit raises this."""
+
+
 _SHIFTS = np.array([0, 3, 6, 9])  # a point's key: l0 | l1 << 3 | l2 << 6 | l3 << 9, 4096 keys
 
 
@@ -134,7 +142,10 @@ def _best_neighbours(cb: Codebook, key: np.ndarray, xv: np.ndarray, wv: np.ndarr
         err = wv[:, idx][:, :, None] * diff
         err *= diff
         d2 = ((err[0] + err[1]) + err[2]) + err[3]  # [Mn, n]
-        best[idx] = cb.lists[n][rows, d2.argmin(axis=1)]
+        pick = d2.argmin(axis=1)
+        if not (d2[np.arange(pick.size), pick] < FLT_MAX).all():  # inf, or NaN that C's '<' would skip
+            raise CodebookOverflowError(f"weights too large for {cb.qtype.name}: the codebook search overflows")
+        best[idx] = cb.lists[n][rows, pick]
     return best
 
 
@@ -171,9 +182,10 @@ def _fit(w: np.ndarray, xval: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, n
 def search_runs(cb: Codebook, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Runs x [32, S] -> scale [S] (0 for all-zero runs), levels [32, S], sign bytes [4, S], and which runs
     are all zeros [S]."""
-    w = np.multiply(x, x)
-    waux = np.sqrt(w)
-    xval, signs = _signs(x, w, cb.parity)
+    with np.errstate(over="ignore"):  # huge weights: inf squares, as in C (the search then refuses them)
+        w = np.multiply(x, x)
+        waux = np.sqrt(w)
+        xval, signs = _signs(x, w, cb.parity)
     xt, wt = _by_group(xval), _by_group(waux)
     mx = xval.max(axis=0)
     zero = (mx < F32(cb.eps)) if cb.eps else ~(mx != 0)
