@@ -198,8 +198,10 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
 )
 @click.option(
     "--calib",
-    type=click.Path(),
-    help="Calibration text (default: the shipped ~100 kB excerpt of WikiText-2 validation).",
+    multiple=True,
+    help="Calibration text: a file, or a shipped text (wiki, code, chat, multilingual; mix = all four); "
+    "repeat it, or separate with commas, for a set, each SOURCE[:WEIGHT] (windows split by weight). "
+    "[default: wiki, the shipped ~100 kB excerpt of WikiText-2 validation]",
 )
 @click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
@@ -250,19 +252,20 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
 def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, overwrite, as_json, **flags):
     from quantkit.io.atomic import check_output
     from quantkit.io.budget import calibration_bytes, quantized_artifact_bytes, refuse_if_over_memory
+    from quantkit.io.calibration import calibration_files
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
     from quantkit.quant.quantize import quantize_checkpoint
     from quantkit.quant.recipes import resolve_options
 
-    opts = resolve_options(recipe, fast, **flags)
+    opts = resolve_options(recipe, fast, **dict(flags, calib=",".join(flags["calib"]) or None))
     kind = "file" if fmt == "gguf" else "dir"
-    inputs = [model_dir, opts.calib]
+    inputs = [model_dir, *calibration_files(opts.calib)]
     check_output(out, inputs, kind=kind, overwrite=overwrite)
     if imatrix_out:
         check_output(imatrix_out, [*inputs, out], kind="file", overwrite=overwrite)
     model_dir = str(resolve_model(model_dir))
-    inputs = [model_dir, opts.calib]
+    inputs = [model_dir, *calibration_files(opts.calib)]
     ckpt = open_checkpoint(model_dir)
     need = quantized_artifact_bytes(ckpt, opts.bits, opts.group_size, opts.sym)
     if fmt == "gguf":
@@ -352,7 +355,7 @@ def _format_export(r: dict) -> str:
 @click.option(
     "--dataset",
     multiple=True,
-    help="Evaluation text: a path, NAME=PATH, or a shipped text (wiki, code, fr); repeat for drift per dataset "
+    help="Evaluation text: a path, NAME=PATH, or a shipped text (wiki, code, fr, chat); repeat for drift per dataset "
     "(default: wiki, the shipped ~100 kB excerpt of WikiText-2 test, raw).",
 )
 @click.option(
@@ -450,7 +453,7 @@ LADDER_TYPES = "q8_0,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq: quantize --format gguf --method gptq per type; rtn: the plain export.")  # fmt: skip
 @click.option("--fast", is_flag=True, help="Plain GPTQ, as quantize --fast.")
-@click.option("--calib", type=click.Path(), help="Calibration text (default: the shipped WikiText-2 excerpt).")
+@click.option("--calib", multiple=True, help="Calibration text or set, as quantize's --calib.")
 @click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for drawing calibration windows. [default: 0]")
@@ -480,6 +483,7 @@ def ladder(model_dir, out, types, method, fast, threads, dataset, ctx, chunks, b
     from quantkit.quant.recipes import resolve_options
 
     qtypes = parse_types(types)
+    calib["calib"] = ",".join(calib["calib"]) or None
     opts = resolve_options(None, fast, method=method, **calib)
     model_dir = str(resolve_model(model_dir))
     evaluation = EvalOptions(dataset, ctx, chunks, batch_size)
