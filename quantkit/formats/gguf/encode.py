@@ -88,9 +88,10 @@ def quantize_weight(w: np.ndarray, qtype: QT, qw: np.ndarray | None = None) -> t
 
 
 def encode_tensor(
-    ckpt: Checkpoint, t: PlannedTensor, qw: np.ndarray | None = None
+    ckpt: Checkpoint, t: PlannedTensor, importance: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The bytes of one planned tensor, read whole, and its report entry (``qw``: its importance, or None)."""
+    """The bytes of one planned tensor, read whole, and its report entry (``importance``: its importance
+    vector, or None)."""
     entry: dict[str, Any] = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
     if t.is_norm:  # 1 + w in fp32, stored F32
         data = (ckpt.get(t.hf_name, torch.float32, check_finite=True) + 1.0).numpy()
@@ -110,7 +111,7 @@ def encode_tensor(
         w = qw.dequantize(torch.float32).numpy()
     else:
         w = ckpt.get(t.hf_name, torch.float32, check_finite=True)[: t.shape[0]].numpy()  # drop embedding padding rows
-    data, exact = quantize_weight(w, t.qtype, qw)
+    data, exact = quantize_weight(w, t.qtype, importance)
     return data, entry | {"method": "lossless" if exact else "requantized", "exact": exact}
 
 
