@@ -309,9 +309,15 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> d
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True)
+@click.option(
+    "--imatrix",
+    type=click.Path(),
+    help="An importance matrix (llama.cpp's GGUF imatrix, or quantize --imatrix-out's), used as "
+    "llama-quantize --imatrix uses it: the same bytes.",
+)
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (per-tensor types) as JSON.")
-def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: bool) -> None:
+def export(src: str, out: str, fmt: str, qtype: str, imatrix: str | None, overwrite: bool, as_json: bool) -> None:
     """Write SRC (a model directory or a quantize output directory) as a GGUF that llama.cpp runs.
 
     Weights of a quantized SRC whose grid fits the GGUF type (symmetric int4 -> q4_0, int8 -> q8_0,
@@ -321,15 +327,19 @@ def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: b
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
     from quantkit.formats.gguf.export import export_gguf, gguf_file_bytes
+    from quantkit.formats.gguf.imatrix import load_imatrix
     from quantkit.io.atomic import check_output
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
 
-    check_output(out, [src], kind="file", overwrite=overwrite)
+    inputs = [src, *([imatrix] if imatrix else [])]
+    check_output(out, inputs, kind="file", overwrite=overwrite)
+    imp = load_imatrix(imatrix) if imatrix else None
     src = str(resolve_model(src))
     ckpt = open_checkpoint(src)
-    check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=gguf_file_bytes(ckpt, qtype))
-    report = export_gguf(ckpt, out, qtype, progress=_progress())
+    need = gguf_file_bytes(ckpt, qtype, imp is not None)
+    check_output(out, [src, *inputs[1:]], kind="file", overwrite=overwrite, need_bytes=need)
+    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imp)
     _emit(report, as_json, _format_export(report))
 
 

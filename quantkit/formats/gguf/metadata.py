@@ -111,11 +111,21 @@ def add_provenance(w: gguf.GGUFWriter, prov: Provenance, report: dict[str, Any] 
     calib = opts.get("calib")  # names only: a file's metadata must not depend on where the texts lay
     w.add_string(RECIPE_KEY, json.dumps(dict(opts, calib=calib and calibration_label(calib)), sort_keys=True))
     if opts["method"] == "gptq" and str(report.get("format", "")).startswith("ggml blocks"):
-        if report.get("imatrix"):
-            w.add_string(IMATRIX_FILE, str(report["imatrix"]))
-        w.add_string(IMATRIX_DATASET, calibration_label(opts.get("calib")))
-        w.add_uint32(IMATRIX_ENTRIES, len(report.get("linears", {})))
-        w.add_uint32(IMATRIX_CHUNKS, int(opts["nsamples"]))
+        dataset = calibration_label(opts.get("calib"))
+        entries = len(report.get("linears", {}))
+        add_imatrix_keys(w, report.get("imatrix"), dataset, entries, int(opts["nsamples"]))
+
+
+def add_imatrix_keys(w: gguf.GGUFWriter, file: str | None, dataset: str | None, entries: int, chunks: int) -> None:
+    """The quantize.imatrix.* keys as llama-quantize --imatrix writes them: the file as named (at most 127
+    bytes), its first dataset, its entry count and chunk count (u32; the chunk count only when positive)."""
+    if file:
+        w.add_string(IMATRIX_FILE, file.encode()[:127].decode(errors="ignore"))
+    if dataset is not None:
+        w.add_string(IMATRIX_DATASET, dataset.encode()[:127].decode(errors="ignore"))
+    w.add_uint32(IMATRIX_ENTRIES, entries)
+    if chunks > 0:
+        w.add_uint32(IMATRIX_CHUNKS, chunks)
 
 
 # ---------------------------------------------------------------------------------- GGUF -> HF config

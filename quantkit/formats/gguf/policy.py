@@ -97,14 +97,32 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
 }
 
 
-def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int, n_gqa: int = 1) -> QT:
+# with an importance matrix (llama-quant.cpp's qs.has_imatrix) ffn_down's rules change: IQ4_NL / IQ4_XS keep
+# their first eighth in the main type, Q4_0 / Q5_0 put it in Q4_1 / Q5_1
+IMATRIX_FFN_DOWN: dict[FT, Rule | None] = {
+    FT.MOSTLY_IQ4_NL: None,
+    FT.MOSTLY_IQ4_XS: None,
+    FT.MOSTLY_Q4_0: _FIRST_EIGHTH(QT.Q4_1),
+    FT.MOSTLY_Q5_0: _FIRST_EIGHTH(QT.Q5_1),
+}
+
+
+def weight_type(
+    qtype: str,
+    hf_or_gguf_kind: str,
+    layer: int | None,
+    n_layers: int,
+    row_len: int,
+    n_gqa: int = 1,
+    imatrix: bool = False,
+) -> QT:
     """llama-quantize's type for one weight of a ``qtype`` file (kind: GGUF or HF, e.g. 'attn_v', 'v_proj').
 
     Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q8_0
     in Q8_0 files, and where its row is not a multiple of the main type's block), the mixes' rules
     (``MIX_RULES``) pick other types for some layer weights, and then a row not a multiple of the type's
     block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, else
-    F16). Norms are F32."""
+    F16). Norms are F32. ``imatrix``: llama-quantize was given an importance matrix (``IMATRIX_FFN_DOWN``)."""
     kind = tensor_kind(hf_or_gguf_kind)
     if kind.endswith("norm"):
         return QT.F32
@@ -113,7 +131,10 @@ def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: i
         return main
     if kind == "token_embd":
         return fallback_type(QT.Q8_0 if main == QT.Q8_0 or row_len % block_size(main) else QT.Q6_K, row_len)
-    rule = None if qtype in PURE else MIX_RULES.get(kind, {}).get(ftype)
+    rules = MIX_RULES.get(kind, {})
+    if imatrix and kind == "ffn_down":
+        rules = {k: v for k, v in rules.items() if k not in IMATRIX_FFN_DOWN} | IMATRIX_FFN_DOWN
+    rule = None if qtype in PURE else rules.get(ftype)
     if rule is not None:
         if layer is None:
             raise ValueError(f"{kind} needs a layer index")
@@ -151,8 +172,9 @@ class PlannedTensor:
 # ------------------------------------------------------------------------------------------ type choice
 
 
-def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
-    """Every GGUF tensor in file order, with its HF source name, shape and ggml type."""
+def plan_tensors(cfg: ModelConfig, qtype: str, imatrix: bool = False) -> list[PlannedTensor]:
+    """Every GGUF tensor in file order, with its HF source name, shape and ggml type (``imatrix``: as
+    llama-quantize chooses them when given an importance matrix)."""
     if qtype not in FILE_TYPES:
         raise QuantkitError(f"GGUF type {qtype!r} is not supported (choose from {', '.join(FILE_TYPES)})")
     n, h = cfg.num_hidden_layers, cfg.hidden_size
@@ -161,7 +183,7 @@ def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
 
     def planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], layer: int | None) -> PlannedTensor:
         kind = gguf_name.split(".")[-2]
-        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1], n_gqa)
+        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1], n_gqa, imatrix)
         return PlannedTensor(gguf_name, hf_name, shape, t)
 
     emb, norm = GLOBAL_TENSORS["model.embed_tokens"], GLOBAL_TENSORS["model.norm"]
