@@ -198,8 +198,10 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
 )
 @click.option(
     "--calib",
-    type=click.Path(),
-    help="Calibration text (default: the shipped ~100 kB excerpt of WikiText-2 validation).",
+    multiple=True,
+    help="Calibration text: a file, or a shipped text (wiki, code, chat, multilingual; mix = all four); "
+    "repeat it, or separate with commas, for a set, each SOURCE[:WEIGHT] (windows split by weight). "
+    "[default: wiki, the shipped ~100 kB excerpt of WikiText-2 validation]",
 )
 @click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
@@ -250,19 +252,20 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
 def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, overwrite, as_json, **flags):
     from quantkit.io.atomic import check_output
     from quantkit.io.budget import calibration_bytes, quantized_artifact_bytes, refuse_if_over_memory
+    from quantkit.io.calibration import calibration_files
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
     from quantkit.quant.quantize import quantize_checkpoint
     from quantkit.quant.recipes import resolve_options
 
-    opts = resolve_options(recipe, fast, **flags)
+    opts = resolve_options(recipe, fast, **dict(flags, calib=",".join(flags["calib"]) or None))
     kind = "file" if fmt == "gguf" else "dir"
-    inputs = [model_dir, opts.calib]
+    inputs = [model_dir, *calibration_files(opts.calib)]
     check_output(out, inputs, kind=kind, overwrite=overwrite)
     if imatrix_out:
         check_output(imatrix_out, [*inputs, out], kind="file", overwrite=overwrite)
     model_dir = str(resolve_model(model_dir))
-    inputs = [model_dir, opts.calib]
+    inputs = [model_dir, *calibration_files(opts.calib)]
     ckpt = open_checkpoint(model_dir)
     need = quantized_artifact_bytes(ckpt, opts.bits, opts.group_size, opts.sym)
     if fmt == "gguf":
@@ -306,9 +309,15 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> d
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True)
+@click.option(
+    "--imatrix",
+    type=click.Path(),
+    help="An importance matrix (llama.cpp's GGUF imatrix, or quantize --imatrix-out's), used as "
+    "llama-quantize --imatrix uses it: the same bytes.",
+)
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (per-tensor types) as JSON.")
-def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: bool) -> None:
+def export(src: str, out: str, fmt: str, qtype: str, imatrix: str | None, overwrite: bool, as_json: bool) -> None:
     """Write SRC (a model directory or a quantize output directory) as a GGUF that llama.cpp runs.
 
     Weights of a quantized SRC whose grid fits the GGUF type (symmetric int4 -> q4_0, int8 -> q8_0,
@@ -318,15 +327,19 @@ def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: b
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
     from quantkit.formats.gguf.export import export_gguf, gguf_file_bytes
+    from quantkit.formats.gguf.imatrix import load_imatrix
     from quantkit.io.atomic import check_output
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
 
-    check_output(out, [src], kind="file", overwrite=overwrite)
+    inputs = [src, *([imatrix] if imatrix else [])]
+    check_output(out, inputs, kind="file", overwrite=overwrite)
+    imp = load_imatrix(imatrix) if imatrix else None
     src = str(resolve_model(src))
     ckpt = open_checkpoint(src)
-    check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=gguf_file_bytes(ckpt, qtype))
-    report = export_gguf(ckpt, out, qtype, progress=_progress())
+    need = gguf_file_bytes(ckpt, qtype, imp is not None)
+    check_output(out, [src, *inputs[1:]], kind="file", overwrite=overwrite, need_bytes=need)
+    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imp)
     _emit(report, as_json, _format_export(report))
 
 
@@ -352,7 +365,7 @@ def _format_export(r: dict) -> str:
 @click.option(
     "--dataset",
     multiple=True,
-    help="Evaluation text: a path, NAME=PATH, or a shipped text (wiki, code, fr); repeat for drift per dataset "
+    help="Evaluation text: a path, NAME=PATH, or a shipped text (wiki, code, fr, chat); repeat for drift per dataset "
     "(default: wiki, the shipped ~100 kB excerpt of WikiText-2 test, raw).",
 )
 @click.option(
@@ -450,7 +463,7 @@ LADDER_TYPES = "q8_0,q6_k,q5_k_m,q4_k_m,q4_0,q3_k_m"
 @click.option("--method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
               help="gptq: quantize --format gguf --method gptq per type; rtn: the plain export.")  # fmt: skip
 @click.option("--fast", is_flag=True, help="Plain GPTQ, as quantize --fast.")
-@click.option("--calib", type=click.Path(), help="Calibration text (default: the shipped WikiText-2 excerpt).")
+@click.option("--calib", multiple=True, help="Calibration text or set, as quantize's --calib.")
 @click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for drawing calibration windows. [default: 0]")
@@ -480,6 +493,7 @@ def ladder(model_dir, out, types, method, fast, threads, dataset, ctx, chunks, b
     from quantkit.quant.recipes import resolve_options
 
     qtypes = parse_types(types)
+    calib["calib"] = ",".join(calib["calib"]) or None
     opts = resolve_options(None, fast, method=method, **calib)
     model_dir = str(resolve_model(model_dir))
     evaluation = EvalOptions(dataset, ctx, chunks, batch_size)

@@ -356,6 +356,16 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _warm_up(target: Target, sources: dict[str, Path], work: Path) -> None:
+    """Run the command once on the unmutated input, untimed: the imports a command makes lazily (torch,
+    sentencepiece, gguf) then do not count against the first case's time limit."""
+    src = work / "warm" / "in"
+    shutil.copytree(sources[target.source], src)
+    (work / "warm" / "out").mkdir()
+    _invoke(target.command(src, sources["model"], work / "warm" / "out"))
+    shutil.rmtree(work / "warm", ignore_errors=True)
+
+
 def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_dir: Path, max_rss_gib: float) -> None:
     """Run cases [start, stop) of ``target``, one JSON line each (flushed before the next case starts).
 
@@ -366,6 +376,7 @@ def worker(target: str, start: int, stop: int, seed: int, timeout: int, source_d
     sources = json.loads((source_dir / "sources.json").read_text())
     sources = {k: Path(v) for k, v in sources.items()}
     with tempfile.TemporaryDirectory(prefix="fuzz-") as tmp:
+        _warm_up(TARGETS[target], sources, Path(tmp))
         for k in range(start, stop):
             print(json.dumps({"start": k}), flush=True)
             res = run_case(TARGETS[target], sources, Path(tmp), k, seed, timeout)

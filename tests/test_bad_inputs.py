@@ -973,6 +973,40 @@ def export_src_missing(ws):
     return export(ws, ws.root / "nope")
 
 
+def write_test_imatrix(ws: Workspace, sizes: dict[str, int]) -> Path:
+    """An imatrix (quantkit's --imatrix-out writer) with entries of the given lengths, in the workspace."""
+    from quantkit.formats.gguf.imatrix import ImportanceStats, write_imatrix
+
+    stats = ImportanceStats({n: np.ones(k, dtype=np.float32) for n, k in sizes.items()}, dict.fromkeys(sizes, 8))
+    return write_imatrix(ws.root / "m.imatrix.gguf", stats, "t", 8)
+
+
+@case("export", "nope.gguf: not found")
+def export_imatrix_missing(ws):
+    return export(ws, ws.model, "--imatrix", ws.root / "nope.gguf")
+
+
+@case("export", "not an importance-matrix GGUF")
+def export_imatrix_not_an_imatrix(ws):
+    return export(ws, ws.model, "--imatrix", ws.gguf)
+
+
+@case("export", "imatrix size 7 is different from tensor size 256 for blk.0.attn_q.weight")
+def export_imatrix_wrong_length(ws):
+    return export(ws, ws.model, "--type", "q4_k", "--imatrix", write_test_imatrix(ws, {"blk.0.attn_q.weight": 7}))
+
+
+@case("export", "the importance matrix has no entry for blk.0.attn_q.weight (Q2_K)")
+def export_imatrix_missing_q2_k_s_entry(ws):
+    return export(ws, ws.model, "--type", "q2_k_s", "--imatrix", write_test_imatrix(ws, {"blk.0.ffn_up.weight": 256}))
+
+
+@case("export", "is also an input")
+def export_onto_imatrix(ws):
+    imatrix = write_test_imatrix(ws, {"blk.0.ffn_up.weight": 256})
+    return export(ws, ws.model, "--imatrix", imatrix, out=imatrix)
+
+
 @case("export", "out.gguf: no space left on device", patch=lambda mp: _fail_writes(mp, "gguf"))
 def export_disk_full(ws):
     return export(ws)

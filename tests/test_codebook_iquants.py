@@ -11,7 +11,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from test_ggml_blocks import awkward_rows, differing_blocks, edge_rows, gaussian, heavy_tailed, rel_rms
 
-from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
+from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.iquants_codebook import CodebookOverflowError, codebook
 from quantkit.formats.gguf.reference import quantize_rows_ref
 
@@ -81,3 +81,15 @@ def test_huge_weights_are_refused(qtype: QT) -> None:
     assert quantize_rows(x * np.float32(1e9), qtype).shape[0] == 2
     with pytest.raises(CodebookOverflowError, match="too large"):
         quantize_rows(x * np.float32(1e18), qtype)
+
+
+@pytest.mark.parametrize("qtype", CODEBOOK_TYPES, ids=lambda t: t.name)
+def test_weighted_blocks_equal_libggml(libggml, qtype: QT) -> None:
+    """With an importance vector (llama-quantize --imatrix): weights qw * sqrt(sigma2 + x^2)."""
+    x = np.concatenate([gaussian(16, 512, seed=12), heavy_tailed(8, 512, seed=13), codebook_edge_rows()])
+    qw = np.random.default_rng(14).gamma(0.5, 1.0, 512).astype(np.float32)
+    qw[:40] = 0  # columns no calibration token reached
+    ours = quantize_rows_weighted(x, qtype, qw)
+    bad, first = differing_blocks(ours, quantize_rows_ref(x, qtype, libggml, imatrix=qw), qtype)
+    assert bad.mean() <= MISMATCH_LIMIT, f"{bad.sum()}/{bad.size} blocks differ; {first}"
+    assert bad.size and not np.array_equal(ours, quantize_rows(x, qtype))  # the importance changed the blocks

@@ -138,3 +138,19 @@ def test_packed_linear_equals_dense_linear(bits, group, sym, monkeypatch):
     got = layer(x)
     assert torch.equal(got, torch.cat(blocks, dim=-1))  # bit-exact to F.linear on the same row blocks
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-4)  # BLAS may block the full product differently
+
+
+def test_automatic_mode_streams_when_logits_and_weights_exceed_half_the_memory(tiny_gemma3, monkeypatch):
+    """The automatic choice counts every model's weights and its batch of logits (the vocabulary makes them
+    as large as a small model): it streams when they exceed half of the available memory."""
+    import quantkit.eval.evaluate as ev
+
+    ref = open_checkpoint(tiny_gemma3)
+    chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), TEST_TEXT, 32, 2)
+    need = ev.whole_model_bytes([(ref, False)], torch.float32, 1, 15)
+    assert need == ref.num_parameters() * 4 + 3 * 15 * ref.config.vocab_size * 4
+    modes = {}
+    for avail in (2 * need + 1, 2 * need - 1):
+        monkeypatch.setattr(ev, "available_memory", lambda unknown, a=avail: a)
+        modes[avail > 2 * need] = evaluate(ref, chunks, progress=False)["mode"]
+    assert modes == {True: "whole-model", False: "layer-streamed"}

@@ -179,3 +179,79 @@ def test_both_refuse_without_an_importance_matrix(qtype, f32_files, tmp_path):
     with pytest.raises(QuantkitError, match="requires an importance matrix"):
         export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2)
     assert not ours.exists() and list(tmp_path.iterdir()) == ([theirs] if theirs.exists() else [])
+
+
+# ----------------------------------------------------------------------------------- with an importance matrix
+
+# types whose per-tensor choice changes with an imatrix (ffn_down of the first eighth: Q4_0 -> Q4_1, Q5_0 ->
+# Q5_1, IQ4_* keep their type) run on the 16-layer model; every weighted encoder (and Q2_K_S, allowed with an
+# imatrix) on the 320-wide one, whose row-length fallbacks reach the legacy and IQ4_NL ones too
+IMATRIX_TYPES = {**LLAMA_TYPES, **{k: ([], v) for k, v in NEED_IMATRIX.items()}}
+# the mixes add no weighted encoder and no imatrix-dependent rule beyond q4_k_m's and q2_k's
+MIXES = ("q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q5_k_m", "f16", "bf16")
+# IQ3: on the 320-wide model iq3_xxs's weighted IQ3_S attn_output (iq3_xs / iq3_s / iq3_m write no other IQ3
+# tensor there); on the 256-wide one iq3_xs, whose attn_q / attn_k / ffn_gate / ffn_up (layers 0-2) are
+# IQ3_XXS, which needs the imatrix: its imatrix leaves nothing out
+IQ3_LATER = ("iq3_xs", "iq3_s", "iq3_m")
+IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in MIXES + IQ3_LATER] + [
+    ("gemma3-l16-gqa4", t) for t in ("q4_0", "q5_0", "iq4_nl", "q2_k_s")
+] + [("gemma3", "iq3_xs")]  # fmt: skip
+SKIPPED = "blk.0.attn_k.weight"  # left out of the imatrix: quantized without one, as llama-quantize does
+FULL_IMATRIX = ("gemma3",)  # models whose imatrix has every weight
+
+
+@pytest.fixture(scope="module")
+def imatrix_files(f32_files, tmp_path_factory):
+    """model -> an imatrix of random activations written by quantkit (the --imatrix-out writer), with an entry
+    for every linear weight but SKIPPED (but for FULL_IMATRIX models), and one for the tied token embedding
+    (the output's input)."""
+    from quantkit.formats.gguf.imatrix import ImportanceStats, write_imatrix
+
+    root, made = tmp_path_factory.mktemp("imatrix"), {}
+
+    def get(model: str) -> Path:
+        if model not in made:
+            _, f32 = f32_files(model)
+            stats, g = ImportanceStats.empty(), np.random.default_rng(len(model))
+            for t in gguf.GGUFReader(f32).tensors:
+                if len(t.shape) == 2 and (t.name != SKIPPED or model in FULL_IMATRIX):
+                    n = int(t.shape[0])  # ne0: the input columns
+                    stats.sums[t.name] = (g.standard_normal(n) ** 2 * 96 * g.uniform(0.01, 10)).astype(np.float32)
+                    stats.counts[t.name] = 96
+            made[model] = write_imatrix(root / f"{model}.imatrix.gguf", stats, "random", 32)
+        return made[model]
+
+    return get
+
+
+@pytest.mark.parametrize(("model", "qtype"), IMATRIX_CASES)
+def test_export_with_imatrix_equals_llama_quantize(model, qtype, f32_files, imatrix_files, tmp_path):
+    ckpt_dir, f32 = f32_files(model)
+    imatrix = imatrix_files(model)
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    flags, name = IMATRIX_TYPES[qtype]
+    embd = "q6_k" if open_checkpoint(ckpt_dir).config.hidden_size % 256 == 0 else "q8_0"
+    args = [*(f.format(embd=embd) for f in flags), "--imatrix", str(imatrix), str(f32), str(theirs), name, "2"]
+    run = subprocess.run([str(LLAMA_QUANTIZE), *args], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2, imatrix=imatrix)
+    assert report["imatrix"]["tensors"] == report["imatrix"]["entries"]  # every entry matched a weight
+    want, got = _tensors(theirs), _tensors(ours)
+    assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}  # names and types
+    differ = [n for n, (_, data) in got.items() if data != want[n][1]]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ from llama-quantize's, e.g. {differ[:4]}"
+    keys = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count")
+    theirs_kv, ours_kv = gguf.GGUFReader(theirs).fields, gguf.GGUFReader(ours).fields
+    assert [ours_kv[k].contents() for k in keys] == [theirs_kv[k].contents() for k in keys]
+    assert ours_kv["quantize.imatrix.chunks_count"].contents() == theirs_kv["quantize.imatrix.chunks_count"].contents()
+
+
+def test_iq3_xxs_with_imatrix_needs_iq2_s(f32_files, imatrix_files, tmp_path):
+    """With an imatrix an iq3_xxs file of rows of 256 gives attn_q / attn_k IQ2_S, which llama-quantize writes
+    and quantkit cannot yet: one line, nothing written."""
+    ckpt_dir, f32 = f32_files("gemma3")
+    ours = tmp_path / "quantkit.gguf"
+    assert dict(_dry_run_types(f32, "IQ3_XXS"))["blk.0.attn_q.weight"] == "IQ2_S"
+    with pytest.raises(QuantkitError, match="would be IQ2_S, which quantkit cannot write"):
+        export_gguf(ckpt_dir, ours, "iq3_xxs", progress=False, imatrix=imatrix_files("gemma3"))
+    assert not list(tmp_path.iterdir())

@@ -15,6 +15,7 @@ from conftest import ROOT
 
 import quantkit
 import quantkit.io.texts as texts
+from quantkit.io.calibration import SHIPPED_CALIB
 
 SOURCES = ("pyproject.toml", "README.md", "quantkit", "recipes", "data")
 
@@ -52,16 +53,18 @@ def test_wheel_ships_recipes_and_texts(site, tmp_path):
         "import quantkit, quantkit.quant.recipes as r, quantkit.io.texts as d;"
         "print(quantkit.__file__); print(r.RECIPES_DIR); print(d.default_calibration_text());"
         "print(d.default_evaluation_text());"
-        "print(*(d.resolve_dataset(n)[1] for n in d.SHIPPED_TEXTS), sep=chr(10))"
+        "print(*(d.resolve_dataset(n)[1] for n in d.SHIPPED_TEXTS), sep=chr(10));"
+        "import quantkit.io.calibration as c; print(*(s.path for s in c.calibration_sources('mix')), sep=chr(10))"
     )
     lines = _run([sys.executable, "-c", code], cwd=tmp_path, env=_env(site)).stdout.split()
     assert all(Path(p).resolve().is_relative_to(site.resolve()) for p in lines), lines
     assert sorted(p.name for p in Path(lines[1]).glob("*.toml")) == sorted(
         p.name for p in (ROOT / "recipes").glob("*.toml")
     )
-    named = [texts.SHIPPED_TEXTS[n] for n in texts.SHIPPED_TEXTS]  # --dataset wiki, code, fr
-    originals = ["wiki.valid.excerpt.txt", "wiki.test.excerpt.raw", *named]
-    assert len(lines) == 4 + len(named)
+    named = [texts.SHIPPED_TEXTS[n] for n in texts.SHIPPED_TEXTS]  # --dataset wiki, code, fr, chat
+    calib = list(SHIPPED_CALIB.values())  # --calib mix
+    originals = ["wiki.valid.excerpt.txt", "wiki.test.excerpt.raw", *named, *calib]
+    assert len(lines) == 4 + len(named) + len(calib)
     for shipped, original in zip(lines[2:], originals, strict=True):
         assert Path(shipped).read_bytes() == (ROOT / "data" / original).read_bytes()
     licences = {p.name for p in Path(lines[2]).parent.glob("LICENSE.*.txt")}

@@ -105,6 +105,18 @@ def model_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
     return ckpt.num_parameters() * torch.finfo(dtype).bits // 8
 
 
+def whole_model_bytes(models: list[tuple[Checkpoint, bool]], dtype: torch.dtype, batch_size: int, scored: int) -> int:
+    """Peak bytes of whole-model evaluation: every model's weights in ``dtype``, and per model a batch's
+    scored logits [batch, scored, vocab] three times over (logits, log-probabilities, the softmax's
+    temporary). With Gemma's 262,144-entry vocabulary the logits weigh as much as a small model's weights:
+    eight 270M models held 17 GiB, where their weights alone are 8.6 GB."""
+    if not models:
+        return 0
+    cfg = models[0][0].config
+    logits = 3 * batch_size * scored * cfg.vocab_size * 4  # fp32
+    return sum(model_bytes(ck, dtype) + logits for ck, _ in models)
+
+
 def _whole_model_streams(models, batches, sl, dtype, device) -> Iterator[list[torch.Tensor]]:
     built = [
         build_model(ck, dtype, device, linears_for=(lambda i, ck=ck: linears_from_checkpoint(ck, i)) if q else None)
@@ -163,9 +175,8 @@ def evaluate_many(
     targets = chunks[:, sl.start + 1 : sl.stop + 1]  # [n, S]
     models = ([(ref, False)] if reference is None else []) + [(q, True) for q in quants]
     if stream is None:
-        stream = bool(models) and (
-            model_bytes(models[0][0], dtype) * len(models) > 0.6 * available_memory(unknown=8 << 30)
-        )
+        need = whole_model_bytes(models, dtype, batch_size, sl.stop - sl.start)
+        stream = bool(models) and need > 0.5 * available_memory(unknown=8 << 30)
     spans = _dataset_rows(datasets or [("all", n)], n)
     tallies = [Tally.empty(len(quants)) for _ in spans]
     floor = -math.inf if reference is None else FLOOR

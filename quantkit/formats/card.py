@@ -21,6 +21,7 @@ import yaml
 
 from quantkit import __version__
 from quantkit.io.atomic import atomic_file
+from quantkit.io.calibration import calibration_label
 from quantkit.io.hub import hub_source
 
 CARD_NAME = "README.md"
@@ -114,7 +115,7 @@ def artifact_tags(report: dict[str, Any], model_type: str) -> list[str]:
 def _method_line(opts: dict[str, Any]) -> str:
     if opts["method"] == "rtn":
         return f"RTN (round to nearest; scale search: {opts['scale_search']})"
-    calib = Path(opts["calib"]).name if opts.get("calib") else "the shipped WikiText-2 validation excerpt"
+    calib = calibration_label(opts["calib"]) if opts.get("calib") else "the shipped WikiText-2 validation excerpt"
     extra = ", act-order" if opts["act_order"] else ""
     extra += ", towards the unquantized layer outputs (GPTQ v2)" if opts["fp_targets"] else ""
     return (

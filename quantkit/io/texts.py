@@ -91,6 +91,7 @@ SHIPPED_TEXTS = {
     "wiki": "wiki.test.excerpt.raw",
     "code": "code.cpython-lib.excerpt.txt",
     "fr": "fr.vim-tutor.excerpt.txt",
+    "chat": "chat.pydoc-topics.excerpt.txt",
 }
 
 

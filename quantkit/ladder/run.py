@@ -25,8 +25,9 @@ from quantkit.formats.card import source_provenance
 from quantkit.formats.gguf.export import gguf_file_bytes
 from quantkit.io.atomic import ARTIFACT_MARKER, atomic_file, check_output
 from quantkit.io.budget import eval_bytes, refuse_if_over_memory
+from quantkit.io.calibration import calibration_digest, calibration_files, calibration_label, check_sources
 from quantkit.io.checkpoint import open_checkpoint
-from quantkit.io.texts import default_calibration_text, default_evaluation_text, perplexity_chunks, read_text
+from quantkit.io.texts import default_evaluation_text, perplexity_chunks
 from quantkit.io.tokenizer import Tokenizer
 from quantkit.ladder.card import ladder_card
 from quantkit.ladder.jobs import import_ray, run_here, run_on_ray
@@ -52,12 +53,19 @@ class RayOptions:
     workers: int | None = None  # tasks in flight (default: local CPUs // threads, or all on a cluster)
 
 
-def _calibration(method: str, opts: QuantizeOptions) -> tuple[Path | None, bytes | None]:
+def _calibration(method: str, opts: QuantizeOptions, ray: bool) -> tuple[Path | None, bytes | None]:
+    """The calibration text as one file and its bytes (what a Ray task is shipped), or for a set of several
+    texts (None, the set's digest): each local job reads the texts itself."""
     if method != "gptq":
         return None, None
-    path = Path(opts.calib or default_calibration_text())
-    read_text(path, "calibration")  # one-line errors for a missing, empty or non-UTF-8 file
-    return path, path.read_bytes()
+    sources = check_sources(opts.calib)  # one-line errors for a missing, empty or non-UTF-8 text
+    if len(sources) == 1 and sources[0].weight == 1:
+        return sources[0].path, sources[0].path.read_bytes()
+    if ray:
+        raise QuantkitError(
+            "--ray ships one calibration text to its workers: give one --calib text, or run without --ray"
+        )
+    return None, calibration_digest(opts.calib).encode()
 
 
 def _have_matplotlib() -> bool:
@@ -93,9 +101,9 @@ def run_ladder(
     ckpt = open_checkpoint(model_dir)
     if ckpt.is_quantized:
         raise QuantkitError(f"{model_dir}: already quantized; a ladder starts from the unquantized model")
-    calib_path, calib = _calibration(method, opts)
+    calib_path, calib = _calibration(method, opts, ray is not None)
     data = Path(evaluation.dataset or default_evaluation_text())
-    inputs = [model_dir, calib_path, data]
+    inputs = [model_dir, *(calibration_files(opts.calib) if method == "gptq" else []), data]
     settings = ladder_settings(ckpt, method, opts, calib, threads)
     jobs = plan_jobs(ckpt.path, types, method, opts, threads)
     todo = [j for j in jobs if not (out / j.file_name).is_file()]
@@ -116,7 +124,7 @@ def run_ladder(
     built = _build(todo, out, calib_path, calib, ray, progress)
     report = _report(ckpt, out, jobs, settings, evaluation, data, ids, progress)
     report.update(key=key, command=command, built=built, mode="ray" if ray is not None else "sequential")
-    report["calibration_name"] = calib_path.name if calib_path else None
+    report["calibration_name"] = calibration_label(opts.calib) if method == "gptq" else None
     report["seconds"] = round(time.perf_counter() - t0, 3)
     _write_outputs(out, report, inputs)
     return report
@@ -147,7 +155,7 @@ def _build(todo: list[TypeJob], out: Path, calib_path, calib, ray: RayOptions | 
 
     with bar:
         if ray is None:
-            local = [j if j.method != "gptq" else _with_calib(j, calib_path) for j in todo]
+            local = [j if j.method != "gptq" or calib_path is None else _with_calib(j, calib_path) for j in todo]
             run_here(local, out, publish, progress)
         else:
             run_on_ray(todo, calib, publish, ray.address, ray.workers)

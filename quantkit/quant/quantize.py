@@ -33,10 +33,10 @@ from quantkit.formats.gguf.imatrix import write_imatrix
 from quantkit.formats.gguf.policy import plan_tensors
 from quantkit.formats.packed.write import ArtifactWriter, blocks_quantization_config, quantization_config
 from quantkit.io.atomic import is_artifact
+from quantkit.io.calibration import calibration_label, calibration_set_windows, check_sources
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
 from quantkit.io.dtypes import torch_dtype
 from quantkit.io.layout import layer_prefix
-from quantkit.io.texts import calibration_windows, default_calibration_text
 from quantkit.io.tokenizer import Tokenizer
 from quantkit.model import LINEAR_NAMES, Gemma
 from quantkit.quant.calibrate import Calibration, LayerCalibrator, weight_rel_err
@@ -85,8 +85,8 @@ def _gptq_layers(cal: Calibration, writer: ArtifactWriter, bar, run: RunState) -
         inps, fps = run.saved_inputs(writer, device)  # the next layer's inputs (and the unquantized model's)
         fps = fps if opts.fp_targets else None
     else:
-        calib_path = opts.calib or default_calibration_text()
-        ids = calibration_windows(Tokenizer(ckpt.tokenizer_path), calib_path, opts.nsamples, opts.seqlen, opts.seed)
+        tok = Tokenizer(ckpt.tokenizer_path)
+        ids = calibration_set_windows(tok, opts.calib, opts.nsamples, opts.seqlen, opts.seed)
         embed = ckpt.get("model.embed_tokens.weight", check_finite=True)
         with torch.no_grad():
             inps = [model.embed(b, embed) for b in ids.split(opts.batch_size)]  # each [b, T, H]
@@ -131,8 +131,8 @@ def quantize_checkpoint(
     if ckpt.quant_spec is not None:
         raise QuantkitError(f"{model_dir}: already quantized; quantize the original checkpoint")
     check_plan(ckpt, opts)
-    if opts.method == "gptq" and opts.calib and not Path(opts.calib).is_file():
-        raise QuantkitError(f"{opts.calib}: calibration file not found")
+    if opts.method == "gptq":
+        check_sources(opts.calib)
     if (gguf_type or imatrix_out) and opts.method != "gptq":
         raise QuantkitError("--imatrix-out and GPTQ into GGUF blocks need --method gptq")
     block_types = _block_types(ckpt, gguf_type) if gguf_type else {}
@@ -165,7 +165,7 @@ def quantize_checkpoint(
         writer.copy_tokenizer(ckpt.path)
         report = _report(ckpt, opts, sdt, run, time.perf_counter() - t0, device, gguf_type, block_types)
         if imatrix_out:
-            calib = Path(opts.calib or default_calibration_text()).name
+            calib = calibration_label(opts.calib)
             report["imatrix"] = str(write_imatrix(imatrix_out, run.imatrix, calib, opts.seqlen))
         prov = source_provenance(ckpt.path, ckpt.raw_config)
         report["provenance"] = prov.as_dict()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ import torch
 from quantkit import __version__
 from quantkit.formats.gguf.imatrix import ImportanceStats
 from quantkit.formats.packed.write import ArtifactWriter
+from quantkit.io.calibration import calibration_files
 from quantkit.io.checkpoint import Checkpoint
-from quantkit.io.texts import default_calibration_text
 from quantkit.quant.memory import peak_gpu_bytes, peak_rss_gib
 from quantkit.quant.recipes import QuantizeOptions
 
@@ -72,7 +71,7 @@ def resume_key(ckpt: Checkpoint, opts: QuantizeOptions, sdt: torch.dtype, device
     (name, size, modification time) of every input file. A rerun resumes only when it is unchanged."""
     files = [ckpt.path / n for n in ("config.json", "tokenizer.model", *ckpt.headers)]
     if opts.method == "gptq":
-        files.append(Path(opts.calib or default_calibration_text()))
+        files.extend(calibration_files(opts.calib))
     ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
     blob = {"version": __version__, "options": opts.__dict__, "sdt": str(sdt), "device": device, "files": ident,
             "target": target}  # fmt: skip

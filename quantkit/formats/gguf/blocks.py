@@ -19,9 +19,10 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 from torch import Tensor
 
-from quantkit.formats.gguf.ggml_float import Scratch, signed_absmax
+from quantkit.formats.gguf import weighted as wq
+from quantkit.formats.gguf.ggml_float import F32, Scratch, signed_absmax
 from quantkit.formats.gguf.iquants import quantize_iq4_nl, quantize_iq4_xs
-from quantkit.formats.gguf.iquants_codebook import quantize_iq3_s, quantize_iq3_xxs
+from quantkit.formats.gguf.iquants_codebook import quantize_codebook, quantize_iq3_s, quantize_iq3_xxs
 from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
 from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
 from quantkit.formats.gguf.layouts import (
@@ -46,6 +47,27 @@ NUMPY_QUANTIZERS = {
     QT.Q5_K: quantize_q5_k,
     QT.Q6_K: quantize_q6_k,
 }
+# with an importance matrix (llama-quantize --imatrix): blocks x, importance qw [B, block] (, sigma2 [B]: the
+# mean x^2 of each block's row, for the legacy types) -> uint8 [B, type_bytes]. Q8_0 and the floats ignore it.
+WEIGHTED_ROW = {
+    QT.Q4_0: wq.quantize_q4_0,
+    QT.Q5_0: wq.quantize_q5_0,
+    QT.Q4_1: wq.quantize_q4_1,
+    QT.Q5_1: wq.quantize_q5_1,
+}
+WEIGHTED_BLOCK = {
+    QT.Q2_K: wq.quantize_q2_k,
+    QT.Q3_K: wq.quantize_q3_k,
+    QT.Q4_K: wq.quantize_q4_k,
+    QT.Q5_K: wq.quantize_q5_k,
+    QT.Q6_K: wq.quantize_q6_k_w,
+    QT.IQ4_NL: lambda x, qw, ws: quantize_iq4_nl(x, ws, qw),
+    QT.IQ4_XS: lambda x, qw, ws: quantize_iq4_xs(x, ws, qw),
+    QT.IQ3_XXS: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_XXS, ws, qw),
+    QT.IQ3_S: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_S, ws, qw),
+}
+WEIGHTED = (*WEIGHTED_ROW, *WEIGHTED_BLOCK)
+ENCODABLE = (*GGUF_PY_TYPES, *NUMPY_QUANTIZERS, QT.Q8_0, QT.Q4_0)  # the types quantize_rows writes
 CHUNK_WEIGHTS = 1024 * 256  # weights per numpy pass (1024 K-quant super-blocks): fastest of 256-2048 here
 
 
@@ -162,6 +184,35 @@ def quantize_rows(x: np.ndarray, qtype: QT) -> np.ndarray:
         raise NotImplementedError(f"no quantizer for {qtype.name}")
     out = np.ascontiguousarray(gq.quantize(x, qtype))
     return out.view(np.uint8).reshape(x.shape[0], row_bytes(qtype, x.shape[1]))
+
+
+def quantize_rows_weighted(x: np.ndarray | torch.Tensor, qtype: QT, qw: np.ndarray) -> np.ndarray:
+    """float [R, n] (any float dtype) and the importance qw float32 [n] -> uint8 [R, row_bytes], as
+    llama-quantize --imatrix writes them; types that take no importance go to quantize_rows. Raises
+    NonFiniteError on NaN or inf."""
+    if qtype not in WEIGHTED:
+        return quantize_rows(x.float().numpy() if isinstance(x, torch.Tensor) else x, qtype)
+    R, n = x.shape
+    if qw.shape != (n,):
+        raise ValueError(f"expected one importance value per column, shape ({n},), got {qw.shape}")
+    blk = block_size(qtype)
+    out = np.empty((R, row_bytes(qtype, n)), dtype=np.uint8)
+    ws, step = Scratch(), max(1, CHUNK_WEIGHTS // n)
+    qw = np.ascontiguousarray(qw, dtype=np.float32).reshape(-1, blk)
+    for s in range(0, R, step):
+        chunk = x[s : s + step]
+        chunk = np.ascontiguousarray(chunk.float().numpy() if isinstance(chunk, torch.Tensor) else chunk, F32)
+        check_rows(chunk, qtype)
+        if not _all_finite(chunk):
+            raise NonFiniteError("NaN or inf in the weights")
+        r = chunk.shape[0]
+        blocks, qwb = chunk.reshape(-1, blk), np.tile(qw, (r, 1))  # [r * n/blk, blk]
+        if qtype in WEIGHTED_ROW:  # C: sum of x^2 over the whole row / n_per_row
+            sigma2 = np.repeat(wq.sum_squares(chunk, ws) / F32(n), n // blk)
+            out[s : s + r] = WEIGHTED_ROW[qtype](blocks, qwb, sigma2, ws).reshape(r, -1)
+        else:
+            out[s : s + r] = WEIGHTED_BLOCK[qtype](blocks, qwb, ws).reshape(r, -1)
+    return out
 
 
 def dequantize_rows(data: np.ndarray, qtype: QT) -> np.ndarray:

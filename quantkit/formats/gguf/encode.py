@@ -19,12 +19,14 @@ from gguf import GGMLQuantizationType as QT
 from quantkit.formats.gguf.blocks import (
     NUMPY_QUANTIZERS,
     TORCH_QUANTIZERS,
+    WEIGHTED,
     dequantize_rows,
     q4_0_from_codes,
     q4_1_from_codes,
     q8_0_from_codes,
     quantize_rows,
     quantize_rows_torch,
+    quantize_rows_weighted,
     row_bytes,
 )
 from quantkit.formats.gguf.policy import FLOAT_TYPES, TORCH_FLOATS, PlannedTensor
@@ -68,8 +70,11 @@ def _q4_1_exact(qw: QuantizedWeight) -> bool:
     return bool(np.array_equal(m.astype(np.float16).astype(np.float32), m))
 
 
-def quantize_weight(w: np.ndarray, qtype: QT) -> tuple[np.ndarray, bool]:
-    """float32 [O, I] -> (uint8 [O, row_bytes], whether it dequantizes to exactly ``w``), in row chunks."""
+def quantize_weight(w: np.ndarray, qtype: QT, qw: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """float32 [O, I] -> (uint8 [O, row_bytes], whether it dequantizes to exactly ``w``), in row chunks; ``qw``
+    [I]: the importance, for the types that take one."""
+    if qw is not None and qtype in WEIGHTED:
+        return quantize_rows_weighted(w, qtype, qw), False
     o, i = w.shape
     out = np.empty((o, row_bytes(qtype, i)), dtype=np.uint8)
     exact = qtype in FLOAT_TYPES
@@ -82,8 +87,11 @@ def quantize_weight(w: np.ndarray, qtype: QT) -> tuple[np.ndarray, bool]:
     return out, exact
 
 
-def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[str, Any]]:
-    """The bytes of one planned tensor, read whole, and its report entry."""
+def encode_tensor(
+    ckpt: Checkpoint, t: PlannedTensor, importance: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The bytes of one planned tensor, read whole, and its report entry (``importance``: its importance
+    vector, or None)."""
     entry: dict[str, Any] = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
     if t.is_norm:  # 1 + w in fp32, stored F32
         data = (ckpt.get(t.hf_name, torch.float32, check_finite=True) + 1.0).numpy()
@@ -103,12 +111,15 @@ def encode_tensor(ckpt: Checkpoint, t: PlannedTensor) -> tuple[np.ndarray, dict[
         w = qw.dequantize(torch.float32).numpy()
     else:
         w = ckpt.get(t.hf_name, torch.float32, check_finite=True)[: t.shape[0]].numpy()  # drop embedding padding rows
-    data, exact = quantize_weight(w, t.qtype)
+    data, exact = quantize_weight(w, t.qtype, importance)
     return data, entry | {"method": "lossless" if exact else "requantized", "exact": exact}
 
 
-def encode_rows(src: torch.Tensor, qtype: QT) -> tuple[np.ndarray, bool]:
-    """Rows [R, n] in any float dtype -> (uint8 [R, row_bytes], whether they decode to exactly ``src``)."""
+def encode_rows(src: torch.Tensor, qtype: QT, qw: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+    """Rows [R, n] in any float dtype -> (uint8 [R, row_bytes], whether they decode to exactly ``src``);
+    ``qw`` [n]: the importance, for the types that take one (llama-quantize --imatrix)."""
+    if qw is not None and qtype in WEIGHTED:
+        return quantize_rows_weighted(src, qtype, qw), False
     if TORCH_FLOATS.get(qtype) == src.dtype:  # bf16 -> BF16 etc.: the stored bytes as they are
         return src.view(torch.uint8).numpy(), True
     if qtype in TORCH_QUANTIZERS or qtype in NUMPY_QUANTIZERS:  # converted to float32 chunk by chunk

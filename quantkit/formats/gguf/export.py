@@ -23,11 +23,17 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.card import checkpoint_provenance
-from quantkit.formats.gguf.blocks import NUMPY_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
+from quantkit.formats.gguf.blocks import ENCODABLE, NUMPY_QUANTIZERS, TORCH_QUANTIZERS, NonFiniteError
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
+from quantkit.formats.gguf.imatrix import Importance, load_imatrix
 from quantkit.formats.gguf.iquants_codebook import CodebookOverflowError
 from quantkit.formats.gguf.layouts import LAYOUTS
-from quantkit.formats.gguf.metadata import add_model_metadata, add_provenance, check_llamacpp_compatible
+from quantkit.formats.gguf.metadata import (
+    add_imatrix_keys,
+    add_model_metadata,
+    add_provenance,
+    check_llamacpp_compatible,
+)
 from quantkit.formats.gguf.names import RULES
 from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix
 from quantkit.formats.gguf.stream import (
@@ -49,9 +55,11 @@ from quantkit.io.tensorio import all_finite
 JOBS_PER_WORKER = 2  # jobs in flight per worker: one encoding, one read ahead
 
 
-def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The bytes of one job (``src``: its rows from read_job) and the facts its tensor's report entry needs
-    (method, exact)."""
+def encode_job(
+    ckpt: Checkpoint, job: Job, src: torch.Tensor | None, qw: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The bytes of one job (``src``: its rows from read_job; ``qw``: its tensor's importance, or None) and the
+    facts its tensor's report entry needs (method, exact)."""
     t = job.tensor
     bad = QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
     # these quantizers see NaN/inf themselves
@@ -62,9 +70,9 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
         return (src.float() + 1.0).numpy().view(np.uint8), {"method": "norm", "exact": True}
     try:
         if src is None:
-            data, entry = encode_tensor(ckpt, t)
+            data, entry = encode_tensor(ckpt, t, qw)
             return data, {"method": entry["method"], "exact": entry["exact"]}
-        data, exact = encode_rows(src, t.qtype)
+        data, exact = encode_rows(src, t.qtype, qw)
     except NonFiniteError:
         raise bad from None
     except CodebookOverflowError as e:  # libggml aborts on such weights
@@ -73,9 +81,17 @@ def encode_job(ckpt: Checkpoint, job: Job, src: torch.Tensor | None) -> tuple[np
 
 
 def write_tensor_data(
-    ckpt: Checkpoint, plan: list[PlannedTensor], fout: Any, align: int, workers: int, bar: Any
+    ckpt: Checkpoint,
+    plan: list[PlannedTensor],
+    fout: Any,
+    align: int,
+    workers: int,
+    bar: Any,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """Encode every planned tensor and write its bytes (each padded to ``align``) to ``fout``, in order."""
+    """Encode every planned tensor and write its bytes (each padded to ``align``) to ``fout``, in order
+    (``importance``: GGUF name -> importance vector, for the tensors that have one)."""
+    importance = importance or {}
     entries: list[dict[str, Any]] = []
     reader = ShardReader(ckpt)
     exact = True
@@ -91,7 +107,8 @@ def write_tensor_data(
             def submit(job: Job) -> Future:
                 """One thread reads the jobs in file order (sequential I/O, ahead of the encoders)."""
                 rows = reads.submit(read_job, ckpt, reader, job)
-                return pool.submit(lambda: encode_job(ckpt, job, rows.result()))
+                qw = importance.get(job.tensor.gguf_name)
+                return pool.submit(lambda: encode_job(ckpt, job, rows.result(), qw))
 
             results = in_order(plan_jobs(ckpt, plan, reader), submit, workers * JOBS_PER_WORKER)
             for job, (data, facts) in results:
@@ -114,9 +131,9 @@ def write_tensor_data(
     return entries
 
 
-def gguf_file_bytes(ckpt: Checkpoint, qtype: str) -> int:
+def gguf_file_bytes(ckpt: Checkpoint, qtype: str, imatrix: bool = False) -> int:
     """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
-    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
+    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype, imatrix)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
 
 
 def export_gguf(
@@ -127,16 +144,23 @@ def export_gguf(
     progress: bool = True,
     workers: int = 0,
     name: str | None = None,
+    imatrix: str | Path | Importance | None = None,
 ) -> dict:
     """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
     ``workers``: encoding threads (0: one per usable core); ``name``: general.name (default: ``src``'s
-    directory name)."""
+    directory name); ``imatrix``: an importance-matrix GGUF (or its loaded ``Importance``), used as
+    llama-quantize --imatrix uses it."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
     check_llamacpp_compatible(cfg)
-    plan = plan_tensors(cfg, qtype)
-    check_importance(ckpt, qtype, plan)
+    imp = load_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
+    if imp is not None and not imp.vectors:  # llama-quantize: an empty imatrix is no imatrix
+        imp = None
+    plan = plan_tensors(cfg, qtype, imp is not None)
+    importance = tensor_importance(imp, plan)
+    check_importance(ckpt, qtype, plan, importance)
+    check_encodable(ckpt, qtype, plan)
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
@@ -144,6 +168,8 @@ def export_gguf(
             default_name = ckpt.path.name if report else prov.name  # a hub snapshot: its repo, not its commit
             add_model_metadata(writer, cfg, name or default_name, FILE_TYPES[qtype][1])
             add_provenance(writer, prov, report, qtype, cfg.model_type)
+            if imp is not None:
+                add_imatrix_keys(writer, imp.path, next(iter(imp.datasets), None), len(imp.vectors), imp.chunk_count)
             add_tokenizer_metadata(writer, ckpt)
             for t in plan:
                 writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
@@ -152,27 +178,55 @@ def export_gguf(
             writer.write_ti_data_to_file()
             fout = writer.fout[0]
             with _progress(sum(t.nbytes for t in plan), progress) as bar:
-                entries = write_tensor_data(ckpt, plan, fout, writer.data_alignment, workers or default_workers(), bar)
+                n = workers or default_workers()
+                entries = write_tensor_data(ckpt, plan, fout, writer.data_alignment, n, bar, importance)
         finally:
             writer.close()
-    return _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)
+    report = _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)
+    if imp is not None:
+        report["imatrix"] = {"file": imp.path, "entries": len(imp.vectors), "tensors": len(importance)}
+    return report
 
 
-def check_importance(ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor]) -> None:
-    """Refuse, as llama-quantize does without --imatrix, a file type whose weights need an importance matrix
-    (Q2_K_S; IQ3_XXS / IQ3_XS where a weight's rows fit IQ3_XXS or IQ2_S), unless GPTQ already wrote those
-    weights' blocks from its calibration."""
+def tensor_importance(imp: Importance | None, plan: list[PlannedTensor]) -> dict[str, np.ndarray]:
+    """GGUF name -> importance vector of every planned weight the imatrix has (by name, as llama-quantize
+    matches them; a vector of the wrong length is an error, the token embedding's is ignored)."""
+    if imp is None:
+        return {}
+    vectors = ((t.gguf_name, imp.for_tensor(t.gguf_name, t.shape[1])) for t in plan if len(t.shape) == 2)
+    return {name: v for name, v in vectors if v is not None}
+
+
+def check_importance(
+    ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor], importance: dict[str, np.ndarray] | None = None
+) -> None:
+    """Refuse, as llama-quantize does, a file type whose weights need an importance matrix (Q2_K_S; IQ3_XXS /
+    IQ3_XS where a weight's rows fit IQ3_XXS or IQ2_S) when one of those weights has none (``importance``:
+    what the given imatrix has), unless GPTQ already wrote its blocks from its calibration."""
+    importance = importance or {}
     for t in plan:
-        if requires_imatrix(qtype, t) and not ckpt.has_blocks(t.hf_name.removesuffix(".weight")):
-            hint = (
-                f"use quantize --method gptq --format gguf --type {qtype}, which calibrates it"
-                if t.qtype in LAYOUTS
-                else f"quantkit has no calibrated {t.qtype.name} yet"
-            )
+        if t.gguf_name in importance or not requires_imatrix(qtype, t):
+            continue
+        if ckpt.has_blocks(t.hf_name.removesuffix(".weight")):
+            continue
+        if importance:
             raise QuantkitError(
-                f"--type {qtype} requires an importance matrix ({t.gguf_name} would be {t.qtype.name}, as in "
-                f"llama-quantize); {hint}"
+                f"--type {qtype}: the importance matrix has no entry for {t.gguf_name} ({t.qtype.name}), and "
+                "llama-quantize refuses to quantize it without one"
             )
+        gptq = f", or use quantize --method gptq --format gguf --type {qtype}, which calibrates it"
+        raise QuantkitError(
+            f"--type {qtype} requires an importance matrix ({t.gguf_name} would be {t.qtype.name}, as in "
+            f"llama-quantize); give one with --imatrix FILE{gptq if t.qtype in LAYOUTS else ''}"
+        )
+
+
+def check_encodable(ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor]) -> None:
+    """Refuse a plan holding a ggml type quantkit has no encoder for (IQ2_S: attn_q / attn_k of an iq3_xxs
+    file given an imatrix), unless GPTQ already wrote those blocks."""
+    for t in plan:
+        if t.qtype not in ENCODABLE and not ckpt.has_blocks(t.hf_name.removesuffix(".weight")):
+            raise QuantkitError(f"--type {qtype}: {t.gguf_name} would be {t.qtype.name}, which quantkit cannot write")
 
 
 def _progress(total: int, enabled: bool) -> Any:

@@ -93,8 +93,8 @@ def signed_absmax(x: np.ndarray, axis: int, lo: np.ndarray | None = None, hi: np
     return m
 
 
-def columns(x: np.ndarray, n: int, ws: Scratch) -> np.ndarray:
-    """float32 [B, 256] -> [n, 256B/n]: each n-element sub-block becomes a column (a scratch copy)."""
-    xs = ws.get("xs", (n, x.size // n))
+def columns(x: np.ndarray, n: int, ws: Scratch, name: str = "xs") -> np.ndarray:
+    """float32 [B, 256] -> [n, 256B/n]: each n-element sub-block becomes a column (a scratch copy, ``name``)."""
+    xs = ws.get(name, (n, x.size // n))
     np.copyto(xs, x.reshape(-1, n).T)
     return xs

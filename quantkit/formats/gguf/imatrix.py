@@ -84,18 +84,44 @@ def write_imatrix(path: str | Path, stats: ImportanceStats, dataset: str, chunk_
     return path
 
 
-def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
-    """GGUF weight name -> mean squared activation per input column (in_sum2 / counts), as llama-quantize
-    reads it. A file that is not such an importance matrix is refused in one line."""
-    path = Path(path)
-    reader = open_gguf(path)
-    kind = reader.fields.get("general.type")
+@dataclass(frozen=True)
+class Importance:
+    """An importance-matrix file as llama-quantize loads it: GGUF weight name -> in_sum2 / counts per input
+    column (float32 [I]; all ones where the count is 0), its datasets and chunk count."""
+
+    path: str
+    vectors: dict[str, np.ndarray]
+    datasets: tuple[str, ...]
+    chunk_count: int
+
+    def for_tensor(self, name: str, row_len: int) -> np.ndarray | None:
+        """The importance of GGUF weight ``name`` (rows of ``row_len``), None where the file has none. A vector
+        of another length is an error, except for the token embedding, which goes without one (llama-quantize)."""
+        v = self.vectors.get(name)
+        if v is None or v.size == row_len:
+            return v
+        if name.startswith("token_embd"):
+            return None
+        raise QuantkitError(f"{self.path}: imatrix size {v.size} is different from tensor size {row_len} for {name}")
+
+
+def _field(reader: gguf.GGUFReader, key: str) -> object:
+    f = reader.fields.get(key)
     try:
-        kind = None if kind is None else kind.contents()
+        return None if f is None else f.contents()
     except (UnicodeDecodeError, ValueError, IndexError):
-        kind = None
-    if kind != "imatrix":
+        return None
+
+
+def load_imatrix(path: str | Path) -> Importance:
+    """Read a GGUF imatrix as llama-quantize does (counts rounded to integers, in_sum2 / count in float32); a
+    file that is not one, or lacks the metadata llama-quantize requires, is refused in one line."""
+    reader = open_gguf(Path(path))
+    if _field(reader, "general.type") != "imatrix":
         raise QuantkitError(f"{path}: not an importance-matrix GGUF (general.type is not 'imatrix')")
+    datasets, chunks = _field(reader, "imatrix.datasets"), _field(reader, "imatrix.chunk_count")
+    if not isinstance(datasets, list) or chunks is None or _field(reader, "imatrix.chunk_size") is None:
+        raise QuantkitError(f"{path}: missing imatrix metadata (imatrix.datasets, chunk_count, chunk_size)")
     tensors = {}
     for t in reader.tensors:
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
@@ -107,9 +133,16 @@ def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
             continue
         base = name.removesuffix(".in_sum2")
         counts = tensors.get(f"{base}.counts")
-        if counts is None or counts.size != 1 or not np.isfinite(counts[0]) or counts[0] <= 0:
-            raise QuantkitError(f"{path}: {base!r} needs a positive {base + '.counts'!r} beside its in_sum2")
+        if counts is None or counts.size != 1 or not np.isfinite(counts[0]) or counts[0] < 0:
+            raise QuantkitError(f"{path}: {base!r} needs a non-negative {base + '.counts'!r} beside its in_sum2")
         if not np.all(np.isfinite(sums)) or np.any(sums < 0):
             raise QuantkitError(f"{path}: {name!r} holds negative or non-finite sums of squares")
-        out[base] = sums / counts[0]
-    return out
+        count = np.float32(np.floor(float(counts[0]) + 0.5))  # C: (float) std::lround(count)
+        out[base] = sums / count if count > 0 else np.ones_like(sums)
+    return Importance(str(path), out, tuple(str(d) for d in datasets), int(chunks))
+
+
+def read_imatrix(path: str | Path) -> dict[str, np.ndarray]:
+    """GGUF weight name -> mean squared activation per input column (in_sum2 / counts), as llama-quantize
+    reads it. A file that is not such an importance matrix is refused in one line."""
+    return load_imatrix(path).vectors

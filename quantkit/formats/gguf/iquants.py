@@ -44,10 +44,11 @@ def _sums(xs: np.ndarray, w: np.ndarray, iscale: np.ndarray) -> tuple[np.ndarray
     return dot(w, q, xs), dot(w, q, q)
 
 
-def search_scales(xs: np.ndarray, ws: Scratch) -> np.ndarray:
-    """quantize_row_iq4_nl_impl's per-run scale search (weights x^2, ntry 7): xs [32, S] -> d [S], 0 where the
-    run's largest |x| is below GROUP_MAX_EPS."""
-    w = np.multiply(xs, xs, out=ws.get("w", xs.shape))
+def search_scales(xs: np.ndarray, ws: Scratch, w: np.ndarray | None = None) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's per-run scale search (weights ``w``, default x^2; ntry 7): xs [32, S] -> d [S],
+    0 where the run's largest |x| is below GROUP_MAX_EPS."""
+    if w is None:
+        w = np.multiply(xs, xs, out=ws.get("w", xs.shape))
     big = signed_absmax(xs, 0)  # C's max: the first element of largest magnitude, with its sign
     zero = np.abs(big) < GROUP_MAX_EPS
     big = np.where(zero, F32(1), big)
@@ -71,19 +72,35 @@ def _inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
 
 
-def quantize_iq4_nl(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
-    """float32 [B, 32] blocks -> uint8 [B, 18] IQ4_NL blocks: d = fp16(searched d), levels of x / d (float32 d)."""
+def importance_weights(x: np.ndarray, qw: np.ndarray, ws: Scratch) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's weights with an importance matrix: x, qw float32 [B, b] (b = 32 for IQ4_NL,
+    256 for IQ4_XS) -> [32, b/32 * B], qw * sqrt(sigma2 + x^2) with sigma2 = sum(x^2) * (2 / b) per block."""
+    b = x.shape[1]
+    xt = ws.get("xt", (b, x.shape[0]))
+    np.copyto(xt, x.T)
+    sigma2 = dot(xt, xt) * F32(2.0 / b)  # [B]; C sums the block in element order
+    xs, qs = columns(x, 32, ws), columns(qw, 32, ws, "qw")
+    w = ws.get("w", xs.shape)
+    np.sqrt(np.add(np.multiply(xs, xs, out=w), np.repeat(sigma2, b // 32), out=w), out=w)
+    return np.multiply(qs, w, out=w)
+
+
+def quantize_iq4_nl(x: np.ndarray, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, 32] blocks -> uint8 [B, 18] IQ4_NL blocks: d = fp16(searched d), levels of x / d (float32 d).
+    ``qw`` [B, 32]: the importance, where llama-quantize has one."""
     ws = ws or Scratch()
-    d = search_scales(columns(x, 32, ws), ws)  # [B]
+    w = None if qw is None else importance_weights(x, qw, ws)
+    d = search_scales(columns(x, 32, ws), ws, w)  # [B]
     codes = best_index(_inverse(d)[:, None] * x)
     return pack_iq4_nl(d.astype(np.float16), codes)
 
 
-def quantize_iq4_xs(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
-    """float32 [B, 256] super-blocks -> uint8 [B, 136] IQ4_XS blocks."""
+def quantize_iq4_xs(x: np.ndarray, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, 256] super-blocks -> uint8 [B, 136] IQ4_XS blocks (``qw`` [B, 256]: the importance)."""
     ws = ws or Scratch()
     B = x.shape[0]
-    scales = search_scales(columns(x, 32, ws), ws).reshape(B, 8)
+    w = None if qw is None else importance_weights(x, qw, ws)
+    scales = search_scales(columns(x, 32, ws), ws, w).reshape(B, 8)
     d = -signed_absmax(scales, 1) / F32(32)  # [B]; C keeps float32 d for what follows, stores fp16(d)
     sc = nearest_int(_inverse(d)[:, None] * scales, -32, 31)  # [B, 8]
     dl = d[:, None] * sc

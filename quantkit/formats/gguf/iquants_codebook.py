@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from quantkit.formats.gguf.ggml_float import F32, Scratch, columns, dot, nearest_int
+from quantkit.formats.gguf.iquants import importance_weights
 from quantkit.formats.gguf.layouts import pack_iq3_s, pack_iq3_xxs
 
 KMAX = 8  # levels per coordinate
@@ -179,11 +180,13 @@ def _fit(w: np.ndarray, xval: np.ndarray, lv: np.ndarray) -> tuple[np.ndarray, n
     return dot(w, xval, q), dot(w, q, q)
 
 
-def search_runs(cb: Codebook, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Runs x [32, S] -> scale [S] (0 for all-zero runs), levels [32, S], sign bytes [4, S], and which runs
-    are all zeros [S]."""
+def search_runs(
+    cb: Codebook, x: np.ndarray, w: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Runs x [32, S] (weights w [32, S], None: x^2) -> scale [S] (0 for all-zero runs), levels [32, S], sign
+    bytes [4, S], and which runs are all zeros [S]."""
     with np.errstate(over="ignore"):  # huge weights: inf squares, as in C (the search then refuses them)
-        w = np.multiply(x, x)
+        w = np.multiply(x, x) if w is None else w
         waux = np.sqrt(w)
         xval, signs = _signs(x, w, cb.parity)
     xt, wt = _by_group(xval), _by_group(waux)
@@ -242,12 +245,15 @@ def _super_scales(cb: Codebook, scale: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return dh, np.where(empty[:, None], 0, sc), empty
 
 
-def quantize_codebook(x: np.ndarray, qtype: QT, ws: Scratch | None = None) -> np.ndarray:
-    """float32 [B, 256] super-blocks -> uint8 [B, 98] IQ3_XXS or [B, 110] IQ3_S blocks."""
+def quantize_codebook(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, 256] super-blocks -> uint8 [B, 98] IQ3_XXS or [B, 110] IQ3_S blocks. ``qw`` [B, 256]: an
+    importance (llama-quantize --imatrix): weights qw * sqrt(sigma2 + x^2), sigma2 = 2 sum(x^2) / 256 per
+    super-block, as for IQ4_XS."""
     cb = codebook(qtype)
     ws = ws or Scratch()
     B = x.shape[0]
-    scale, lv, signs, zero = search_runs(cb, columns(x, 32, ws))
+    w = None if qw is None else importance_weights(x, qw, ws)
+    scale, lv, signs, zero = search_runs(cb, columns(x, 32, ws), w)
     points = _points(cb, lv)  # [8, 8B]
     dh, sc, empty = _super_scales(cb, scale.reshape(B, 8))
     points = points.T.reshape(B, 8, 8)  # [B, run, group]

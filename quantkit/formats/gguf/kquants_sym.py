@@ -10,49 +10,19 @@ import numpy as np
 
 from quantkit.formats.gguf.ggml_float import F32, GROUP_MAX_EPS, Scratch, columns, dot, nearest_int, signed_absmax
 from quantkit.formats.gguf.layouts import pack_q3_k, pack_q6_k
+from quantkit.formats.gguf.weighted_search import make_qx
 
 # ---------------------------------------------------------------------------------------------- Q6_K
 
 
-def _qx(x: np.ndarray, ws: Scratch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml make_qx_quants(nmax=32, rmse_type=1): weights x^2, 19 trial scales -32.9/m .. -31.1/m.
-
-    x: [16, S] -> signed scale [S] (value = scale*c), the best trial's inverse scale [S] (the codes are
-    c = clamp(nearest(iscale*x), -32, 31), recomputed by the caller where it needs them) and the all-zero
-    columns (stored codes 0, i.e. c = -32).
-    """
-    m = signed_absmax(x, 0)
-    zero = np.abs(m) < GROUP_MAX_EPS
-    m = np.where(zero, F32(1), m)
-    w = np.multiply(x, x, out=ws.get("w", x.shape))
-    wx = np.multiply(w, x, out=ws.get("wx", x.shape))  # the first product of C's left-to-right w*x*l
-    l = ws.get("l", x.shape)  # noqa: E741  [16, S]
-
-    def sums(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # sum w*x*l, sum w*l*l
-        nearest_int(np.multiply(iscale, x, out=l), -32, 31, out=l)
-        return dot(wx, l), dot(w, l, l)
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        best_is = F32(-32) / m
-        sumlx, suml2 = sums(best_is)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
-        for t in (*range(-9, 0), *range(1, 10)):
-            iscale = -(F32(32) + F32(0.1) * F32(t)) / m
-            sumlx, suml2 = sums(iscale)
-            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            np.copyto(best_is, iscale, where=better)
-            np.copyto(scale, sumlx / suml2, where=better)
-            np.copyto(best, scale * sumlx, where=better)
-    return np.where(zero, F32(0), scale), best_is, zero
-
-
-def quantize_q6_k(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
-    """float32 [B, 256] super-blocks -> uint8 [B, 210] Q6_K blocks."""
+def quantize_q6_k(x: np.ndarray, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, 256] super-blocks -> uint8 [B, 210] Q6_K blocks: 16-element sub-blocks searched by
+    make_qx_quants(nmax=32) with weights x^2, or the importance ``qw`` [B, 256] where llama-quantize has one."""
     ws = ws or Scratch()
     B = x.shape[0]
     xs = columns(x, 16, ws)  # [16, 16B]
-    scale, best_is, zero_sub = _qx(xs, ws)
+    w = np.multiply(xs, xs, out=ws.get("w", xs.shape)) if qw is None else columns(qw, 16, ws, "qw")
+    scale, best_is, zero_sub = make_qx(xs, w, 32, ws)
     scale = scale.reshape(B, 16)
 
     big = signed_absmax(scale, 1)  # [B]

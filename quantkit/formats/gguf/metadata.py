@@ -9,7 +9,6 @@ The attention scale and the sliding pattern follow llama.cpp's Gemma rules (``na
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import gguf
@@ -20,8 +19,8 @@ from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats.card import HUB, Provenance, arch_tag
 from quantkit.formats.gguf.names import RULES, RULES_BY_ARCH, GemmaRules, sliding_layers
+from quantkit.io.calibration import calibration_label
 from quantkit.io.config import FULL, MAX_LAYERS, SLIDING, ModelConfig, config_from_dict
-from quantkit.io.texts import default_calibration_text
 
 K = gguf.Keys
 ROPE_FREQ_BASE = 10000.0  # llama.cpp default for rope.freq_base and Gemma 3's rope.freq_base_swa
@@ -109,14 +108,24 @@ def add_provenance(w: gguf.GGUFWriter, prov: Provenance, report: dict[str, Any] 
     w.add_string(VERSION_KEY, __version__)
     if not opts:
         return
-    calib = opts.get("calib")  # its file name only: a file's metadata must not depend on where the text lay
-    w.add_string(RECIPE_KEY, json.dumps(dict(opts, calib=calib and Path(calib).name), sort_keys=True))
+    calib = opts.get("calib")  # names only: a file's metadata must not depend on where the texts lay
+    w.add_string(RECIPE_KEY, json.dumps(dict(opts, calib=calib and calibration_label(calib)), sort_keys=True))
     if opts["method"] == "gptq" and str(report.get("format", "")).startswith("ggml blocks"):
-        if report.get("imatrix"):
-            w.add_string(IMATRIX_FILE, str(report["imatrix"]))
-        w.add_string(IMATRIX_DATASET, Path(opts.get("calib") or default_calibration_text()).name)
-        w.add_uint32(IMATRIX_ENTRIES, len(report.get("linears", {})))
-        w.add_uint32(IMATRIX_CHUNKS, int(opts["nsamples"]))
+        dataset = calibration_label(opts.get("calib"))
+        entries = len(report.get("linears", {}))
+        add_imatrix_keys(w, report.get("imatrix"), dataset, entries, int(opts["nsamples"]))
+
+
+def add_imatrix_keys(w: gguf.GGUFWriter, file: str | None, dataset: str | None, entries: int, chunks: int) -> None:
+    """The quantize.imatrix.* keys as llama-quantize --imatrix writes them: the file as named (at most 127
+    bytes), its first dataset, its entry count and chunk count (u32; the chunk count only when positive)."""
+    if file:
+        w.add_string(IMATRIX_FILE, file.encode()[:127].decode(errors="ignore"))
+    if dataset is not None:
+        w.add_string(IMATRIX_DATASET, dataset.encode()[:127].decode(errors="ignore"))
+    w.add_uint32(IMATRIX_ENTRIES, entries)
+    if chunks > 0:
+        w.add_uint32(IMATRIX_CHUNKS, chunks)
 
 
 # ---------------------------------------------------------------------------------- GGUF -> HF config

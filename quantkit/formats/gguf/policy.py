@@ -87,7 +87,7 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_Q4_K_M: _BITS(QT.Q6_K),
         FT.MOSTLY_Q5_K_M: _BITS(QT.Q6_K),
         FT.MOSTLY_Q4_K_S: lambda i, n, g: QT.Q5_K if i < 4 else None,
-        FT.MOSTLY_IQ3_XXS: lambda i, n, g: QT.Q4_K if g >= 4 else QT.IQ3_S,  # with an imatrix: IQ3_XXS
+        FT.MOSTLY_IQ3_XXS: lambda i, n, g: QT.Q4_K if g >= 4 else QT.IQ3_S,  # IQ3_XXS with an imatrix (IMATRIX_RULES)
         FT.MOSTLY_IQ3_XS: _GQA4(QT.Q4_K),
         FT.MOSTLY_IQ3_S: _GQA4(QT.Q4_K),
         FT.MOSTLY_IQ3_M: _ALWAYS(QT.Q4_K),
@@ -106,7 +106,7 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_IQ4_XS: _FIRST_EIGHTH(QT.Q5_K),
         FT.MOSTLY_Q5_K_M: _BITS(QT.Q6_K),
         FT.MOSTLY_Q4_K_S: _FIRST_EIGHTH(QT.Q5_K),
-        FT.MOSTLY_IQ3_XXS: lambda i, n, g: QT.Q4_K if i < n // 8 else QT.Q3_K,  # with an imatrix: IQ3_XXS
+        FT.MOSTLY_IQ3_XXS: lambda i, n, g: QT.Q4_K if i < n // 8 else QT.Q3_K,  # main type with an imatrix
         FT.MOSTLY_IQ3_M: _FIRST_EIGHTH(QT.Q4_K),
     },
     "attn_output": {
@@ -119,14 +119,38 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
 }
 
 
-def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: int, row_len: int, n_gqa: int = 1) -> QT:
+# with an importance matrix (llama-quant.cpp's qs.has_imatrix) some rules change: ffn_down's IQ4_NL / IQ4_XS
+# keep their first eighth in the main type, Q4_0 / Q5_0 put it in Q4_1 / Q5_1, IQ3_XXS keeps the main type;
+# IQ3_XXS's attn_v stays IQ3_XXS below n_gqa 4
+IMATRIX_RULES: dict[str, dict[FT, Rule | None]] = {
+    "ffn_down": {
+        FT.MOSTLY_IQ4_NL: None,
+        FT.MOSTLY_IQ4_XS: None,
+        FT.MOSTLY_Q4_0: _FIRST_EIGHTH(QT.Q4_1),
+        FT.MOSTLY_Q5_0: _FIRST_EIGHTH(QT.Q5_1),
+        FT.MOSTLY_IQ3_XXS: None,
+    },
+    "attn_v": {FT.MOSTLY_IQ3_XXS: _GQA4(QT.Q4_K)},
+}
+
+
+def weight_type(
+    qtype: str,
+    hf_or_gguf_kind: str,
+    layer: int | None,
+    n_layers: int,
+    row_len: int,
+    n_gqa: int = 1,
+    imatrix: bool = False,
+) -> QT:
     """llama-quantize's type for one weight of a ``qtype`` file (kind: GGUF or HF, e.g. 'attn_v', 'v_proj').
 
     Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q5_K
     in IQ3_XXS files; Q8_0 in Q8_0 files, and where its row is not a multiple of the main type's block), the
     mixes' rules (``MIX_RULES``) pick other types for some layer weights, and then a row not a multiple of
     the type's block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS /
-    IQ3_* / IQ2_S -> IQ4_NL, else F16). Norms are F32."""
+    IQ3_* / IQ2_S -> IQ4_NL, else F16). Norms are F32. ``imatrix``: llama-quantize was given an importance
+    matrix (``IMATRIX_RULES``)."""
     kind = tensor_kind(hf_or_gguf_kind)
     if kind.endswith("norm"):
         return QT.F32
@@ -137,7 +161,10 @@ def weight_type(qtype: str, hf_or_gguf_kind: str, layer: int | None, n_layers: i
         if main == QT.Q8_0 or row_len % block_size(main):
             return fallback_type(QT.Q8_0, row_len)
         return fallback_type(QT.Q5_K if ftype in EMBD_Q5_K else QT.Q6_K, row_len)
-    rule = None if qtype in PURE else MIX_RULES.get(kind, {}).get(ftype)
+    rules = MIX_RULES.get(kind, {})
+    if imatrix and kind in IMATRIX_RULES:
+        rules = {k: v for k, v in rules.items() if k not in IMATRIX_RULES[kind]} | IMATRIX_RULES[kind]
+    rule = None if qtype in PURE else rules.get(ftype)
     if rule is not None:
         if layer is None:
             raise ValueError(f"{kind} needs a layer index")
@@ -177,8 +204,9 @@ class PlannedTensor:
 # ------------------------------------------------------------------------------------------ type choice
 
 
-def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
-    """Every GGUF tensor in file order, with its HF source name, shape and ggml type."""
+def plan_tensors(cfg: ModelConfig, qtype: str, imatrix: bool = False) -> list[PlannedTensor]:
+    """Every GGUF tensor in file order, with its HF source name, shape and ggml type (``imatrix``: as
+    llama-quantize chooses them when given an importance matrix)."""
     if qtype not in FILE_TYPES:
         raise QuantkitError(f"GGUF type {qtype!r} is not supported (choose from {', '.join(FILE_TYPES)})")
     n, h = cfg.num_hidden_layers, cfg.hidden_size
@@ -187,7 +215,7 @@ def plan_tensors(cfg: ModelConfig, qtype: str) -> list[PlannedTensor]:
 
     def planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], layer: int | None) -> PlannedTensor:
         kind = gguf_name.split(".")[-2]
-        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1], n_gqa)
+        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1], n_gqa, imatrix)
         return PlannedTensor(gguf_name, hf_name, shape, t)
 
     emb, norm = GLOBAL_TENSORS["model.embed_tokens"], GLOBAL_TENSORS["model.norm"]

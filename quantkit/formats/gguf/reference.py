@@ -53,13 +53,13 @@ def ggml_name(qtype: QT) -> str:
 
 
 @functools.cache
-def _ref_fn(lib_path: str, qtype: QT) -> Callable[..., object]:
+def _ref_fn(lib_path: str, qtype: QT, chunk: bool = False) -> Callable[..., object]:
     name = ggml_name(qtype)
     lib = ctypes.CDLL(lib_path)
     if qtype in INIT_REF:
         lib.ggml_quantize_init.argtypes, lib.ggml_quantize_init.restype = [ctypes.c_int], None
         lib.ggml_quantize_init(int(qtype))
-    if qtype in CHUNK_REF:
+    if qtype in CHUNK_REF or chunk:
         fn = getattr(lib, f"quantize_{name}")
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = ctypes.c_size_t
@@ -69,8 +69,12 @@ def _ref_fn(lib_path: str, qtype: QT) -> Callable[..., object]:
     return fn
 
 
-def quantize_rows_ref(x: np.ndarray, qtype: QT, lib_path: Path | None = None) -> np.ndarray:
-    """quantize_rows computed by libggml's `quantize_row_*_ref(const float *x, void *y, int64_t k)`."""
+def quantize_rows_ref(
+    x: np.ndarray, qtype: QT, lib_path: Path | None = None, imatrix: np.ndarray | None = None
+) -> np.ndarray:
+    """quantize_rows computed by libggml's `quantize_row_*_ref(const float *x, void *y, int64_t k)`; with an
+    importance vector ``imatrix`` float32 [n], quantize_rows_weighted by what llama-quantize --imatrix calls,
+    `quantize_<type>(src, dst, nrows, n_per_row, imatrix)`."""
     lib_path = lib_path or libggml_path()
     if lib_path is None:
         raise FileNotFoundError("libggml-base not found: install llama-cpp-python")
@@ -79,6 +83,12 @@ def quantize_rows_ref(x: np.ndarray, qtype: QT, lib_path: Path | None = None) ->
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_rows(x, qtype)
     out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if qw.shape != (x.shape[1],):
+            raise ValueError(f"expected an importance vector of shape ({x.shape[1]},), got {qw.shape}")
+        _ref_fn(str(lib_path), qtype, True)(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], qw.ctypes.data)
+        return out
     fn = _ref_fn(str(lib_path), qtype)
     if qtype in CHUNK_REF:
         fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], None)
