@@ -47,6 +47,14 @@ class DeviceType(click.ParamType):
 
 
 DEVICE = DeviceType()
+_TENSOR_TYPE = click.option(
+    "--tensor-type",
+    "tensor_types",
+    multiple=True,
+    metavar="PATTERN=TYPE",
+    help="As llama-quantize's: weights whose GGUF name matches the regex PATTERN get TYPE (first match wins; "
+    "repeatable), e.g. attn_v=q8_0 or 'blk\\.1[0-9]\\.ffn_down=q6_k'.",
+)
 _OVERWRITE = click.option(
     "--overwrite", is_flag=True, help="Replace an existing output (a file, or a directory quantkit wrote)."
 )
@@ -306,28 +314,60 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> d
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True)
+@_TENSOR_TYPE
+@click.option(
+    "--target-bpw",
+    type=click.FloatRange(0, min_open=True),
+    help="Choose each layer weight's type to minimise the predicted error at this many bits per weight "
+    "(over every tensor, as the report counts them).",
+)
+@click.option("--max-size", help="As --target-bpw, for a file of at most SIZE bytes (180M, 5.2G, 512MiB).")
+@click.option(
+    "--imatrix",
+    type=click.Path(),
+    help="With --target-bpw / --max-size: weigh each weight's error by this importance matrix "
+    "(quantize --imatrix-out, llama-imatrix).",
+)
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (per-tensor types) as JSON.")
-def export(src: str, out: str, fmt: str, qtype: str, overwrite: bool, as_json: bool) -> None:
+def export(src, out, fmt, qtype, tensor_types, target_bpw, max_size, imatrix, overwrite, as_json) -> None:
     """Write SRC (a model directory or a quantize output directory) as a GGUF that llama.cpp runs.
 
     Weights of a quantized SRC whose grid fits the GGUF type (symmetric int4 -> q4_0, int8 -> q8_0,
     int4 -> q4_1; groups a multiple of 32, fp16-exact scales) are written into the blocks without
     rounding again; the rest are quantized from their dequantized values.
 
+    With --target-bpw or --max-size, every decoder-layer weight (but those a --tensor-type names) gets the
+    block type that minimises the summed predicted output error under that budget (docs/mixes.md); the
+    token embedding keeps --type's.
+
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
-    from quantkit.formats.gguf.export import export_gguf, gguf_file_bytes
+    from quantkit.formats.gguf.export import gguf_file_bytes
+    from quantkit.formats.gguf.imatrix import read_imatrix
+    from quantkit.formats.gguf.mix import export_typed, format_mix, parse_size
+    from quantkit.formats.gguf.policy import check_overrides, parse_override
     from quantkit.io.atomic import check_output
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
 
-    check_output(out, [src], kind="file", overwrite=overwrite)
+    overrides = [parse_override(o) for o in tensor_types]
+    check_overrides(qtype, overrides)
+    if target_bpw is not None and max_size is not None:
+        raise QuantkitError("--target-bpw and --max-size: give one budget")
+    size = None if max_size is None else parse_size(max_size)
+    mixing = target_bpw is not None or size is not None
+    if imatrix and not mixing:
+        raise QuantkitError("--imatrix: it weighs a budget mix's errors; give --target-bpw or --max-size")
+    check_output(out, [src, imatrix], kind="file", overwrite=overwrite)
+    importance = read_imatrix(imatrix) if imatrix else None
     src = str(resolve_model(src))
     ckpt = open_checkpoint(src)
-    check_output(out, [src], kind="file", overwrite=overwrite, need_bytes=gguf_file_bytes(ckpt, qtype))
-    report = export_gguf(ckpt, out, qtype, progress=_progress())
-    _emit(report, as_json, _format_export(report))
+    need = gguf_file_bytes(ckpt, "q8_0" if mixing else qtype)  # a mix takes at most Q8_0's bytes
+    check_output(out, [src, imatrix], kind="file", overwrite=overwrite, need_bytes=need)
+    report = export_typed(ckpt, out, qtype, overrides, target_bpw, size, importance, progress=_progress())
+    text = _format_export(report)
+    _emit(report, as_json, text if "mix" not in report else format_mix(report["mix"]) + "\n" + text)
 
 
 def _format_export(r: dict) -> str:

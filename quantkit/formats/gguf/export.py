@@ -13,13 +13,16 @@ Reading, encoding and writing overlap. The file appears at ``out_path`` only whe
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.card import checkpoint_provenance
@@ -27,7 +30,7 @@ from quantkit.formats.gguf.blocks import NUMPY_QUANTIZERS, TORCH_QUANTIZERS, Non
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
 from quantkit.formats.gguf.metadata import add_model_metadata, add_provenance, check_llamacpp_compatible
 from quantkit.formats.gguf.names import RULES
-from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix
+from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix, retype
 from quantkit.formats.gguf.stream import (
     Job,
     ShardReader,
@@ -102,7 +105,7 @@ def write_tensor_data(
                     method = facts["method"]
                     if method != "norm" and is_dense(ckpt, t):
                         method = "lossless" if exact else "requantized"
-                    entry = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
+                    entry = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name, "bytes": t.nbytes}
                     entries.append(entry | {"method": method, "exact": exact})
         fout.write(bytes(-fout.tell() % align))
     finally:
@@ -110,9 +113,10 @@ def write_tensor_data(
     return entries
 
 
-def gguf_file_bytes(ckpt: Checkpoint, qtype: str) -> int:
+def gguf_file_bytes(ckpt: Checkpoint, qtype: str, types: Mapping[str, QT] | None = None) -> int:
     """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
-    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
+    plan = retype(plan_tensors(ckpt.config, qtype), types or {})
+    return sum(t.nbytes for t in plan) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
 
 
 def export_gguf(
@@ -123,35 +127,59 @@ def export_gguf(
     progress: bool = True,
     workers: int = 0,
     name: str | None = None,
+    types: Mapping[str, QT] | None = None,
 ) -> dict:
     """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
     ``workers``: encoding threads (0: one per usable core); ``name``: general.name (default: ``src``'s
-    directory name)."""
+    directory name); ``types``: GGUF tensor name -> ggml type, in place of the file type's (overrides, a
+    budget mix; ``policy.retype``)."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
     check_llamacpp_compatible(cfg)
-    plan = plan_tensors(cfg, qtype)
+    plan = retype(plan_tensors(cfg, qtype), types or {})
     check_importance(ckpt, qtype, plan)
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
-            prov, report = checkpoint_provenance(ckpt.path, ckpt.raw_config)
-            default_name = ckpt.path.name if report else prov.name  # a hub snapshot: its repo, not its commit
-            add_model_metadata(writer, cfg, name or default_name, FILE_TYPES[qtype][1])
-            add_provenance(writer, prov, report, qtype, cfg.model_type)
-            add_tokenizer_metadata(writer, ckpt)
-            for t in plan:
-                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            write_header(writer, ckpt, qtype, plan, name)
             fout = writer.fout[0]
             with _progress(sum(t.nbytes for t in plan), progress) as bar:
                 entries = write_tensor_data(ckpt, plan, fout, writer.data_alignment, workers or default_workers(), bar)
         finally:
             writer.close()
     return _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)
+
+
+def write_header(
+    writer: VocabWriter, ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor], name: str | None
+) -> None:
+    """The file's header, metadata and tensor infos (everything before the tensor data)."""
+    prov, report = checkpoint_provenance(ckpt.path, ckpt.raw_config)
+    default_name = ckpt.path.name if report else prov.name  # a hub snapshot: its repo, not its commit
+    add_model_metadata(writer, ckpt.config, name or default_name, FILE_TYPES[qtype][1])
+    add_provenance(writer, prov, report, qtype, ckpt.config.model_type)
+    add_tokenizer_metadata(writer, ckpt)
+    for t in plan:
+        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+
+def overhead_bytes(ckpt: Checkpoint, qtype: str, name: str | None = None) -> int:
+    """The bytes of a ``qtype`` GGUF of ``ckpt`` that are not tensor data, at most: its header (written once to
+    a scratch file in the system's temporary directory; it does not depend on the tensors' types) and the
+    padding after each tensor."""
+    plan = plan_tensors(ckpt.config, qtype)
+    with tempfile.TemporaryDirectory(prefix="quantkit-header-") as d:
+        writer = VocabWriter(Path(d) / "header.gguf", RULES[ckpt.config.model_type].gguf_arch)
+        try:
+            write_header(writer, ckpt, qtype, plan, name)
+            size, align = writer.fout[0].tell(), writer.data_alignment
+        finally:
+            writer.close()
+    return size + align * (len(plan) + 1)
 
 
 def check_importance(ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor]) -> None:

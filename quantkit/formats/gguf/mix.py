@@ -1,0 +1,255 @@
+"""Size-budget mixes (``--target-bpw B``, ``--max-size SIZE``): a ggml type for every decoder-layer weight of
+a GGUF, chosen to minimise the summed predicted output error under a byte budget.
+
+Sensitivity: for each weight W [O, I] and each candidate type T (after llama.cpp's row-length fallback), the
+predicted loss is the output error of quantizing W alone with T's round-to-nearest encoder,
+tr((W - Q) D (W - Q)ᵀ) with D = diag(E[x²]) the importance matrix's mean squared input per column (an
+imatrix file; D = I without one), measured on evenly spaced sample rows and scaled to all O rows.
+Choice: each weight starts at the cheapest type on its lower convex hull (bytes, loss); the upgrade with the
+largest loss saved per byte is taken while the budget allows (greedy on convex hulls: a Lagrangian solution
+at every step). The token embedding (the tied output), overridden weights and norms keep the file type's
+types; their bytes count against the budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from tqdm import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
+from quantkit.formats.gguf.export import export_gguf, overhead_bytes
+from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
+from quantkit.io.checkpoint import Checkpoint
+
+# the block types a mix picks from (quantkit encodes them all; llama.cpp loads them all)
+CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K,
+              QT.Q6_K, QT.Q8_0)  # fmt: skip
+SAMPLE_ROWS = 256  # rows of each weight quantized per candidate type to predict its loss
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most ``tensor_bytes`` for all tensors together; ``what`` names it in messages ('--target-bpw 3.5')."""
+
+    tensor_bytes: int
+    what: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    qtype: QT
+    nbytes: int
+    loss: float  # predicted output error, tr((W - Q) D (W - Q)ᵀ)
+
+
+def parse_size(text: str) -> int:
+    """'180M' -> 180_000_000, '5.2G', '512MiB', '1000000' -> bytes (K/M/G decimal, KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b?|b?)\s*", text.lower())
+    unit = m and m.group(2).removesuffix("b") + ("b" if m.group(2).endswith("ib") else "")
+    if m is None or unit not in SIZE_UNITS:
+        raise QuantkitError(f"--max-size {text!r}: expected a size such as 180M, 5.2G or 512MiB")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+def budget_for(plan: Sequence[PlannedTensor], target_bpw: float | None, max_size: int | None, overhead: int) -> Budget:
+    """The tensor-byte budget of ``--target-bpw`` (bits per weight over every tensor, as the export report
+    counts them) or ``--max-size`` (the whole file: ``overhead`` is its header and padding)."""
+    if (target_bpw is None) == (max_size is None):
+        raise QuantkitError("give one of --target-bpw and --max-size")
+    if target_bpw is not None:
+        n_params = sum(math.prod(t.shape) for t in plan)
+        return Budget(int(target_bpw * n_params / 8), f"--target-bpw {target_bpw:g}")
+    return Budget(max_size - overhead, f"--max-size {max_size} (bytes)")
+
+
+def candidates(row_len: int) -> list[QT]:
+    """The distinct types a row of ``row_len`` can take: each candidate through the row-length fallback."""
+    out = [fallback_type(t, row_len) for t in CANDIDATES]
+    return [t for t in dict.fromkeys(out) if t != QT.F16]
+
+
+def weight_loss(w: np.ndarray, qtype: QT, importance: np.ndarray | None, sample_rows: int = SAMPLE_ROWS) -> float:
+    """Predicted tr((W - Q) D (W - Q)ᵀ) of W float32 [O, I] round-to-nearest in ``qtype`` (D: [I] or None),
+    from ``sample_rows`` evenly spaced rows scaled to all O."""
+    o = w.shape[0]
+    rows = np.unique(np.linspace(0, o - 1, min(o, sample_rows)).round().astype(np.int64))
+    x = np.ascontiguousarray(w[rows], dtype=np.float32)  # [S, I]
+    err = (x - dequantize_rows(quantize_rows(x, qtype), qtype)).astype(np.float64) ** 2
+    if importance is not None:
+        err *= importance[None, :]
+    return float(err.sum()) * o / len(rows)
+
+
+def mixable(plan: Sequence[PlannedTensor], overrides: Sequence[Override]) -> list[PlannedTensor]:
+    """The weights a mix chooses for: decoder-layer 2-D weights no override names."""
+    return [t for t in plan if t.gguf_name.startswith("blk.") and len(t.shape) == 2
+            and not any(o.matches(t.gguf_name) for o in overrides)]  # fmt: skip
+
+
+def measure(
+    ckpt: Checkpoint, weights: Sequence[PlannedTensor], importance: Mapping[str, np.ndarray] | None, bar=None
+) -> dict[str, list[Choice]]:
+    """GGUF name -> every candidate type's (bytes, predicted loss) for each weight (read one at a time)."""
+    out = {}
+    for t in weights:
+        w = ckpt.get(t.hf_name, torch.float32, check_finite=True).numpy()  # [O, I]
+        d = None if importance is None else importance.get(t.gguf_name)
+        if importance is not None and (d is None or d.shape != (t.shape[1],)):
+            raise QuantkitError(f"the importance matrix has no {t.shape[1]}-column entry for {t.gguf_name}")
+        opts = []
+        for q in candidates(t.shape[1]):
+            p = PlannedTensor(t.gguf_name, t.hf_name, t.shape, q)
+            opts.append(Choice(q, p.nbytes, weight_loss(w, q, d)))
+        out[t.gguf_name] = opts
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def hull(options: Iterable[Choice]) -> list[Choice]:
+    """The lower convex hull of (bytes, loss), cheapest first: each step buys loss at a falling rate."""
+    pts: list[Choice] = []
+    for c in sorted(options, key=lambda c: (c.nbytes, c.loss)):
+        if pts and c.loss >= pts[-1].loss:
+            continue  # no cheaper loss for more bytes: never worth it
+        while len(pts) >= 2 and _rate(pts[-2], pts[-1]) <= _rate(pts[-1], c):
+            pts.pop()
+        pts.append(c)
+    return pts
+
+
+def _rate(a: Choice, b: Choice) -> float:
+    """Loss saved per byte going from a to b."""
+    return (a.loss - b.loss) / max(b.nbytes - a.nbytes, 1)
+
+
+def choose(options: Mapping[str, list[Choice]], budget: Budget, fixed_bytes: int) -> dict[str, Choice]:
+    """One choice per weight, minimising the summed loss with ``fixed_bytes`` + their bytes <= the budget."""
+    hulls = {name: hull(opts) for name, opts in options.items()}
+    pick = {name: 0 for name in hulls}
+    spent = fixed_bytes + sum(h[0].nbytes for h in hulls.values())
+    if spent > budget.tensor_bytes:
+        raise QuantkitError(
+            f"{budget.what}: the smallest mix takes {spent} bytes of tensors, over the {budget.tensor_bytes} allowed"
+        )
+    heap = [(-_rate(h[0], h[1]), name) for name, h in hulls.items() if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        h, i = hulls[name], pick[name]
+        extra = h[i + 1].nbytes - h[i].nbytes
+        if spent + extra > budget.tensor_bytes:
+            continue  # this weight's next step does not fit; cheaper steps of others may
+        spent += extra
+        pick[name] = i + 1
+        if i + 2 < len(h):
+            heapq.heappush(heap, (-_rate(h[i + 1], h[i + 2]), name))
+    return {name: hulls[name][i] for name, i in pick.items()}
+
+
+def plan_mix(
+    ckpt: Checkpoint,
+    qtype: str,
+    overrides: Sequence[Override],
+    budget: Budget,
+    importance: Mapping[str, np.ndarray] | None = None,
+    bar=None,
+) -> tuple[dict[str, QT], dict[str, Choice]]:
+    """(GGUF name -> type for every tensor, GGUF name -> the mix's choice for each mixed weight)."""
+    if ckpt.quant_spec is not None:
+        raise QuantkitError(f"{ckpt.path}: a budget mix quantizes from the original weights; give the dense checkpoint")
+    plan = plan_tensors(ckpt.config, qtype, overrides)
+    free = mixable(plan, overrides)
+    names = {t.gguf_name for t in free}
+    fixed = sum(t.nbytes for t in plan if t.gguf_name not in names)
+    chosen = choose(measure(ckpt, free, importance, bar), budget, fixed)
+    types = {t.gguf_name: t.qtype for t in plan} | {n: c.qtype for n, c in chosen.items()}
+    return types, chosen
+
+
+def measured_losses(
+    ckpt: Checkpoint, path: Path, names: Iterable[str], importance: Mapping[str, np.ndarray] | None
+) -> dict[str, float]:
+    """GGUF name -> tr((W - Q) D (W - Q)ᵀ) of the blocks written at ``path``, every row (the prediction's
+    check: it sampled rows)."""
+    plan = {t.gguf_name: t for t in plan_tensors(ckpt.config, "f32")}
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    out = {}
+    for name in names:
+        t, w = stored[name], ckpt.get(plan[name].hf_name, torch.float32).numpy()  # [O, I]
+        q = dequantize_rows(np.asarray(t.data).view(np.uint8).reshape(w.shape[0], -1), t.tensor_type)
+        err = (w - q.reshape(w.shape)).astype(np.float64) ** 2
+        d = None if importance is None else importance[name]
+        out[name] = float((err * d[None, :]).sum() if d is not None else err.sum())
+    return out
+
+
+def mix_report(export: dict, chosen: Mapping[str, Choice], budget: Budget, measured: Mapping[str, float]) -> dict:
+    """The mix's part of the report: the budget, and every tensor's type, bytes and predicted / measured loss."""
+    tensors = []
+    for e in export["tensors"]:
+        c = chosen.get(e["name"])
+        row = {"name": e["name"], "type": e["type"], "bytes": e["bytes"], "mixed": c is not None}
+        if c is not None:
+            row |= {"predicted_loss": c.loss, "measured_loss": measured.get(e["name"])}
+        tensors.append(row)
+    return {
+        "budget": budget.what,
+        "budget_tensor_bytes": budget.tensor_bytes,
+        "tensor_bytes": sum(e["bytes"] for e in export["tensors"]),
+        "predicted_loss": sum(c.loss for c in chosen.values()),
+        "measured_loss": sum(measured.values()),
+        "tensors": tensors,
+    }
+
+
+def export_typed(
+    ckpt: Checkpoint,
+    out: str | Path,
+    qtype: str,
+    overrides: Sequence[Override] = (),
+    target_bpw: float | None = None,
+    max_size: int | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+) -> dict:
+    """``export --tensor-type ... [--target-bpw B | --max-size S]``: the file type's types, edited by the
+    overrides and then by a budget mix; the export report, with ``overrides`` and the ``mix`` (if any)."""
+    plan = plan_tensors(ckpt.config, qtype, overrides)
+    chosen: dict[str, Choice] = {}
+    types = {t.gguf_name: t.qtype for t in plan}
+    if target_bpw is not None or max_size is not None:
+        budget = budget_for(plan, target_bpw, max_size, overhead_bytes(ckpt, qtype))
+        free = mixable(plan, overrides)
+        with tqdm(total=len(free), desc="Measuring sensitivity", unit="weight", disable=not progress) as bar:
+            types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar)
+    report = export_gguf(ckpt, out, qtype, progress=progress, types=types)
+    report["overrides"] = [f"{o.pattern}={o.qtype.name.lower()}" for o in overrides]
+    if chosen:
+        measured = measured_losses(ckpt, Path(out), chosen, importance)
+        report["mix"] = mix_report(report, chosen, budget, measured)
+    return report
+
+
+def format_mix(mix: dict) -> str:
+    """The mix's table: every mixed weight's type, bytes, predicted and measured loss."""
+    lines = [f"{'tensor':<28} {'type':<7} {'bytes':>10} {'predicted':>11} {'measured':>11}"]
+    for t in mix["tensors"]:
+        if t["mixed"]:
+            lines.append(f"{t['name']:<28} {t['type']:<7} {t['bytes']:>10} {t['predicted_loss']:>11.4g} "
+                         f"{t['measured_loss']:>11.4g}")  # fmt: skip
+    lines.append(f"{mix['budget']}: {mix['tensor_bytes']} tensor bytes of {mix['budget_tensor_bytes']} allowed; "
+                 f"loss predicted {mix['predicted_loss']:.4g}, measured {mix['measured_loss']:.4g}")  # fmt: skip
+    return "\n".join(lines)
