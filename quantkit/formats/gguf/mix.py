@@ -5,15 +5,13 @@ Sensitivity: for each weight W [O, I] and each candidate type T (after llama.cpp
 predicted loss is the output error of quantizing W alone with T's round-to-nearest encoder,
 tr((W - Q) D (W - Q)ᵀ) with D = diag(E[x²]) the importance matrix's mean squared input per column (an
 imatrix file; D = I without one), measured on evenly spaced sample rows and scaled to all O rows.
-Choice: each weight starts at the cheapest type on its lower convex hull (bytes, loss); the upgrade with the
-largest loss saved per byte is taken while the budget allows (greedy on convex hulls: a Lagrangian solution
-at every step). The token embedding (the tied output), overridden weights and norms keep the file type's
+Choice: the types minimising the summed loss within the budget, a knapsack solved by dynamic programming
+(``choose``). The token embedding (the tied output), overridden weights and norms keep the file type's
 types; their bytes count against the budget.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +33,7 @@ from quantkit.io.checkpoint import Checkpoint
 # the block types a mix picks from (quantkit encodes them all; llama.cpp loads them all)
 CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K,
               QT.Q6_K, QT.Q8_0)  # fmt: skip
+BINS = 1 << 15  # budget units of the knapsack
 SAMPLE_ROWS = 256  # rows of each weight quantized per candidate type to predict its loss
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -98,6 +97,12 @@ def mixable(plan: Sequence[PlannedTensor], overrides: Sequence[Override]) -> lis
             and not any(o.matches(t.gguf_name) for o in overrides)]  # fmt: skip
 
 
+def priced(weights: Sequence[PlannedTensor]) -> dict[str, list[Choice]]:
+    """GGUF name -> every candidate type with its bytes (losses unknown: 0)."""
+    return {t.gguf_name: [Choice(q, PlannedTensor(t.gguf_name, t.hf_name, t.shape, q).nbytes, 0.0)
+                          for q in candidates(t.shape[1])] for t in weights}  # fmt: skip
+
+
 def measure(
     ckpt: Checkpoint, weights: Sequence[PlannedTensor], importance: Mapping[str, np.ndarray] | None, bar=None
 ) -> dict[str, list[Choice]]:
@@ -118,45 +123,52 @@ def measure(
     return out
 
 
-def hull(options: Iterable[Choice]) -> list[Choice]:
-    """The lower convex hull of (bytes, loss), cheapest first: each step buys loss at a falling rate."""
-    pts: list[Choice] = []
+def pareto(options: Iterable[Choice]) -> list[Choice]:
+    """The choices no other beats on both bytes and loss, cheapest first."""
+    out: list[Choice] = []
     for c in sorted(options, key=lambda c: (c.nbytes, c.loss)):
-        if pts and c.loss >= pts[-1].loss:
-            continue  # no cheaper loss for more bytes: never worth it
-        while len(pts) >= 2 and _rate(pts[-2], pts[-1]) <= _rate(pts[-1], c):
-            pts.pop()
-        pts.append(c)
-    return pts
-
-
-def _rate(a: Choice, b: Choice) -> float:
-    """Loss saved per byte going from a to b."""
-    return (a.loss - b.loss) / max(b.nbytes - a.nbytes, 1)
+        if not out or c.loss < out[-1].loss:
+            out.append(c)
+    return out
 
 
 def choose(options: Mapping[str, list[Choice]], budget: Budget, fixed_bytes: int) -> dict[str, Choice]:
-    """One choice per weight, minimising the summed loss with ``fixed_bytes`` + their bytes <= the budget."""
-    hulls = {name: hull(opts) for name, opts in options.items()}
-    pick = {name: 0 for name in hulls}
-    spent = fixed_bytes + sum(h[0].nbytes for h in hulls.values())
-    if spent > budget.tensor_bytes:
+    """One choice per weight, minimising the summed loss with ``fixed_bytes`` + their bytes <= the budget: a
+    knapsack by dynamic programming over the free bytes in at most BINS units (each choice's bytes rounded up
+    to whole units, so the budget holds; optimal for budgets under BINS bytes, within a unit per weight
+    otherwise)."""
+    names = list(options)
+    opts = [pareto(options[n]) for n in names]
+    free = budget.tensor_bytes - fixed_bytes
+    least = sum(o[0].nbytes for o in opts)
+    if least > free:
         raise QuantkitError(
-            f"{budget.what}: the smallest mix takes {spent} bytes of tensors, over the {budget.tensor_bytes} allowed"
+            f"{budget.what}: the smallest mix takes {fixed_bytes + least} bytes of tensors, "
+            f"over the {budget.tensor_bytes} allowed"
         )
-    heap = [(-_rate(h[0], h[1]), name) for name, h in hulls.items() if len(h) > 1]
-    heapq.heapify(heap)
-    while heap:
-        _, name = heapq.heappop(heap)
-        h, i = hulls[name], pick[name]
-        extra = h[i + 1].nbytes - h[i].nbytes
-        if spent + extra > budget.tensor_bytes:
-            continue  # this weight's next step does not fit; cheaper steps of others may
-        spent += extra
-        pick[name] = i + 1
-        if i + 2 < len(h):
-            heapq.heappush(heap, (-_rate(h[i + 1], h[i + 2]), name))
-    return {name: hulls[name][i] for name, i in pick.items()}
+    unit = max(1, math.ceil(free / BINS))
+    cap = free // unit
+    best = np.zeros(cap + 1)  # [cap + 1] least loss of the weights so far within b units
+    picks = np.zeros((len(names), cap + 1), dtype=np.int16)  # the choice that gave it
+    for i, o in enumerate(opts):
+        new = np.full(cap + 1, np.inf)
+        for k, c in enumerate(o):
+            cost = math.ceil(c.nbytes / unit)
+            if cost > cap:
+                break
+            cand = best[: cap + 1 - cost] + c.loss
+            better = cand < new[cost:]
+            new[cost:][better] = cand[better]
+            picks[i, cost:][better] = k
+        best = new
+    if not np.isfinite(best[cap]):  # rounding up left no room: the cheapest choices fit in bytes, not in units
+        return {n: o[0] for n, o in zip(names, opts, strict=True)}
+    out, b = {}, cap
+    for i in reversed(range(len(names))):
+        c = opts[i][picks[i, b]]
+        out[names[i]] = c
+        b -= math.ceil(c.nbytes / unit)
+    return out
 
 
 def plan_mix(
@@ -174,6 +186,7 @@ def plan_mix(
     free = mixable(plan, overrides)
     names = {t.gguf_name for t in free}
     fixed = sum(t.nbytes for t in plan if t.gguf_name not in names)
+    choose(priced(free), budget, fixed)  # refuses a budget nothing fits before the measuring starts
     chosen = choose(measure(ckpt, free, importance, bar), budget, fixed)
     types = {t.gguf_name: t.qtype for t in plan} | {n: c.qtype for n, c in chosen.items()}
     return types, chosen
@@ -215,6 +228,50 @@ def mix_report(export: dict, chosen: Mapping[str, Choice], budget: Budget, measu
     }
 
 
+@dataclass(frozen=True)
+class TypeChoice:
+    """Every tensor's type (GGUF name -> type), and for a budget mix the budget and each mixed weight's choice."""
+
+    types: dict[str, QT]
+    overrides: tuple[Override, ...]
+    budget: Budget | None = None
+    chosen: Mapping[str, Choice] | None = None
+
+
+def choose_types(
+    ckpt: Checkpoint,
+    qtype: str,
+    overrides: Sequence[Override] = (),
+    target_bpw: float | None = None,
+    max_size: int | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+) -> TypeChoice:
+    """The file type's types, edited by the overrides (``--tensor-type``) and then by a budget mix
+    (``--target-bpw`` / ``--max-size``, if given)."""
+    plan = plan_tensors(ckpt.config, qtype, overrides)
+    types = {t.gguf_name: t.qtype for t in plan}
+    if target_bpw is None and max_size is None:
+        return TypeChoice(types, tuple(overrides))
+    budget = budget_for(plan, target_bpw, max_size, overhead_bytes(ckpt, qtype))
+    free = mixable(plan, overrides)
+    with tqdm(total=len(free), desc="Measuring sensitivity", unit="weight", disable=not progress) as bar:
+        types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar)
+    return TypeChoice(types, tuple(overrides), budget, chosen)
+
+
+def describe(
+    choice: TypeChoice, report: dict, ckpt: Checkpoint, out: Path, importance: Mapping[str, np.ndarray] | None
+) -> dict:
+    """The report's ``overrides`` and, for a budget mix, ``mix`` (losses measured on the file at ``out``);
+    ``report``: the export's report."""
+    extra: dict = {"overrides": [f"{o.pattern}={o.qtype.name.lower()}" for o in choice.overrides]}
+    if choice.chosen:
+        measured = measured_losses(ckpt, out, choice.chosen, importance)
+        extra["mix"] = mix_report(report, choice.chosen, choice.budget, measured)
+    return extra
+
+
 def export_typed(
     ckpt: Checkpoint,
     out: str | Path,
@@ -225,22 +282,11 @@ def export_typed(
     importance: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
 ) -> dict:
-    """``export --tensor-type ... [--target-bpw B | --max-size S]``: the file type's types, edited by the
-    overrides and then by a budget mix; the export report, with ``overrides`` and the ``mix`` (if any)."""
-    plan = plan_tensors(ckpt.config, qtype, overrides)
-    chosen: dict[str, Choice] = {}
-    types = {t.gguf_name: t.qtype for t in plan}
-    if target_bpw is not None or max_size is not None:
-        budget = budget_for(plan, target_bpw, max_size, overhead_bytes(ckpt, qtype))
-        free = mixable(plan, overrides)
-        with tqdm(total=len(free), desc="Measuring sensitivity", unit="weight", disable=not progress) as bar:
-            types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar)
-    report = export_gguf(ckpt, out, qtype, progress=progress, types=types)
-    report["overrides"] = [f"{o.pattern}={o.qtype.name.lower()}" for o in overrides]
-    if chosen:
-        measured = measured_losses(ckpt, Path(out), chosen, importance)
-        report["mix"] = mix_report(report, chosen, budget, measured)
-    return report
+    """``export --tensor-type ... [--target-bpw B | --max-size S]``: the export report, with ``overrides``
+    and the ``mix`` (if any)."""
+    choice = choose_types(ckpt, qtype, overrides, target_bpw, max_size, importance, progress)
+    report = export_gguf(ckpt, out, qtype, progress=progress, types=choice.types)
+    return report | describe(choice, report, ckpt, Path(out), importance)
 
 
 def format_mix(mix: dict) -> str:
