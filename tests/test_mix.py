@@ -225,3 +225,21 @@ def test_bad_mix_options_are_refused(extra, match, tiny_gemma3, tmp_path):
     if "--type" in extra:
         args[2:4] = []
     assert match in _refused(args, tmp_path)
+
+
+def test_gptq_writes_a_mix_into_its_blocks(tiny_gemma2, tmp_path):
+    """quantize --format gguf with an override and a budget: GPTQ rounds every linear onto the grid of the type
+    the mix gave it, and the file holds those blocks as they are (lossless), with the override kept."""
+    from conftest import CALIB_TEXT
+
+    out = tmp_path / "gptq-mix.gguf"
+    r = _run(["quantize", tiny_gemma2, "--method", "gptq", "--fast", "--nsamples", "8", "--seqlen", "32",
+              "--calib", CALIB_TEXT, "--format", "gguf", "--type", "q4_k_m", "--tensor-type", "blk\\.0\\.attn_q=q8_0",
+              "--target-bpw", "5", "-o", out])["gguf"]  # fmt: skip
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert stored == {t["name"]: t["type"] for t in r["mix"]["tensors"]}
+    assert stored["blk.0.attn_q.weight"] == "Q8_0" and not r["mix"]["tensors"][2]["mixed"]
+    assert len({t["type"] for t in r["mix"]["tensors"] if t["mixed"]}) > 1
+    n_linear = sum(n.startswith("blk.") and not n.endswith("norm.weight") for n in stored)
+    assert r["counts"]["lossless"] == n_linear
+    assert r["bits_per_weight"] <= 5
