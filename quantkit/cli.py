@@ -47,6 +47,52 @@ class DeviceType(click.ParamType):
 
 
 DEVICE = DeviceType()
+_TENSOR_TYPE = click.option(
+    "--tensor-type",
+    "tensor_types",
+    multiple=True,
+    metavar="PATTERN=TYPE",
+    help="As llama-quantize's: weights whose GGUF name matches the regex PATTERN get TYPE (first match wins; "
+    "repeatable), e.g. attn_v=q8_0 or 'blk\\.1[0-9]\\.ffn_down=q6_k'.",
+)
+
+
+def _MIX_OPTIONS(f):  # noqa: N802 (a decorator, named as the other option constants)
+    """--tensor-type, --target-bpw, --max-size, --imatrix: the options that edit a GGUF's per-tensor types."""
+    for opt in reversed([
+        _TENSOR_TYPE,
+        click.option("--target-bpw", type=click.FloatRange(0, min_open=True),
+                     help="Choose each layer weight's GGUF type to minimise the predicted error at this many bits "
+                     "per weight (over every tensor, as the report counts them; docs/mixes.md)."),
+        click.option("--max-size", help="As --target-bpw, for a GGUF of at most SIZE bytes (180M, 5.2G, 512MiB)."),
+        click.option("--imatrix", type=click.Path(),
+                     help="An importance matrix (llama-imatrix's GGUF, or quantize --imatrix-out's). export: used as "
+                     "llama-quantize --imatrix uses it (the same bytes); with --target-bpw / --max-size it also "
+                     "weighs each weight's predicted error."),
+    ]):  # fmt: skip
+        f = opt(f)
+    return f
+
+
+def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=False):
+    """The GGUF's per-tensor types from the mix options (policy's rules when none is given) and the
+    importance matrix read (or None). ``encodes``: the imatrix also weighs the rounding (export), so it is
+    welcome without a budget."""
+    from quantkit.formats.gguf.imatrix import read_imatrix
+    from quantkit.formats.gguf.mix import choose_types, parse_size
+    from quantkit.formats.gguf.policy import check_overrides, parse_override
+
+    overrides = [parse_override(o) for o in tensor_types]
+    check_overrides(qtype, overrides)
+    if target_bpw is not None and max_size is not None:
+        raise QuantkitError("--target-bpw and --max-size: give one budget")
+    size = None if max_size is None else parse_size(max_size)
+    if imatrix and not encodes and target_bpw is None and size is None:
+        raise QuantkitError("--imatrix: it weighs a budget mix's errors; give --target-bpw or --max-size")
+    importance = read_imatrix(imatrix) if imatrix else None
+    return choose_types(ckpt, qtype, overrides, target_bpw, size, importance, _progress()), importance
+
+
 _OVERWRITE = click.option(
     "--overwrite", is_flag=True, help="Replace an existing output (a file, or a directory quantkit wrote)."
 )
@@ -247,6 +293,7 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
     type=click.Path(),
     help="GPTQ: also write the calibration's importance as a llama.cpp imatrix (for llama-quantize --imatrix).",
 )
+@_MIX_OPTIONS
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, overwrite, as_json, **flags):
@@ -258,6 +305,11 @@ def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, 
     from quantkit.quant.quantize import quantize_checkpoint
     from quantkit.quant.recipes import resolve_options
 
+    mix = {k: flags.pop(k) for k in ("tensor_types", "target_bpw", "max_size", "imatrix")}
+    if fmt != "gguf" and any(mix.values()):
+        raise QuantkitError(
+            "--tensor-type, --target-bpw, --max-size and --imatrix choose GGUF types: use --format gguf"
+        )
     opts = resolve_options(recipe, fast, **dict(flags, calib=",".join(flags["calib"]) or None))
     kind = "file" if fmt == "gguf" else "dir"
     inputs = [model_dir, *calibration_files(opts.calib)]
@@ -281,7 +333,7 @@ def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, 
             "lower --nsamples or --seqlen",
         )
     if fmt == "gguf":
-        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out)
+        report = _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out, mix)
     else:
         report = quantize_checkpoint(model_dir, out, opts, device, _progress(), imatrix_out=imatrix_out)
     grid = f"int{opts.bits} g{opts.group_size}"
@@ -295,10 +347,19 @@ def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, 
     _emit(report, as_json, summary)
 
 
-def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> dict:
+def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out, mix) -> dict:
+    from pathlib import Path
+
+    from quantkit.formats.gguf.mix import describe, format_mix
+    from quantkit.io.checkpoint import open_checkpoint
     from quantkit.quant.quantize import quantize_to_gguf
 
-    report = quantize_to_gguf(model_dir, out, opts, gguf_type, device, _progress(), imatrix_out)
+    ckpt = open_checkpoint(model_dir)
+    choice, importance = _type_choice(ckpt, gguf_type, **mix)
+    report = quantize_to_gguf(model_dir, out, opts, gguf_type, device, _progress(), imatrix_out, choice.types)
+    report["gguf"] |= describe(choice, report["gguf"], ckpt, Path(out), importance)
+    if "mix" in report["gguf"]:
+        click.echo(format_mix(report["gguf"]["mix"]), err=True)
     lossless = report["gguf"]["counts"]["lossless"]
     click.echo(f"{out}: {lossless} linear weights written into their GGUF blocks without re-rounding", err=True)
     return report
@@ -309,41 +370,46 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out) -> d
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Output file.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True)
-@click.option(
-    "--imatrix",
-    type=click.Path(),
-    help="An importance matrix (llama.cpp's GGUF imatrix, or quantize --imatrix-out's), used as "
-    "llama-quantize --imatrix uses it: the same bytes.",
-)
+@_MIX_OPTIONS
 @_OVERWRITE
 @click.option("--json", "as_json", is_flag=True, help="Print the report (per-tensor types) as JSON.")
-def export(src: str, out: str, fmt: str, qtype: str, imatrix: str | None, overwrite: bool, as_json: bool) -> None:
+def export(src, out, fmt, qtype, tensor_types, target_bpw, max_size, imatrix, overwrite, as_json) -> None:
     """Write SRC (a model directory or a quantize output directory) as a GGUF that llama.cpp runs.
 
     Weights of a quantized SRC whose grid fits the GGUF type (symmetric int4 -> q4_0, int8 -> q8_0,
     int4 -> q4_1; groups a multiple of 32, fp16-exact scales) are written into the blocks without
     rounding again; the rest are quantized from their dequantized values.
 
+    With --target-bpw or --max-size, every decoder-layer weight (but those a --tensor-type names) gets the
+    block type that minimises the summed predicted output error under that budget (docs/mixes.md); the
+    token embedding keeps --type's.
+
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """
+    from pathlib import Path
+
     from quantkit.formats.gguf.export import export_gguf, gguf_file_bytes
-    from quantkit.formats.gguf.imatrix import load_imatrix
+    from quantkit.formats.gguf.mix import describe
     from quantkit.io.atomic import check_output
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
 
     inputs = [src, *([imatrix] if imatrix else [])]
     check_output(out, inputs, kind="file", overwrite=overwrite)
-    imp = load_imatrix(imatrix) if imatrix else None
     src = str(resolve_model(src))
     ckpt = open_checkpoint(src)
-    need = gguf_file_bytes(ckpt, qtype, imp is not None)
+    mixing = target_bpw is not None or max_size is not None
+    need = gguf_file_bytes(ckpt, "q8_0" if mixing else qtype, imatrix is not None)  # a mix: at most Q8_0's bytes
     check_output(out, [src, *inputs[1:]], kind="file", overwrite=overwrite, need_bytes=need)
-    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imp)
+    choice, importance = _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=True)
+    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imatrix, types=choice.types)
+    report |= describe(choice, report, ckpt, Path(out), importance)
     _emit(report, as_json, _format_export(report))
 
 
 def _format_export(r: dict) -> str:
+    from quantkit.formats.gguf.mix import format_mix
+
     c = r["counts"]
     types = ", ".join(f"{k} {v}" for k, v in sorted(r["types"].items()))
     return (
@@ -351,7 +417,7 @@ def _format_export(r: dict) -> str:
         f"{r['bits_per_weight']:.3f} bits/weight; "
         f"{c['lossless']} tensors written losslessly from quantized codes, {c['requantized']} quantized, "
         f"{c['norm']} norms; {r['seconds']:.1f} s"
-    )
+    ) + ("" if "mix" not in r else "\n" + format_mix(r["mix"]))
 
 
 @cli.command("eval-ppl", epilog=MODEL_HELP)

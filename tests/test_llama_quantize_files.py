@@ -20,7 +20,7 @@ from make_tiny_checkpoint import make_tiny_checkpoint
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.export import export_gguf
-from quantkit.formats.gguf.policy import FILE_TYPES, plan_tensors
+from quantkit.formats.gguf.policy import FILE_TYPES, parse_override, plan_tensors
 from quantkit.io.checkpoint import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,14 +236,43 @@ def test_export_with_imatrix_equals_llama_quantize(model, qtype, f32_files, imat
     assert run.returncode == 0, run.stderr[-2000:]
     report = export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2, imatrix=imatrix)
     assert report["imatrix"]["tensors"] == report["imatrix"]["entries"]  # every entry matched a weight
-    want, got = _tensors(theirs), _tensors(ours)
-    assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}  # names and types
-    differ = [n for n, (_, data) in got.items() if data != want[n][1]]
-    assert not differ, f"{len(differ)} of {len(want)} tensors differ from llama-quantize's, e.g. {differ[:4]}"
+    _same_tensors(theirs, ours)
     keys = ("quantize.imatrix.file", "quantize.imatrix.dataset", "quantize.imatrix.entries_count")
     theirs_kv, ours_kv = gguf.GGUFReader(theirs).fields, gguf.GGUFReader(ours).fields
     assert [ours_kv[k].contents() for k in keys] == [theirs_kv[k].contents() for k in keys]
     assert ours_kv["quantize.imatrix.chunks_count"].contents() == theirs_kv["quantize.imatrix.chunks_count"].contents()
+
+
+def _same_tensors(theirs: Path, ours: Path) -> None:
+    want, got = _tensors(theirs), _tensors(ours)
+    assert {n: t for n, (t, _) in got.items()} == {n: t for n, (t, _) in want.items()}  # names and types
+    differ = [n for n, (_, data) in got.items() if data != want[n][1]]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ from llama-quantize's, e.g. {differ[:4]}"
+
+
+# --tensor-type: the same options given to both. The 16-layer model makes the overridden weights shift
+# llama-quantize's per-kind layer counters (an overridden attn_v / ffn_down is not counted by the rules); the
+# 320-wide one sends the overrides through the row-length fallback. First match wins; patterns are regexes.
+OVERRIDES = {
+    ("gemma3-l16-gqa4", "q4_k_m"): ["blk\\.[0-2]\\.attn_v=q8_0", "blk\\.1[0-9]\\.ffn_down=q2_k", "ffn_up=iq4_nl"],
+    ("gemma3-l16-gqa4", "q3_k_m"): ["blk\\.0\\.ffn_down=q4_0", "attn_v=q5_1", "token_embd=q4_k", "attn=q6_k"],
+    ("gemma3-h320", "q4_k_m"): ["attn_q=q3_k", "ffn_down=q5_k", "token_embd=q8_0", "ATTN_K=Q6_K"],
+}
+
+
+@pytest.mark.parametrize(("model", "qtype"), list(OVERRIDES))
+def test_tensor_type_overrides_equal_llama_quantize(model, qtype, f32_files, tmp_path):
+    ckpt_dir, f32 = f32_files(model)
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    flags = [a for o in OVERRIDES[model, qtype] for a in ("--tensor-type", o)]
+    cmd = [str(LLAMA_QUANTIZE), *flags, str(f32), str(theirs), LLAMA_TYPES[qtype][1], "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cfg = open_checkpoint(ckpt_dir).config
+    plan = plan_tensors(cfg, qtype, overrides=[parse_override(o) for o in OVERRIDES[model, qtype]])
+    assert plan != plan_tensors(cfg, qtype)  # the overrides change something
+    export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2, types={t.gguf_name: t.qtype for t in plan})
+    _same_tensors(theirs, ours)
 
 
 def test_iq3_xxs_with_imatrix_needs_iq2_s(f32_files, imatrix_files, tmp_path):

@@ -17,6 +17,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from quantkit.formats.card import CARD_NAME, artifact_card, source_provenance
 from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.grids import LAYOUTS
 from quantkit.formats.gguf.imatrix import write_imatrix
-from quantkit.formats.gguf.policy import plan_tensors
+from quantkit.formats.gguf.policy import plan_tensors, retype
 from quantkit.formats.packed.write import ArtifactWriter, blocks_quantization_config, quantization_config
 from quantkit.io.atomic import is_artifact
 from quantkit.io.calibration import calibration_label, calibration_set_windows, check_sources
@@ -119,12 +120,14 @@ def quantize_checkpoint(
     progress: bool = True,
     gguf_type: str | None = None,
     imatrix_out: str | Path | None = None,
+    types: Mapping[str, GGMLQuantizationType] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_dir`` into ``out_dir`` (written atomically); returns the report (also quantkit.json).
 
     With ``gguf_type`` (GPTQ only) every linear is rounded onto the fixed grid of the ggml type that type's
-    GGUF gives it (chosen from the original weights weighted by diag(H)) and stored as those blocks, for
-    ``export_gguf`` to copy. ``imatrix_out``: also write the calibration's importance as a llama.cpp imatrix."""
+    GGUF gives it (chosen from the original weights weighted by diag(H)), or ``types`` gives it (GGUF name ->
+    type: --tensor-type overrides), and stored as those blocks, for ``export_gguf`` to copy. ``imatrix_out``:
+    also write the calibration's importance as a llama.cpp imatrix."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise QuantkitError("--device cuda: no CUDA device is available")
     ckpt = open_checkpoint(model_dir)
@@ -135,11 +138,11 @@ def quantize_checkpoint(
         check_sources(opts.calib)
     if (gguf_type or imatrix_out) and opts.method != "gptq":
         raise QuantkitError("--imatrix-out and GPTQ into GGUF blocks need --method gptq")
-    block_types = _block_types(ckpt, gguf_type) if gguf_type else {}
+    block_types = _block_types(ckpt, gguf_type, types) if gguf_type else {}
     sdt = _scale_dtype(opts, ckpt)
     t0 = time.perf_counter()
     n_layers = ckpt.config.num_hidden_layers
-    key = resume_key(ckpt, opts, sdt, device, gguf_type, imatrix_out is not None)
+    key = resume_key(ckpt, opts, sdt, device, gguf_type, imatrix_out is not None, *_names(block_types))
     bar = tqdm(total=n_layers, desc=f"{opts.method} layers", unit="layer", disable=not progress)
     with ArtifactWriter(out_dir, resume_key=key) as writer, bar:
         run = RunState(writer, device, imatrix_out is not None)
@@ -183,6 +186,7 @@ def quantize_to_gguf(
     device: str = "cpu",
     progress: bool = True,
     imatrix_out: str | Path | None = None,
+    types: Mapping[str, GGMLQuantizationType] | None = None,
 ) -> dict[str, Any]:
     """``quantize --format gguf``: quantize into a hidden artifact beside ``out``, then write its codes into the
     GGUF's blocks (report["gguf"] is the export's report). The artifact resumes like any quantize output.
@@ -197,7 +201,7 @@ def quantize_to_gguf(
         shutil.rmtree(artifact)
     if opts.method == "gptq":
         report = quantize_checkpoint(
-            model_dir, artifact, opts, device, progress, gguf_type=gguf_type, imatrix_out=imatrix_out
+            model_dir, artifact, opts, device, progress, gguf_type=gguf_type, imatrix_out=imatrix_out, types=types
         )
     else:
         if opts.scale_dtype == "auto":
@@ -205,19 +209,28 @@ def quantize_to_gguf(
         report = quantize_checkpoint(model_dir, artifact, opts, device, progress)
     try:
         name = report["provenance"]["name"]
-        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=progress, name=name)
+        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=progress, name=name, types=types)
     finally:
         shutil.rmtree(artifact, ignore_errors=True)
     return report
 
 
-def _block_types(ckpt: Checkpoint, gguf_type: str) -> dict[str, GGMLQuantizationType]:
-    """HF weight name -> the ggml type a ``gguf_type`` GGUF stores each decoder-layer linear in."""
-    plan = [t for t in plan_tensors(ckpt.config, gguf_type) if t.hf_name.startswith("model.layers.") and not t.is_norm]
+def _block_types(
+    ckpt: Checkpoint, gguf_type: str, types: Mapping[str, GGMLQuantizationType] | None = None
+) -> dict[str, GGMLQuantizationType]:
+    """HF weight name -> the ggml type a ``gguf_type`` GGUF (with ``types``, GGUF name -> type, in place of
+    its own) stores each decoder-layer linear in."""
+    plan = retype(plan_tensors(ckpt.config, gguf_type), types or {})
+    plan = [t for t in plan if t.hf_name.startswith("model.layers.") and not t.is_norm]
     unsupported = sorted({t.qtype.name for t in plan if t.qtype not in LAYOUTS})
     if unsupported:
         raise QuantkitError(f"--type {gguf_type}: GPTQ cannot write {', '.join(unsupported)} blocks (use --method rtn)")
     return {t.hf_name: t.qtype for t in plan}
+
+
+def _names(block_types: Mapping[str, GGMLQuantizationType]) -> list[str]:
+    """The block types as plain strings, for the resume key: a rerun with other overrides starts afresh."""
+    return [f"{k}={v.name}" for k, v in sorted(block_types.items())]
 
 
 def _blocks_bits_per_weight(block_types: dict[str, GGMLQuantizationType], ckpt: Checkpoint) -> float:

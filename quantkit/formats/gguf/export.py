@@ -13,13 +13,16 @@ Reading, encoding and writing overlap. The file appears at ``out_path`` only whe
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.card import checkpoint_provenance
@@ -35,7 +38,7 @@ from quantkit.formats.gguf.metadata import (
     check_llamacpp_compatible,
 )
 from quantkit.formats.gguf.names import RULES
-from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix
+from quantkit.formats.gguf.policy import FILE_TYPES, PlannedTensor, plan_tensors, requires_imatrix, retype
 from quantkit.formats.gguf.stream import (
     Job,
     ShardReader,
@@ -123,7 +126,7 @@ def write_tensor_data(
                     method = facts["method"]
                     if method != "norm" and is_dense(ckpt, t):
                         method = "lossless" if exact else "requantized"
-                    entry = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name}
+                    entry = {"name": t.gguf_name, "hf_name": t.hf_name, "type": t.qtype.name, "bytes": t.nbytes}
                     entries.append(entry | {"method": method, "exact": exact})
         fout.write(bytes(-fout.tell() % align))
     finally:
@@ -131,9 +134,10 @@ def write_tensor_data(
     return entries
 
 
-def gguf_file_bytes(ckpt: Checkpoint, qtype: str, imatrix: bool = False) -> int:
+def gguf_file_bytes(ckpt: Checkpoint, qtype: str, imatrix: bool = False, types: Mapping[str, QT] | None = None) -> int:
     """The planned tensor bytes of a ``qtype`` GGUF of ``ckpt`` plus its vocabulary (an upper bound)."""
-    return sum(t.nbytes for t in plan_tensors(ckpt.config, qtype, imatrix)) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
+    plan = retype(plan_tensors(ckpt.config, qtype, imatrix), types or {})
+    return sum(t.nbytes for t in plan) + 4 * tokenizer_bytes(ckpt) + (1 << 20)
 
 
 def export_gguf(
@@ -145,11 +149,13 @@ def export_gguf(
     workers: int = 0,
     name: str | None = None,
     imatrix: str | Path | Importance | None = None,
+    types: Mapping[str, QT] | None = None,
 ) -> dict:
     """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
     ``workers``: encoding threads (0: one per usable core); ``name``: general.name (default: ``src``'s
     directory name); ``imatrix``: an importance-matrix GGUF (or its loaded ``Importance``), used as
-    llama-quantize --imatrix uses it."""
+    llama-quantize --imatrix uses it; ``types``: GGUF tensor name -> ggml type, in place of the file type's
+    (overrides, a budget mix; ``policy.retype``)."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
@@ -157,25 +163,14 @@ def export_gguf(
     imp = load_imatrix(imatrix) if isinstance(imatrix, (str, Path)) else imatrix
     if imp is not None and not imp.vectors:  # llama-quantize: an empty imatrix is no imatrix
         imp = None
-    plan = plan_tensors(cfg, qtype, imp is not None)
+    plan = retype(plan_tensors(cfg, qtype, imp is not None), types or {})
     importance = tensor_importance(imp, plan)
     check_importance(ckpt, qtype, plan, importance)
     check_encodable(ckpt, qtype, plan)
     with atomic_file(out_path) as tmp:
         writer = VocabWriter(tmp, RULES[cfg.model_type].gguf_arch)
         try:
-            prov, report = checkpoint_provenance(ckpt.path, ckpt.raw_config)
-            default_name = ckpt.path.name if report else prov.name  # a hub snapshot: its repo, not its commit
-            add_model_metadata(writer, cfg, name or default_name, FILE_TYPES[qtype][1])
-            add_provenance(writer, prov, report, qtype, cfg.model_type)
-            if imp is not None:
-                add_imatrix_keys(writer, imp.path, next(iter(imp.datasets), None), len(imp.vectors), imp.chunk_count)
-            add_tokenizer_metadata(writer, ckpt)
-            for t in plan:
-                writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            write_header(writer, ckpt, qtype, plan, name, imp)
             fout = writer.fout[0]
             with _progress(sum(t.nbytes for t in plan), progress) as bar:
                 n = workers or default_workers()
@@ -195,6 +190,44 @@ def tensor_importance(imp: Importance | None, plan: list[PlannedTensor]) -> dict
         return {}
     vectors = ((t.gguf_name, imp.for_tensor(t.gguf_name, t.shape[1])) for t in plan if len(t.shape) == 2)
     return {name: v for name, v in vectors if v is not None}
+
+
+def write_header(
+    writer: VocabWriter,
+    ckpt: Checkpoint,
+    qtype: str,
+    plan: list[PlannedTensor],
+    name: str | None,
+    imp: Importance | None = None,
+) -> None:
+    """The file's header, metadata and tensor infos (everything before the tensor data)."""
+    prov, report = checkpoint_provenance(ckpt.path, ckpt.raw_config)
+    default_name = ckpt.path.name if report else prov.name  # a hub snapshot: its repo, not its commit
+    add_model_metadata(writer, ckpt.config, name or default_name, FILE_TYPES[qtype][1])
+    add_provenance(writer, prov, report, qtype, ckpt.config.model_type)
+    if imp is not None:
+        add_imatrix_keys(writer, imp.path, next(iter(imp.datasets), None), len(imp.vectors), imp.chunk_count)
+    add_tokenizer_metadata(writer, ckpt)
+    for t in plan:
+        writer.add_tensor_info(t.gguf_name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+
+
+def overhead_bytes(ckpt: Checkpoint, qtype: str, name: str | None = None) -> int:
+    """The bytes of a ``qtype`` GGUF of ``ckpt`` that are not tensor data, at most: its header (written once to
+    a scratch file in the system's temporary directory; it does not depend on the tensors' types) and the
+    padding after each tensor, plus 1 KiB for the importance matrix's keys."""
+    plan = plan_tensors(ckpt.config, qtype)
+    with tempfile.TemporaryDirectory(prefix="quantkit-header-") as d:
+        writer = VocabWriter(Path(d) / "header.gguf", RULES[ckpt.config.model_type].gguf_arch)
+        try:
+            write_header(writer, ckpt, qtype, plan, name)
+            size, align = writer.fout[0].tell(), writer.data_alignment
+        finally:
+            writer.close()
+    return size + align * (len(plan) + 1) + 1024
 
 
 def check_importance(

@@ -9,14 +9,15 @@ and IQ2_S weights (``requires_imatrix``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.blocks import block_size, row_bytes
+from quantkit.formats.gguf.blocks import GGUF_PY_TYPES, NUMPY_QUANTIZERS, TORCH_QUANTIZERS, block_size, row_bytes
 from quantkit.formats.gguf.file_types import FILE_TYPE_NAMES, PURE
 from quantkit.formats.gguf.names import GLOBAL_TENSORS, HF_KINDS, LAYER_TENSORS
 from quantkit.io.config import ModelConfig
@@ -28,6 +29,9 @@ FILE_TYPES: dict[str, tuple[QT, FT]] = {k: (QT[t], FT[f]) for k, (t, f) in FILE_
 # the float ggml types, which are the safetensors dtypes of the same name -> torch dtype
 TORCH_FLOATS = {QT[name]: TORCH_DTYPES[name] for name in FLOAT_NAMES}
 FLOAT_TYPES = tuple(TORCH_FLOATS)
+
+# every ggml type quantkit encodes (a --tensor-type override may name any of them)
+ENCODABLE = tuple(dict.fromkeys((*GGUF_PY_TYPES, *TORCH_QUANTIZERS, *NUMPY_QUANTIZERS)))
 
 FALLBACK = {
     QT.Q2_K: QT.Q4_0,
@@ -201,21 +205,70 @@ class PlannedTensor:
         return self.shape[0] * row_bytes(self.qtype, self.shape[1]) if len(self.shape) == 2 else 4 * self.shape[0]
 
 
+@dataclass(frozen=True)
+class Override:
+    """``--tensor-type PATTERN=TYPE``, as llama-quantize reads it: PATTERN (lower-cased) is a regular
+    expression searched in each GGUF tensor name ('attn_v', 'blk\\.1[0-9]\\.ffn_down'); the first override
+    that matches a weight gives its type, in place of the file type's rules, before the row-length fallback."""
+
+    pattern: str
+    qtype: QT
+
+    def matches(self, gguf_name: str) -> bool:
+        return re.search(self.pattern, gguf_name) is not None
+
+
+def parse_override(text: str) -> Override:
+    """'attn_v=q8_0' -> Override('attn_v', Q8_0); a malformed one is a one-line error."""
+    pattern, sep, name = text.partition("=")
+    if not sep or not pattern or not name:
+        raise QuantkitError(f"--tensor-type {text!r}: expected PATTERN=TYPE, e.g. attn_v=q8_0")
+    pattern = pattern.lower()
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise QuantkitError(f"--tensor-type {text!r}: {pattern!r} is not a regular expression ({e})") from None
+    qtype = next((t for t in ENCODABLE if t.name.lower() == name.lower()), None)
+    if qtype is None:
+        names = ", ".join(t.name.lower() for t in ENCODABLE)
+        raise QuantkitError(f"--tensor-type {text!r}: quantkit does not encode {name!r} (choose from {names})")
+    return Override(pattern, qtype)
+
+
+def check_overrides(qtype: str, overrides: Sequence[Override]) -> None:
+    """llama-quantize ignores --tensor-type in a float file; quantkit says so instead."""
+    if overrides and FILE_TYPES[qtype][0] in FLOAT_TYPES:
+        raise QuantkitError(f"--tensor-type needs a quantized --type ({qtype} keeps every weight as it is)")
+
+
 # ------------------------------------------------------------------------------------------ type choice
 
 
-def plan_tensors(cfg: ModelConfig, qtype: str, imatrix: bool = False) -> list[PlannedTensor]:
+def plan_tensors(
+    cfg: ModelConfig, qtype: str, imatrix: bool = False, overrides: Sequence[Override] = ()
+) -> list[PlannedTensor]:
     """Every GGUF tensor in file order, with its HF source name, shape and ggml type (``imatrix``: as
-    llama-quantize chooses them when given an importance matrix)."""
+    llama-quantize chooses them when given an importance matrix); ``overrides`` as llama-quantize's
+    --tensor-type. As in llama-quantize, an overridden weight skips the rules, so it does not advance their
+    per-kind counter (the layer index of the rules for attn_v and ffn_down)."""
     if qtype not in FILE_TYPES:
         raise QuantkitError(f"GGUF type {qtype!r} is not supported (choose from {', '.join(FILE_TYPES)})")
+    check_overrides(qtype, overrides)
     n, h = cfg.num_hidden_layers, cfg.hidden_size
     n_gqa = cfg.num_attention_heads // cfg.num_key_value_heads
     shapes = layer_shapes(cfg)
+    seen: dict[str, int] = {}  # kind -> weights of that kind the rules have typed so far
 
     def planned(gguf_name: str, hf_name: str, shape: tuple[int, ...], layer: int | None) -> PlannedTensor:
         kind = gguf_name.split(".")[-2]
-        t = QT.F32 if len(shape) == 1 else weight_type(qtype, kind, layer, n, shape[1], n_gqa, imatrix)
+        if len(shape) == 1:
+            return PlannedTensor(gguf_name, hf_name, shape, QT.F32)
+        manual = next((o.qtype for o in overrides if o.matches(gguf_name)), None)
+        if manual is not None:
+            return PlannedTensor(gguf_name, hf_name, shape, fallback_type(manual, shape[1]))
+        i = seen.get(kind, 0)
+        seen[kind] = i + 1
+        t = weight_type(qtype, kind, None if layer is None else i, n, shape[1], n_gqa, imatrix)
         return PlannedTensor(gguf_name, hf_name, shape, t)
 
     emb, norm = GLOBAL_TENSORS["model.embed_tokens"], GLOBAL_TENSORS["model.norm"]
@@ -226,3 +279,19 @@ def plan_tensors(cfg: ModelConfig, qtype: str, imatrix: bool = False) -> list[Pl
                 plan.append(planned(f"blk.{i}.{kind}.weight", f"model.layers.{i}.{hf}.weight", shapes[hf], i))
     plan.append(planned(f"{norm}.weight", "model.norm.weight", (h,), None))
     return plan
+
+
+def retype(plan: list[PlannedTensor], types: Mapping[str, QT]) -> list[PlannedTensor]:
+    """``plan`` with the types of ``types`` (GGUF name -> ggml type, e.g. a budget mix), each through
+    llama.cpp's row-length fallback; norms stay F32. A name not in the plan is a bug, not a user error."""
+    names = {t.gguf_name for t in plan}
+    unknown = sorted(set(types) - names)
+    if unknown:
+        raise ValueError(f"types for tensors not in the file: {unknown[:4]}")
+    out = []
+    for t in plan:
+        q = types.get(t.gguf_name, t.qtype)
+        if q not in ENCODABLE and q not in FLOAT_TYPES:
+            raise ValueError(f"{t.gguf_name}: quantkit does not encode {q.name}")
+        out.append(t if t.is_norm else PlannedTensor(t.gguf_name, t.hf_name, t.shape, fallback_type(q, t.shape[1])))
+    return out

@@ -1,0 +1,306 @@
+"""Size-budget mixes (``--target-bpw B``, ``--max-size SIZE``): a ggml type for every decoder-layer weight of
+a GGUF, chosen to minimise the summed predicted output error under a byte budget.
+
+Sensitivity: for each weight W [O, I] and each candidate type T (after llama.cpp's row-length fallback), the
+predicted loss is the relative output error of quantizing W alone with T's round-to-nearest encoder,
+tr((W - Q) D (W - Q)ᵀ) / tr(W D Wᵀ) with D = diag(E[x²]) the importance matrix's mean squared input per
+column (an imatrix file; D = I without one), on evenly spaced sample rows. Relative, because every Gemma
+linear's output is normalised before it reaches the residual stream (q_norm / k_norm, and the post-attention /
+post-feedforward norms after o_proj / down_proj): an absolute error would weigh layers by their output scale
+(measured: absolute errors weighted by an imatrix gave a mix with 5x the KLD of one without).
+Choice: the types minimising the summed loss within the budget, a knapsack solved by dynamic programming
+(``choose``). The token embedding (the tied output), overridden weights and norms keep the file type's
+types; their bytes count against the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from tqdm import tqdm
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
+from quantkit.formats.gguf.export import export_gguf, overhead_bytes
+from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
+from quantkit.io.checkpoint import Checkpoint
+
+# the block types a mix picks from (quantkit encodes them all; llama.cpp loads them all)
+CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K,
+              QT.Q6_K, QT.Q8_0)  # fmt: skip
+BINS = 1 << 15  # budget units of the knapsack
+SAMPLE_ROWS = 256  # rows of each weight quantized per candidate type to predict its loss
+SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most ``tensor_bytes`` for all tensors together; ``what`` names it in messages ('--target-bpw 3.5')."""
+
+    tensor_bytes: int
+    what: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    qtype: QT
+    nbytes: int
+    loss: float  # predicted relative output error, tr((W - Q) D (W - Q)ᵀ) / tr(W D Wᵀ)
+
+
+def parse_size(text: str) -> int:
+    """'180M' -> 180_000_000, '5.2G', '512MiB', '1000000' -> bytes (K/M/G decimal, KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b?|b?)\s*", text.lower())
+    unit = m and m.group(2).removesuffix("b") + ("b" if m.group(2).endswith("ib") else "")
+    if m is None or unit not in SIZE_UNITS:
+        raise QuantkitError(f"--max-size {text!r}: expected a size such as 180M, 5.2G or 512MiB")
+    return int(float(m.group(1)) * SIZE_UNITS[unit])
+
+
+def budget_for(plan: Sequence[PlannedTensor], target_bpw: float | None, max_size: int | None, overhead: int) -> Budget:
+    """The tensor-byte budget of ``--target-bpw`` (bits per weight over every tensor, as the export report
+    counts them) or ``--max-size`` (the whole file: ``overhead`` is its header and padding)."""
+    if (target_bpw is None) == (max_size is None):
+        raise QuantkitError("give one of --target-bpw and --max-size")
+    if target_bpw is not None:
+        n_params = sum(math.prod(t.shape) for t in plan)
+        return Budget(int(target_bpw * n_params / 8), f"--target-bpw {target_bpw:g}")
+    return Budget(max_size - overhead, f"--max-size {max_size} (bytes)")
+
+
+def candidates(row_len: int) -> list[QT]:
+    """The distinct types a row of ``row_len`` can take: each candidate through the row-length fallback."""
+    out = [fallback_type(t, row_len) for t in CANDIDATES]
+    return [t for t in dict.fromkeys(out) if t != QT.F16]
+
+
+def relative_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) -> float:
+    """tr((W - Q) D (W - Q)ᵀ) / tr(W D Wᵀ) of rows W, Q [S, I] (D = diag(importance), I without one)."""
+    d = np.ones(w.shape[1]) if importance is None else importance.astype(np.float64)
+    w64 = w.astype(np.float64)
+    return float((((w64 - q) ** 2) @ d).sum() / max(float(((w64**2) @ d).sum()), 1e-30))
+
+
+def weight_loss(w: np.ndarray, qtype: QT, importance: np.ndarray | None, sample_rows: int = SAMPLE_ROWS) -> float:
+    """Predicted relative output error of W float32 [O, I] round-to-nearest in ``qtype`` (importance: [I] or
+    None), from ``sample_rows`` evenly spaced rows."""
+    o = w.shape[0]
+    rows = np.unique(np.linspace(0, o - 1, min(o, sample_rows)).round().astype(np.int64))
+    x = np.ascontiguousarray(w[rows], dtype=np.float32)  # [S, I]
+    return relative_error(x, dequantize_rows(quantize_rows(x, qtype), qtype), importance)
+
+
+def mixable(plan: Sequence[PlannedTensor], overrides: Sequence[Override]) -> list[PlannedTensor]:
+    """The weights a mix chooses for: decoder-layer 2-D weights no override names."""
+    return [t for t in plan if t.gguf_name.startswith("blk.") and len(t.shape) == 2
+            and not any(o.matches(t.gguf_name) for o in overrides)]  # fmt: skip
+
+
+def priced(weights: Sequence[PlannedTensor]) -> dict[str, list[Choice]]:
+    """GGUF name -> every candidate type with its bytes (losses unknown: 0)."""
+    return {t.gguf_name: [Choice(q, PlannedTensor(t.gguf_name, t.hf_name, t.shape, q).nbytes, 0.0)
+                          for q in candidates(t.shape[1])] for t in weights}  # fmt: skip
+
+
+def measure(
+    ckpt: Checkpoint, weights: Sequence[PlannedTensor], importance: Mapping[str, np.ndarray] | None, bar=None
+) -> dict[str, list[Choice]]:
+    """GGUF name -> every candidate type's (bytes, predicted loss) for each weight (read one at a time)."""
+    out = {}
+    for t in weights:
+        w = ckpt.get(t.hf_name, torch.float32, check_finite=True).numpy()  # [O, I]
+        d = None if importance is None else importance.get(t.gguf_name)
+        if importance is not None and (d is None or d.shape != (t.shape[1],)):
+            raise QuantkitError(f"the importance matrix has no {t.shape[1]}-column entry for {t.gguf_name}")
+        opts = []
+        for q in candidates(t.shape[1]):
+            p = PlannedTensor(t.gguf_name, t.hf_name, t.shape, q)
+            opts.append(Choice(q, p.nbytes, weight_loss(w, q, d)))
+        out[t.gguf_name] = opts
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def pareto(options: Iterable[Choice]) -> list[Choice]:
+    """The choices no other beats on both bytes and loss, cheapest first."""
+    out: list[Choice] = []
+    for c in sorted(options, key=lambda c: (c.nbytes, c.loss)):
+        if not out or c.loss < out[-1].loss:
+            out.append(c)
+    return out
+
+
+def choose(options: Mapping[str, list[Choice]], budget: Budget, fixed_bytes: int) -> dict[str, Choice]:
+    """One choice per weight, minimising the summed loss with ``fixed_bytes`` + their bytes <= the budget: a
+    knapsack by dynamic programming over the free bytes in at most BINS units (each choice's bytes rounded up
+    to whole units, so the budget holds; optimal for budgets under BINS bytes, within a unit per weight
+    otherwise)."""
+    names = list(options)
+    opts = [pareto(options[n]) for n in names]
+    free = budget.tensor_bytes - fixed_bytes
+    least = sum(o[0].nbytes for o in opts)
+    if least > free:
+        raise QuantkitError(
+            f"{budget.what}: the smallest mix takes {fixed_bytes + least} bytes of tensors, "
+            f"over the {budget.tensor_bytes} allowed"
+        )
+    unit = max(1, math.ceil(free / BINS))
+    cap = free // unit
+    best = np.zeros(cap + 1)  # [cap + 1] least loss of the weights so far within b units
+    picks = np.zeros((len(names), cap + 1), dtype=np.int16)  # the choice that gave it
+    for i, o in enumerate(opts):
+        new = np.full(cap + 1, np.inf)
+        for k, c in enumerate(o):
+            cost = math.ceil(c.nbytes / unit)
+            if cost > cap:
+                break
+            cand = best[: cap + 1 - cost] + c.loss
+            better = cand < new[cost:]
+            new[cost:][better] = cand[better]
+            picks[i, cost:][better] = k
+        best = new
+    if not np.isfinite(best[cap]):  # rounding up left no room: the cheapest choices fit in bytes, not in units
+        return {n: o[0] for n, o in zip(names, opts, strict=True)}
+    out, b = {}, cap
+    for i in reversed(range(len(names))):
+        c = opts[i][picks[i, b]]
+        out[names[i]] = c
+        b -= math.ceil(c.nbytes / unit)
+    return out
+
+
+def plan_mix(
+    ckpt: Checkpoint,
+    qtype: str,
+    overrides: Sequence[Override],
+    budget: Budget,
+    importance: Mapping[str, np.ndarray] | None = None,
+    bar=None,
+) -> tuple[dict[str, QT], dict[str, Choice]]:
+    """(GGUF name -> type for every tensor, GGUF name -> the mix's choice for each mixed weight)."""
+    if ckpt.quant_spec is not None:
+        raise QuantkitError(f"{ckpt.path}: a budget mix quantizes from the original weights; give the dense checkpoint")
+    plan = plan_tensors(ckpt.config, qtype, importance is not None, overrides)
+    free = mixable(plan, overrides)
+    names = {t.gguf_name for t in free}
+    fixed = sum(t.nbytes for t in plan if t.gguf_name not in names)
+    choose(priced(free), budget, fixed)  # refuses a budget nothing fits before the measuring starts
+    chosen = choose(measure(ckpt, free, importance, bar), budget, fixed)
+    types = {t.gguf_name: t.qtype for t in plan} | {n: c.qtype for n, c in chosen.items()}
+    return types, chosen
+
+
+def measured_losses(
+    ckpt: Checkpoint, path: Path, names: Iterable[str], importance: Mapping[str, np.ndarray] | None
+) -> dict[str, float]:
+    """GGUF name -> tr((W - Q) D (W - Q)ᵀ) of the blocks written at ``path``, every row (the prediction's
+    check: it sampled rows)."""
+    plan = {t.gguf_name: t for t in plan_tensors(ckpt.config, "f32")}
+    stored = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    out = {}
+    for name in names:
+        t, w = stored[name], ckpt.get(plan[name].hf_name, torch.float32).numpy()  # [O, I]
+        q = dequantize_rows(np.asarray(t.data).view(np.uint8).reshape(w.shape[0], -1), t.tensor_type)
+        out[name] = relative_error(w, q.reshape(w.shape), None if importance is None else importance[name])
+    return out
+
+
+def mix_report(export: dict, chosen: Mapping[str, Choice], budget: Budget, measured: Mapping[str, float]) -> dict:
+    """The mix's part of the report: the budget, and every tensor's type, bytes and predicted / measured loss."""
+    tensors = []
+    for e in export["tensors"]:
+        c = chosen.get(e["name"])
+        row = {"name": e["name"], "type": e["type"], "bytes": e["bytes"], "mixed": c is not None}
+        if c is not None:
+            row |= {"predicted_loss": c.loss, "measured_loss": measured.get(e["name"])}
+        tensors.append(row)
+    return {
+        "budget": budget.what,
+        "budget_tensor_bytes": budget.tensor_bytes,
+        "tensor_bytes": sum(e["bytes"] for e in export["tensors"]),
+        "predicted_loss": sum(c.loss for c in chosen.values()),
+        "measured_loss": sum(measured.values()),
+        "tensors": tensors,
+    }
+
+
+@dataclass(frozen=True)
+class TypeChoice:
+    """Every tensor's type (GGUF name -> type), and for a budget mix the budget and each mixed weight's choice."""
+
+    types: dict[str, QT]
+    overrides: tuple[Override, ...]
+    budget: Budget | None = None
+    chosen: Mapping[str, Choice] | None = None
+
+
+def choose_types(
+    ckpt: Checkpoint,
+    qtype: str,
+    overrides: Sequence[Override] = (),
+    target_bpw: float | None = None,
+    max_size: int | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+) -> TypeChoice:
+    """The file type's types, edited by the overrides (``--tensor-type``) and then by a budget mix
+    (``--target-bpw`` / ``--max-size``, if given)."""
+    plan = plan_tensors(ckpt.config, qtype, importance is not None, overrides)
+    types = {t.gguf_name: t.qtype for t in plan}
+    if target_bpw is None and max_size is None:
+        return TypeChoice(types, tuple(overrides))
+    budget = budget_for(plan, target_bpw, max_size, overhead_bytes(ckpt, qtype))
+    free = mixable(plan, overrides)
+    with tqdm(total=len(free), desc="Measuring sensitivity", unit="weight", disable=not progress) as bar:
+        types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar)
+    return TypeChoice(types, tuple(overrides), budget, chosen)
+
+
+def describe(
+    choice: TypeChoice, report: dict, ckpt: Checkpoint, out: Path, importance: Mapping[str, np.ndarray] | None
+) -> dict:
+    """The report's ``overrides`` and, for a budget mix, ``mix`` (losses measured on the file at ``out``);
+    ``report``: the export's report."""
+    extra: dict = {"overrides": [f"{o.pattern}={o.qtype.name.lower()}" for o in choice.overrides]}
+    if choice.chosen:
+        measured = measured_losses(ckpt, out, choice.chosen, importance)
+        extra["mix"] = mix_report(report, choice.chosen, choice.budget, measured)
+    return extra
+
+
+def export_typed(
+    ckpt: Checkpoint,
+    out: str | Path,
+    qtype: str,
+    overrides: Sequence[Override] = (),
+    target_bpw: float | None = None,
+    max_size: int | None = None,
+    importance: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+) -> dict:
+    """``export --tensor-type ... [--target-bpw B | --max-size S]``: the export report, with ``overrides``
+    and the ``mix`` (if any)."""
+    choice = choose_types(ckpt, qtype, overrides, target_bpw, max_size, importance, progress)
+    report = export_gguf(ckpt, out, qtype, progress=progress, types=choice.types)
+    return report | describe(choice, report, ckpt, Path(out), importance)
+
+
+def format_mix(mix: dict) -> str:
+    """The mix's table: every mixed weight's type, bytes, predicted and measured loss."""
+    lines = [f"{'tensor':<28} {'type':<7} {'bytes':>10} {'predicted':>11} {'measured':>11}"]
+    for t in mix["tensors"]:
+        if t["mixed"]:
+            lines.append(f"{t['name']:<28} {t['type']:<7} {t['bytes']:>10} {t['predicted_loss']:>11.4g} "
+                         f"{t['measured_loss']:>11.4g}")  # fmt: skip
+    lines.append(f"{mix['budget']}: {mix['tensor_bytes']} tensor bytes of {mix['budget_tensor_bytes']} allowed; "
+                 f"loss predicted {mix['predicted_loss']:.4g}, measured {mix['measured_loss']:.4g}")  # fmt: skip
+    return "\n".join(lines)
