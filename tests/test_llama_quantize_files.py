@@ -284,3 +284,23 @@ def test_iq3_xxs_with_imatrix_needs_iq2_s(f32_files, imatrix_files, tmp_path):
     with pytest.raises(QuantkitError, match="would be IQ2_S, which quantkit cannot write"):
         export_gguf(ckpt_dir, ours, "iq3_xxs", progress=False, imatrix=imatrix_files("gemma3"))
     assert not list(tmp_path.iterdir())
+
+
+def test_tensor_type_with_imatrix_equals_llama_quantize(f32_files, imatrix_files, tmp_path):
+    """Both options at once, through the CLI: the imatrix's rules and weighted rounding, then the overrides."""
+    from click.testing import CliRunner
+
+    from quantkit.cli import cli
+
+    ckpt_dir, f32 = f32_files("gemma3-l16-gqa4")
+    imatrix = imatrix_files("gemma3-l16-gqa4")
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    opts = ["blk\\.[0-3]\\.attn_v=q8_0", "ffn_up=q5_0"]
+    flags = [a for o in opts for a in ("--tensor-type", o)]
+    cmd = [str(LLAMA_QUANTIZE), *flags, "--imatrix", str(imatrix), str(f32), str(theirs), "Q4_0", "2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    args = ["export", str(ckpt_dir), "--type", "q4_0", *flags, "--imatrix", str(imatrix), "-o", str(ours)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    _same_tensors(theirs, ours)

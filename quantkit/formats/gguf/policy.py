@@ -291,7 +291,7 @@ def retype(plan: list[PlannedTensor], types: Mapping[str, QT]) -> list[PlannedTe
     out = []
     for t in plan:
         q = types.get(t.gguf_name, t.qtype)
-        if q not in ENCODABLE and q not in FLOAT_TYPES:
+        if q != t.qtype and q not in ENCODABLE and q not in FLOAT_TYPES:  # the plan's own: check_encodable's
             raise ValueError(f"{t.gguf_name}: quantkit does not encode {q.name}")
         out.append(t if t.is_norm else PlannedTensor(t.gguf_name, t.hf_name, t.shape, fallback_type(q, t.shape[1])))
     return out
