@@ -34,7 +34,7 @@ from quantkit.formats.gguf.policy import plan_tensors
 from quantkit.formats.packed.write import ArtifactWriter, blocks_quantization_config, quantization_config
 from quantkit.io.atomic import is_artifact
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
-from quantkit.io.dtypes import torch_dtype
+from quantkit.io.dtypes import compute_dtype, torch_dtype
 from quantkit.io.layout import layer_prefix
 from quantkit.io.texts import calibration_windows, default_calibration_text
 from quantkit.io.tokenizer import Tokenizer
@@ -52,6 +52,13 @@ def _scale_dtype(opts: QuantizeOptions, ckpt: Checkpoint) -> torch.dtype:
     if opts.scale_dtype != "auto":
         return torch_dtype(opts.scale_dtype)
     return torch_dtype(ckpt.dtype_of("model.norm.weight"))
+
+
+def resolved_compute(opts: QuantizeOptions, ckpt: Checkpoint, device: str) -> QuantizeOptions:
+    """``opts`` with ``calib_dtype`` "auto" resolved for this checkpoint and device (io.dtypes.compute_dtype),
+    so the resume key and the report name the dtype the calibration ran in."""
+    stored = ckpt.dtype_of("model.embed_tokens.weight")
+    return opts.replace(calib_dtype=compute_dtype(opts.calib_dtype, stored, device))
 
 
 def check_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> None:
@@ -131,6 +138,7 @@ def quantize_checkpoint(
     if ckpt.quant_spec is not None:
         raise QuantkitError(f"{model_dir}: already quantized; quantize the original checkpoint")
     check_plan(ckpt, opts)
+    opts = resolved_compute(opts, ckpt, device)
     if opts.method == "gptq" and opts.calib and not Path(opts.calib).is_file():
         raise QuantkitError(f"{opts.calib}: calibration file not found")
     if (gguf_type or imatrix_out) and opts.method != "gptq":
