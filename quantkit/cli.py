@@ -275,8 +275,10 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
 )
 @click.option(
     "--calib-dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    help="Dtype of the calibration activations carried between layers. [default: float32]",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    help="Dtype of the calibration's layer forwards and of the activations carried between layers (Hessians "
+    "accumulate in fp32). auto: bfloat16 for a bf16 checkpoint on a CPU with AVX-512 BF16/AMX or a CUDA GPU "
+    "with bf16, else float32 (docs/speed.md). [default: auto]",
 )
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
@@ -302,7 +304,7 @@ def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, 
     from quantkit.io.calibration import calibration_files
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
-    from quantkit.quant.quantize import quantize_checkpoint
+    from quantkit.quant.quantize import quantize_checkpoint, resolved_compute
     from quantkit.quant.recipes import resolve_options
 
     mix = {k: flags.pop(k) for k in ("tensor_types", "target_bpw", "max_size", "imatrix")}
@@ -325,6 +327,7 @@ def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, 
 
         need += gguf_file_bytes(ckpt, gguf_type)
     check_output(out, inputs, kind=kind, overwrite=overwrite, need_bytes=need)
+    opts = resolved_compute(opts, ckpt, device)
     if opts.method == "gptq":
         act = 4 if opts.calib_dtype == "float32" else 2
         refuse_if_over_memory(
@@ -441,7 +444,15 @@ def _format_export(r: dict) -> str:
 )
 @click.option("--chunks", type=click.IntRange(min=1), help="Evaluate only the first N chunks (of each dataset).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Chunks per forward.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Dtype of the forwards; auto: bfloat16 for a bf16 MODEL_DIR on a CPU with AVX-512 BF16/AMX or a CUDA "
+    "GPU with bf16, else float32 (docs/speed.md).",
+)
+@click.option("--exact", is_flag=True, help="fp32 forwards (transformers' fp32 numbers), whatever --dtype says.")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--stream/--no-stream", default=None, help="Layer-streamed evaluation (default: when needed).")
 @click.option("--plot", type=click.Path(), help="Draw KLD and delta-ppl against bits/weight to this image.")

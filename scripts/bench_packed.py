@@ -5,7 +5,9 @@
 Prints one row per (shape, kernel): ms per call, ratio to dense fp32 F.linear measured in the same run,
 max |Δ| to F.linear on the dequantized weight (0 = bit-exact), and peak RSS. torch's
 _weight_int8pack_mm (per-channel int8 only) and _weight_int4pack_mm_for_cpu (bf16 activations only) are
-measured where they apply; quantkit uses them only if they are both exact and faster.
+measured where they apply; quantkit uses them only if they are both exact and faster. "held": the int4 asym
+PackedLinear inside ``holding_weights`` (calibration passes, layer-streamed eval): dequantized once, the
+per-call cost of every batch after the first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from quantkit.formats.packed.linear import PackedLinear
+from quantkit.formats.packed.linear import PackedLinear, holding_weights
 from quantkit.quant.primitives import QuantSpec, rtn
 
 SHAPES = {
@@ -49,6 +51,9 @@ def bench(shape: tuple[int, int], tokens: int, repeat: int) -> list[dict]:
         ref = F.linear(x, qw.dequantize())
         name = f"PackedLinear int{spec.bits} g128 {'sym' if spec.sym else 'asym'}"
         rows.append({"kernel": name, "ms": ms, "max_abs_diff": float((y - ref).abs().max())})
+    with holding_weights([layer]):  # the last spec (int4 asym): dequantized at the first call only
+        ms, y = _time(lambda layer=layer: layer(x), repeat)
+    rows.append({"kernel": f"{name}, held", "ms": ms, "max_abs_diff": float((y - ref).abs().max())})
     qw = rtn(w, QuantSpec(8, -1, True), torch.float32)  # per-channel: what _weight_int8pack_mm supports
     scales = qw.scale[:, 0].contiguous()
     ms, y = _time(lambda: torch._weight_int8pack_mm(x, qw.codes, scales), repeat)

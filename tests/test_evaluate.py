@@ -68,6 +68,7 @@ def test_eval_ppl_equals_transformers(tiny_gemma2, quantized):
             str(CTX),
             "--chunks",
             str(CHUNKS),
+            "--exact",  # fp32 forwards on any machine (auto may pick bf16 for this bf16 checkpoint)
             "--json",
         ],
     )
@@ -92,7 +93,19 @@ def test_eval_ppl_equals_transformers(tiny_gemma2, quantized):
 def test_reference_alone(tiny_gemma3):
     """eval-ppl of one model: its perplexity and standard error from transformers' logits on the same chunks."""
     res = CliRunner().invoke(
-        cli, ["eval-ppl", str(tiny_gemma3), "--dataset", str(TEST_TEXT), "--ctx", "32", "--chunks", "2", "--json"]
+        cli,
+        [
+            "eval-ppl",
+            str(tiny_gemma3),
+            "--dataset",
+            str(TEST_TEXT),
+            "--ctx",
+            "32",
+            "--chunks",
+            "2",
+            "--exact",
+            "--json",
+        ],
     )
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from quantkit.eval.reference import FLOOR, Reference, ReferenceWriter
 from quantkit.eval.stats import Tally, log_probs
-from quantkit.formats.packed.linear import linears_from_checkpoint
+from quantkit.formats.packed.linear import holding_weights, linears_from_checkpoint
 from quantkit.io.budget import available_memory
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.model import Gemma, build_model, load_layer_from
@@ -38,8 +38,9 @@ def _batches(chunks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 def _whole_model_logits(model: Gemma, batches: list[torch.Tensor], sl: slice) -> Iterator[torch.Tensor]:
-    for ids in batches:
-        yield model(ids.to(model.device), sl).cpu()
+    with holding_weights([model]):  # each packed weight dequantized once (the budget counts it dense)
+        for ids in batches:
+            yield model(ids.to(model.device), sl).cpu()
 
 
 GLOBALS = ("model.embed_tokens.weight", "model.norm.weight")
@@ -59,8 +60,9 @@ def _scored_hidden(model: Gemma, ckpt: Checkpoint, quantized: bool, batches: lis
     linears = (lambda j: linears_from_checkpoint(ckpt, j)) if quantized else None
     for i in range(ckpt.config.num_hidden_layers):
         load_layer_from(model, ckpt, i, linears)
-        for j in range(len(hs)):
-            hs[j] = model.layers[i](hs[j])
+        with holding_weights([model.layers[i]]):  # dequantized once for the group's batches
+            for j in range(len(hs)):
+                hs[j] = model.layers[i](hs[j])
         model.unload_layer(i)
         bar.update(1)
     for j in range(len(hs)):

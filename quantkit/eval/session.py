@@ -16,7 +16,7 @@ from quantkit.eval.reference import Reference, check_tokens, read_reference, wri
 from quantkit.eval.report import check_cards, dataset_rows, open_quantized, plot, rows, write_cards
 from quantkit.io.budget import eval_bytes, refuse_if_over_memory
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
-from quantkit.io.dtypes import torch_dtype
+from quantkit.io.dtypes import compute_dtype, torch_dtype
 from quantkit.io.texts import default_evaluation_text, resolve_dataset, text_tokens, with_bos
 from quantkit.io.tokenizer import Tokenizer
 
@@ -30,7 +30,8 @@ class EvalOptions:
     ctx: int | None = None
     chunks: int | None = None
     batch_size: int = 1
-    dtype: str = "float32"
+    dtype: str = "auto"  # the forwards' dtype: "auto" = bfloat16 for a bf16 MODEL_DIR on bf16 hardware
+    exact: bool = False  # fp32 forwards whatever ``dtype`` says: transformers' fp32 numbers, bit for bit
     device: str = "cpu"
     stream: bool | None = None
     progress: bool = True
@@ -100,18 +101,20 @@ def run_eval(
     raw, datasets = _texts(tok, specs, ctx, opts.chunks or (saved.n_chunk if saved else None))
     if saved:
         check_tokens(saved, raw, f"{specs[0][1]} tokenized by {model_dir}'s tokenizer")
-    act = 4 if opts.dtype == "float32" else 2
+    stored = ref.dtype_of("model.embed_tokens.weight")
+    dtype = "float32" if opts.exact else compute_dtype(opts.dtype, stored, opts.device)
+    act = 4 if dtype == "float32" else 2
     n_models = len(quants) + (0 if saved else 1)
     need = eval_bytes(ref.config, raw.shape[0], ctx, opts.batch_size, act) * max(1, n_models)
     refuse_if_over_memory(need, f"--ctx {ctx} x --batch-size {opts.batch_size}", "lower --ctx or --batch-size")
     with ExitStack() as stack:
         save = stack.enter_context(writing(save_reference, raw, ref.config.vocab_size)) if save_reference else None
         results = evaluate_many(
-            None if saved else ref, with_bos(raw, tok.bos_id), quants, dtype=torch_dtype(opts.dtype),
+            None if saved else ref, with_bos(raw, tok.bos_id), quants, dtype=torch_dtype(dtype),
             device=opts.device, stream=opts.stream, batch_size=opts.batch_size, progress=opts.progress,
             datasets=datasets, reference=saved, save=save,
         )  # fmt: skip
-    res = dict(results[0], dataset=str(specs[0][1]) if len(specs) == 1 else [str(p) for _, p in specs])
+    res = dict(results[0], dtype=dtype, dataset=str(specs[0][1]) if len(specs) == 1 else [str(p) for _, p in specs])
     res["datasets"] = {
         label: {"path": str(path), "chunks": count, "ctx": ctx, "tokens_scored": count * (ctx - 1 - ctx // 2),
                 **results[0]["datasets"][label]}

@@ -54,7 +54,8 @@ def calibration_bytes(
     window's attention output [N, T, nH*Dh]; ``fp_targets`` carries the unquantized model's twin of each. All
     else is recomputed one batch at a time: a few [b, T, H] and [b, T, I] temporaries and one batch's attention
     scores. The Hessian of the widest input (I x I fp32) lives beside its two factor buffers (and, with
-    ``fp_targets``, the drift)."""
+    ``fp_targets``, the drift). The float copies of the linears a pass holds (``holding_weights``: at most
+    gate, up and down, twice with ``fp_targets``) exist only while no factor buffer does, and fit in that term."""
     tokens, b = nsamples * seqlen, min(batch, nsamples)
     twins = 2 if fp_targets else 1
     q_dim = cfg.num_attention_heads * cfg.head_dim

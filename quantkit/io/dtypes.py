@@ -31,3 +31,38 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def safetensors_name(dtype: torch.dtype) -> str:
     return _BY_TORCH[dtype]
+
+
+# ---- the dtype the matmuls run in ------------------------------------------------------------------------
+COMPUTE_CHOICES = ("auto", "float32", "bfloat16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of x86 bf16 dot-product instructions
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty where there is no /proc/cpuinfo)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware (bf16 products, fp32 accumulation): a CUDA
+    GPU that supports bf16, or a CPU with AVX-512 BF16 or AMX. Without them torch's CPU bf16 GEMM converts
+    in software and runs 5-15x below fp32 (scripts/bench_matmul.py, docs/speed.md)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return any(f in cpu_flags() for f in BF16_CPU_FLAGS)
+
+
+def compute_dtype(name: str, stored: str, device: str = "cpu") -> str:
+    """``name`` ("auto", "float32" or "bfloat16") -> the dtype matmuls run in: "auto" is bfloat16 when the
+    weights are stored in bf16 (``stored``: a safetensors or command-line name) and ``device`` has bf16
+    hardware, else float32."""
+    if name != "auto":
+        return name
+    return "bfloat16" if torch_dtype(stored) == torch.bfloat16 and native_bf16(device) else "float32"

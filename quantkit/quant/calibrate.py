@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType
 
 from quantkit.formats.gguf.grids import BlockGrid, GridWeight, choose_grid, rtn_on_grid
 from quantkit.formats.gguf.imatrix import ImportanceStats
-from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linear
+from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linear, holding_weights
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.io.layout import layer_prefix
 from quantkit.model import LINEAR_NAMES, Gemma
@@ -133,17 +133,27 @@ class LayerCalibrator:
         def mlp_hidden(h: torch.Tensor) -> torch.Tensor:
             return ly.mlp_hidden(ly.mlp_input(h))
 
-        self._quantize(SUBSETS[0], *self._stats(both(ly.attn_input, j) for j in n))
-        a = [both(attention, j) for j in n]
-        self._quantize(SUBSETS[1], *self._stats(a, consume=False))  # a feeds the residual below
-        for j in n:
-            residual(j, ly.attn_residual, a[j])
-            a[j] = None
-        del a
-        self._quantize(SUBSETS[2], *self._stats(both(ly.mlp_input, j) for j in n))
-        self._quantize(SUBSETS[3], *self._stats(both(mlp_hidden, j) for j in n))  # m recomputed, never all held
-        for j in n:
-            residual(j, ly.mlp_residual, both(mlp_hidden, j))
+        held = [ly, *(dense or {}).values()]  # each pass below makes each float weight it runs once
+        with holding_weights(held):
+            stats = self._stats(both(ly.attn_input, j) for j in n)
+        self._quantize(SUBSETS[0], *stats)
+        with holding_weights(held):
+            a = [both(attention, j) for j in n]
+            stats = self._stats(a, consume=False)  # a feeds the residual below
+        self._quantize(SUBSETS[1], *stats)
+        with holding_weights(held):
+            for j in n:
+                residual(j, ly.attn_residual, a[j])
+                a[j] = None
+            del a
+            stats = self._stats(both(ly.mlp_input, j) for j in n)
+        self._quantize(SUBSETS[2], *stats)
+        with holding_weights(held):
+            stats = self._stats(both(mlp_hidden, j) for j in n)  # m recomputed, never all held
+        self._quantize(SUBSETS[3], *stats)
+        with holding_weights(held):
+            for j in n:
+                residual(j, ly.mlp_residual, both(mlp_hidden, j))
         return hs, fs
 
     def _dense_linears(self) -> dict[str, torch.nn.Module]:

@@ -36,7 +36,7 @@ from quantkit.formats.packed.write import ArtifactWriter, blocks_quantization_co
 from quantkit.io.atomic import is_artifact
 from quantkit.io.calibration import calibration_label, calibration_set_windows, check_sources
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
-from quantkit.io.dtypes import torch_dtype
+from quantkit.io.dtypes import compute_dtype, torch_dtype
 from quantkit.io.layout import layer_prefix
 from quantkit.io.tokenizer import Tokenizer
 from quantkit.model import LINEAR_NAMES, Gemma
@@ -53,6 +53,13 @@ def _scale_dtype(opts: QuantizeOptions, ckpt: Checkpoint) -> torch.dtype:
     if opts.scale_dtype != "auto":
         return torch_dtype(opts.scale_dtype)
     return torch_dtype(ckpt.dtype_of("model.norm.weight"))
+
+
+def resolved_compute(opts: QuantizeOptions, ckpt: Checkpoint, device: str) -> QuantizeOptions:
+    """``opts`` with ``calib_dtype`` "auto" resolved for this checkpoint and device (io.dtypes.compute_dtype),
+    so the resume key and the report name the dtype the calibration ran in."""
+    stored = ckpt.dtype_of("model.embed_tokens.weight")
+    return opts.replace(calib_dtype=compute_dtype(opts.calib_dtype, stored, device))
 
 
 def check_plan(ckpt: Checkpoint, opts: QuantizeOptions) -> None:
@@ -134,6 +141,7 @@ def quantize_checkpoint(
     if ckpt.quant_spec is not None:
         raise QuantkitError(f"{model_dir}: already quantized; quantize the original checkpoint")
     check_plan(ckpt, opts)
+    opts = resolved_compute(opts, ckpt, device)
     if opts.method == "gptq":
         check_sources(opts.calib)
     if (gguf_type or imatrix_out) and opts.method != "gptq":

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.io.dtypes import COMPUTE_CHOICES
 from quantkit.io.texts import shipped
 from quantkit.quant.primitives import QuantSpec
 from quantkit.quant.scale_search import ScaleSearch
@@ -43,7 +44,9 @@ class QuantizeOptions:
     act_order: bool = False
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     blocksize: int = 128
-    calib_dtype: str = "float32"  # activations carried between layers during calibration
+    # the calibration's compute dtype: its layer forwards and the activations carried between layers (the
+    # Hessians accumulate in fp32 either way); "auto" = bfloat16 for a bf16 checkpoint on bf16 hardware
+    calib_dtype: str = "auto"
     scale_dtype: str = "auto"  # "auto" = the checkpoint's dtype (compressed-tensors); fp16 for GGUF
     batch_size: int = 8  # calibration sequences per forward
     # group scale search (quantkit.quant.scale_search): "minmax" | "unit" | "diag" | "block" (weighted by H)
@@ -58,8 +61,8 @@ class QuantizeOptions:
             raise QuantkitError(f"--method {self.method!r}: choose gptq or rtn")
         if not 0.0 < self.damp < 1.0:
             raise QuantkitError(f"--damp {self.damp}: must be in (0, 1)")
-        if self.calib_dtype not in ("float32", "bfloat16"):
-            raise QuantkitError(f"calib_dtype {self.calib_dtype!r}: choose float32 or bfloat16")
+        if self.calib_dtype not in COMPUTE_CHOICES:
+            raise QuantkitError(f"calib_dtype {self.calib_dtype!r}: choose {', '.join(COMPUTE_CHOICES)}")
         if self.scale_dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise QuantkitError(f"scale_dtype {self.scale_dtype!r}: choose auto, float16, bfloat16 or float32")
         if self.nsamples < 1 or self.seqlen < 2:

@@ -3,12 +3,14 @@
 4-bit codes are stored two per byte (``NIBBLES``: byte k of a row holds column 2k in its low nibble and
 column 2k+1 in its high nibble, as unsigned c + 8); other widths as int8. Each call dequantizes a block of
 output rows at a time into a temporary fp32 matrix and multiplies; no float copy of the weight is kept
-between calls.
+between calls, except inside ``holding_weights``: a pass of many batches through one layer (calibration,
+layer-streamed evaluation) dequantizes each weight once and runs the very same products.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,48 @@ def blocked_linear(x: torch.Tensor, out_features: int, rows_of: Callable[[slice]
     return out
 
 
-class PackedLinear(nn.Module):
+class HeldWeight(nn.Module):
+    """A linear whose float weight [O, I] is made from its storage per call (``rows_in``); ``hold`` keeps the
+    first call's whole matrix until ``release``, and the following calls multiply by it: each product is the
+    one an unheld call computes (the same ROW_BLOCK blocks of the same values), only not recomputed."""
+
+    out_features: int
+    holding: bool = False
+    held: torch.Tensor | None = None
+
+    def rows_in(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.holding and (self.held is None or self.held.dtype != x.dtype):
+            self.held = self.rows_in(slice(None), x.dtype)
+        w = self.held if self.holding else None
+        if w is not None:
+            return blocked_linear(x, self.out_features, lambda rows: w[rows])
+        return blocked_linear(x, self.out_features, lambda rows: self.rows_in(rows, x.dtype))
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding, self.held = False, None
+
+
+@contextmanager
+def holding_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Within the block every ``HeldWeight`` in (or under) ``modules`` makes its float weight once, at its
+    first call, instead of once per call; all are released on exit (the copies cost I x O floats each)."""
+    held = {id(m): m for top in modules for m in top.modules() if isinstance(m, HeldWeight)}
+    for m in held.values():
+        m.hold()
+    try:
+        yield
+    finally:
+        for m in held.values():
+            m.release()
+
+
+class PackedLinear(HeldWeight):
     """A bias-free linear whose weight [O, I] is stored as codes, scale [O, G] and zero point [O, G]."""
 
     def __init__(self, qw: QuantizedWeight):
@@ -65,8 +108,8 @@ class PackedLinear(nn.Module):
     def dequantized(self, rows: slice = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.quantized_weight(rows).dequantize(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blocked_linear(x, self.out_features, lambda rows: self.dequantized(rows, x.dtype))
+    def rows_in(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        return self.dequantized(rows, dtype)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -96,7 +139,7 @@ def dense_linear(weight: torch.Tensor) -> nn.Linear:
     return module
 
 
-class CastLinear(nn.Module):
+class CastLinear(HeldWeight):
     """A bias-free linear that keeps ``weight`` [O, I] in its stored dtype (e.g. a bf16 checkpoint's) and
     casts it to the input's dtype for each call, a block of rows at a time: the products of a linear
     holding the cast copy, at the stored dtype's memory."""
@@ -104,6 +147,7 @@ class CastLinear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", weight)
+        self.out_features = weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blocked_linear(x, self.weight.shape[0], lambda rows: self.weight[rows].to(x.dtype))
+    def rows_in(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[rows].to(dtype)
