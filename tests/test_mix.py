@@ -223,7 +223,7 @@ def test_tensor_type_on_the_cli(tiny_gemma3, tmp_path):
         (["--tensor-type", "(=q8_0"], "not a regular expression"),
         (["--target-bpw", "4", "--max-size", "1M"], "give one budget"),
         (["--max-size", "lots"], "expected a size"),
-        (["--imatrix", "x.gguf"], "give --target-bpw or --max-size"),
+        (["--imatrix", "x.gguf"], "x.gguf: not found"),  # export uses it without a budget (weighted rounding)
         (["--target-bpw", "0.5"], "smallest mix takes"),
         (["--type", "f16", "--tensor-type", "attn_v=q8_0"], "needs a quantized --type"),
     ],
@@ -233,6 +233,13 @@ def test_bad_mix_options_are_refused(extra, match, tiny_gemma3, tmp_path):
     if "--type" in extra:
         args[2:4] = []
     assert match in _refused(args, tmp_path)
+
+
+def test_quantize_takes_an_imatrix_only_for_a_budget(tiny_gemma3, tmp_path):
+    """GPTQ rounds with its own calibration: there an imatrix only weighs a budget mix's errors."""
+    args = ["quantize", tiny_gemma3, "--format", "gguf", "--type", "q4_k_m", "--imatrix", "x.gguf",
+            "-o", tmp_path / "x.gguf"]  # fmt: skip
+    assert "give --target-bpw or --max-size" in _refused(args, tmp_path)
 
 
 def test_gptq_writes_a_mix_into_its_blocks(tiny_gemma2, tmp_path):
