@@ -239,6 +239,9 @@ TARGETS = {
                                         str(model.parent / "art"), "--dataset", str(TEXT)]),
         Target("imatrix", "imatrix", lambda d: d / "m.imatrix.gguf", _gguf_mutation,
                lambda src, model, out: ["@read_imatrix", str(src / "m.imatrix.gguf")]),
+        Target("imatrix-export", "imatrix", lambda d: d / "m.imatrix.gguf", _gguf_mutation,
+               lambda src, model, out: ["export", str(model), "--type", "q4_0", "--imatrix",
+                                        str(src / "m.imatrix.gguf"), "-o", str(out / "m.gguf")]),
     ]
 }  # fmt: skip
 
