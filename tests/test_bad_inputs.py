@@ -991,6 +991,17 @@ def export_imatrix_not_an_imatrix(ws):
     return export(ws, ws.model, "--imatrix", ws.gguf)
 
 
+@case("export", "data offset 18446744073709551615 lies past the end of the file")
+def export_imatrix_offset_wraps(ws):  # found by the fuzzer: gguf-py's uint64 overflow warning made two lines
+    imatrix = write_test_imatrix(ws, {"blk.0.attn_q.weight": 256})
+    t = gguf.GGUFReader(imatrix).tensors[0]
+    offset = t.field.offset + sum(part.nbytes for part in t.field.parts[:-1])  # the last part: its data offset
+    with open(imatrix, "r+b") as f:
+        f.seek(offset)
+        f.write((2**64 - 1).to_bytes(8, "little"))
+    return export(ws, ws.model, "--type", "q4_0", "--imatrix", imatrix)
+
+
 @case("export", "imatrix size 7 is different from tensor size 256 for blk.0.attn_q.weight")
 def export_imatrix_wrong_length(ws):
     return export(ws, ws.model, "--type", "q4_k", "--imatrix", write_test_imatrix(ws, {"blk.0.attn_q.weight": 7}))

@@ -135,7 +135,9 @@ def check_sizes(path: Path) -> None:
             dims = take(f"<{n_dims}Q")
             if math.prod(dims) > 8 * size:  # ggml types store at least 1/8 byte per weight
                 raise ValueError(f"a tensor of {math.prod(dims)} weights cannot fit in {size} bytes")
-            take("<IQ")  # type, offset: gguf-py checks them against the data section
+            _type, offset = take("<IQ")  # gguf-py checks both against the data section, but adds the offset
+            if offset > size:  # to the section's start in uint64 first: a huge one wraps (with a warning)
+                raise ValueError(f"a tensor's data offset {offset} lies past the end of the file")
 
 
 def read_metadata(reader: gguf.GGUFReader, source: str) -> dict[str, Any]:
