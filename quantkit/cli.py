@@ -76,9 +76,9 @@ def _MIX_OPTIONS(f):  # noqa: N802 (a decorator, named as the other option const
 
 def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=False):
     """The GGUF's per-tensor types from the mix options (policy's rules when none is given) and the
-    importance matrix read (or None). ``encodes``: the imatrix also weighs the rounding (export), so it is
-    welcome without a budget."""
-    from quantkit.formats.gguf.imatrix import read_imatrix
+    importance matrix, read once (None without one, or for an empty one, as llama-quantize treats it).
+    ``encodes``: the imatrix also weighs the rounding (export), so it is welcome without a budget."""
+    from quantkit.formats.gguf.imatrix import load_imatrix
     from quantkit.formats.gguf.mix import choose_types, parse_size
     from quantkit.formats.gguf.policy import check_overrides, parse_override
 
@@ -89,8 +89,10 @@ def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encod
     size = None if max_size is None else parse_size(max_size)
     if imatrix and not encodes and target_bpw is None and size is None:
         raise QuantkitError("--imatrix: it weighs a budget mix's errors; give --target-bpw or --max-size")
-    importance = read_imatrix(imatrix) if imatrix else None
-    return choose_types(ckpt, qtype, overrides, target_bpw, size, importance, _progress()), importance
+    imp = load_imatrix(imatrix) if imatrix else None
+    imp = imp if imp is not None and imp.vectors else None
+    vectors = imp.vectors if imp is not None else None
+    return choose_types(ckpt, qtype, overrides, target_bpw, size, vectors, _progress()), imp
 
 
 _OVERWRITE = click.option(
@@ -358,9 +360,9 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out, mix)
     from quantkit.quant.quantize import quantize_to_gguf
 
     ckpt = open_checkpoint(model_dir)
-    choice, importance = _type_choice(ckpt, gguf_type, **mix)
+    choice, imp = _type_choice(ckpt, gguf_type, **mix)
     report = quantize_to_gguf(model_dir, out, opts, gguf_type, device, _progress(), imatrix_out, choice.types)
-    report["gguf"] |= describe(choice, report["gguf"], ckpt, Path(out), importance)
+    report["gguf"] |= describe(choice, report["gguf"], ckpt, Path(out), imp and imp.vectors)
     if "mix" in report["gguf"]:
         click.echo(format_mix(report["gguf"]["mix"]), err=True)
     lossless = report["gguf"]["counts"]["lossless"]
@@ -404,9 +406,9 @@ def export(src, out, fmt, qtype, tensor_types, target_bpw, max_size, imatrix, ov
     mixing = target_bpw is not None or max_size is not None
     need = gguf_file_bytes(ckpt, "q8_0" if mixing else qtype, imatrix is not None)  # a mix: at most Q8_0's bytes
     check_output(out, [src, *inputs[1:]], kind="file", overwrite=overwrite, need_bytes=need)
-    choice, importance = _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=True)
-    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imatrix, types=choice.types)
-    report |= describe(choice, report, ckpt, Path(out), importance)
+    choice, imp = _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=True)
+    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imp, types=choice.types)
+    report |= describe(choice, report, ckpt, Path(out), imp and imp.vectors)
     _emit(report, as_json, _format_export(report))
 
 

@@ -292,7 +292,7 @@ def _state(root: Path) -> dict[str, str]:
 
 def _invoke(argv: list[str]) -> tuple[int, str]:
     """Run one command in this process: (exit status, stderr)."""
-    if argv[0] == "@read_imatrix":  # no command reads an imatrix file yet: its reader's own contract
+    if argv[0] == "@read_imatrix":  # the reader's own contract (export --imatrix is its own target)
         from quantkit.errors import QuantkitError
         from quantkit.formats.gguf.imatrix import read_imatrix
 

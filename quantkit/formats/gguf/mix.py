@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
-from quantkit.formats.gguf.export import export_gguf, overhead_bytes
+from quantkit.formats.gguf.export import overhead_bytes
 from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
 from quantkit.io.checkpoint import Checkpoint
 
@@ -275,23 +275,6 @@ def describe(
         measured = measured_losses(ckpt, out, choice.chosen, importance)
         extra["mix"] = mix_report(report, choice.chosen, choice.budget, measured)
     return extra
-
-
-def export_typed(
-    ckpt: Checkpoint,
-    out: str | Path,
-    qtype: str,
-    overrides: Sequence[Override] = (),
-    target_bpw: float | None = None,
-    max_size: int | None = None,
-    importance: Mapping[str, np.ndarray] | None = None,
-    progress: bool = True,
-) -> dict:
-    """``export --tensor-type ... [--target-bpw B | --max-size S]``: the export report, with ``overrides``
-    and the ``mix`` (if any)."""
-    choice = choose_types(ckpt, qtype, overrides, target_bpw, max_size, importance, progress)
-    report = export_gguf(ckpt, out, qtype, progress=progress, types=choice.types)
-    return report | describe(choice, report, ckpt, Path(out), importance)
 
 
 def format_mix(mix: dict) -> str:
