@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from quantkit.formats.packed import linear as packed
 from quantkit.formats.packed.linear import CastLinear, dense_linear
-from quantkit.quant.gptq import Drift, Hessian, fp_target, gptq_quantize, inverse_factor
+from quantkit.quant.gptq import fp_target, gptq_quantize, inverse_factor
+from quantkit.quant.hessian import Drift, Hessian
 from quantkit.quant.primitives import QuantSpec
 from quantkit.quant.quantize import quantize_checkpoint
 from quantkit.quant.recipes import resolve_options

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.quant.gptq import Hessian, gptq_quantize, inverse_factor, output_error
+from quantkit.quant.gptq import gptq_quantize, inverse_factor, output_error
+from quantkit.quant.hessian import Hessian
 from quantkit.quant.primitives import QuantSpec, rtn
 
 

@@ -22,8 +22,9 @@ from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linea
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.io.layout import layer_prefix
 from quantkit.model import LINEAR_NAMES, Gemma
-from quantkit.quant.gptq import Drift, GPTQResult, Hessian, fp_target, gptq_quantize, inverse_factor, weighted_norms
+from quantkit.quant.gptq import GPTQResult, fp_target, gptq_quantize, inverse_factor, weighted_norms
 from quantkit.quant.grid_refine import gptq_refined
+from quantkit.quant.hessian import Drift, Hessian
 from quantkit.quant.memory import peak_rss_gib, release_freed_memory
 from quantkit.quant.primitives import QuantizedWeight, rtn
 from quantkit.quant.recipes import QuantizeOptions
@@ -87,7 +88,9 @@ class LayerCalibrator:
       h <- mlp_residual(h, m)  (m recomputed)              -> the next layer's inputs
     Each stage is the very method ``DecoderLayer.forward`` calls, on the same batch, so the outputs are
     that forward's with the quantized linears in place, bit for bit. Only ``fp_targets``, whose unquantized
-    path runs beside, holds the layer's dense linears (in the checkpoint's dtype).
+    path runs beside, holds the layer's dense linears (in the checkpoint's dtype); that path's down_proj is
+    never quantized, so its mlp_residual is taken in the H(down) pass, and only the quantized path
+    recomputes m.
     """
 
     def __init__(self, model: Gemma, i: int, cal: Calibration, emit: Emit):
@@ -133,27 +136,36 @@ class LayerCalibrator:
         def mlp_hidden(h: torch.Tensor) -> torch.Tensor:
             return ly.mlp_hidden(ly.mlp_input(h))
 
+        def down_inputs(j: int) -> Pair:
+            """m of batch j on both paths; the unquantized path's layer output is taken from it at once."""
+            x = both(mlp_hidden, j)
+            if dense is not None:
+                with self.fwd, self._using(dense):
+                    fs[j] = ly.mlp_residual(fs[j], x[1])
+            return x
+
         held = [ly, *(dense or {}).values()]  # each pass below makes each float weight it runs once
         with holding_weights(held):
-            stats = self._stats(both(ly.attn_input, j) for j in n)
+            stats = self._stats((both(ly.attn_input, j) for j in n), weights_of=SUBSETS[0])
         self._quantize(SUBSETS[0], *stats)
         with holding_weights(held):
             a = [both(attention, j) for j in n]
-            stats = self._stats(a, consume=False)  # a feeds the residual below
+            stats = self._stats(a, consume=False, weights_of=SUBSETS[1])  # a feeds the residual below
         self._quantize(SUBSETS[1], *stats)
         with holding_weights(held):
             for j in n:
                 residual(j, ly.attn_residual, a[j])
                 a[j] = None
             del a
-            stats = self._stats(both(ly.mlp_input, j) for j in n)
+            stats = self._stats((both(ly.mlp_input, j) for j in n), weights_of=SUBSETS[2])
         self._quantize(SUBSETS[2], *stats)
         with holding_weights(held):
-            stats = self._stats(both(mlp_hidden, j) for j in n)  # m recomputed, never all held
+            stats = self._stats((down_inputs(j) for j in n), weights_of=SUBSETS[3])  # m never all held
         self._quantize(SUBSETS[3], *stats)
-        with holding_weights(held):
+        with holding_weights([ly]):
             for j in n:
-                residual(j, ly.mlp_residual, both(mlp_hidden, j))
+                with self.fwd:
+                    hs[j] = ly.mlp_residual(hs[j], mlp_hidden(hs[j]))  # m recomputed
         return hs, fs
 
     def _dense_linears(self) -> dict[str, torch.nn.Module]:
@@ -162,14 +174,20 @@ class LayerCalibrator:
         return {n: CastLinear(self.cal.ckpt.get(f"{p}{n}.weight", check_finite=True).to(self.cal.device))
                 for n in LINEAR_NAMES}  # fmt: skip
 
-    def _stats(self, pairs: Iterable[Pair], consume: bool = True) -> tuple[Hessian, Drift | None]:
+    def _stats(
+        self, pairs: Iterable[Pair], consume: bool = True, weights_of: tuple[str, ...] = ()
+    ) -> tuple[Hessian, Drift | None]:
         """H (and, with the unquantized path, D) of a subset's inputs, batch by batch; ``consume``: the
-        unquantized inputs are not used again."""
+        unquantized inputs are not used again; ``weights_of``: the subset whose W D the drift may
+        accumulate directly (``Drift``'s ``weights``)."""
         hess = drift = None
         for x, x_fp in pairs:
             if hess is None:
                 hess = Hessian(x.shape[-1], self.cal.device)
-                drift = None if x_fp is None else Drift(x.shape[-1], self.cal.device)
+                if x_fp is not None:
+                    p = layer_prefix(self.i)
+                    ws = {n: self.cal.ckpt.get(f"{p}{n}.weight") for n in weights_of} or None
+                    drift = Drift(x.shape[-1], self.cal.device, ws)
             with self.hes:
                 hess.add(x)
                 if drift is not None:
@@ -197,10 +215,7 @@ class LayerCalibrator:
             imp = None if imp is None else imp.clone()  # H's storage is reused by its factor
             H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
         with self.sol:
-            wds = {}
-            if drift is not None:
-                wds = {n: drift.times(w) for n, w in ws.items()}
-                drift.D = None  # [I, I]: gone before the factor needs its two I x I buffers
+            wds = {} if drift is None else drift.products(ws)  # D gone before the factor's two I x I buffers
             fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
