@@ -75,7 +75,7 @@ class InverseFactor:
 
 def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False) -> InverseFactor:
     """The ``InverseFactor`` of ``hess.H`` [I, I], which is taken from ``hess`` (set to None) and whose
-    storage is reused: at most two I x I buffers are alive at any time (and, briefly, half of one more).
+    storage is reused: at most two I x I buffers are alive at any time.
 
     With J the reversal permutation and J Hd J = L Lᵀ (Hd the damped H), Hd⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and
     J L⁻¹ J is upper triangular with a positive diagonal: it is the upper Cholesky factor of Hd⁻¹. So one
@@ -112,7 +112,7 @@ def _invert_lower_into(L: torch.Tensor, X: torch.Tensor, base: int = 512) -> Non
     """X <- L⁻¹ for a lower-triangular L [n, n] (X: zeros of its shape, possibly a view), by halves:
     [[A, 0], [C, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹ C A⁻¹, B⁻¹]]. Two GEMMs per level instead of one triangular
     solve against the identity: 1.5x faster at n = 8192 on 2 Zen 3 cores, with the same accuracy
-    (|X L − I| 2.9e-7 vs 2.8e-7); the temporaries are a quarter of X each."""
+    (|X L − I| 2.9e-7 vs 2.8e-7)."""
     n = L.shape[0]
     if n <= base:
         X.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False))
@@ -120,7 +120,8 @@ def _invert_lower_into(L: torch.Tensor, X: torch.Tensor, base: int = 512) -> Non
     h = (n // 2 + base - 1) // base * base
     _invert_lower_into(L[:h, :h], X[:h, :h], base)
     _invert_lower_into(L[h:, h:], X[h:, h:], base)
-    X[h:, :h] = torch.mm(X[h:, h:], L[h:, :h] @ X[:h, :h]).neg_()  # [n−h, h]
+    for r in range(h, n, base):  # −B⁻¹ C A⁻¹ a block of rows at a time: temporaries of base x h only
+        X[r : r + base, :h] = ((X[r : r + base, h : r + base] @ L[h : r + base, :h]) @ X[:h, :h]).neg_()
 
 
 def _group_importance(importance: torch.Tensor | None, c: int, g: int) -> torch.Tensor | None:
