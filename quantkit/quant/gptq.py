@@ -233,8 +233,9 @@ def gptq_quantize(
             zero = None if spec.sym else torch.cat(zeros, dim=1)
         qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
     # W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs' diagonal
-    D = W0.sub_(qw.dequantize().to(dev)).double()  # [O, I]
-    sq_out = float(sq_err - fac.lam * (D**2).sum() - (D[:, fac.dead] ** 2).sum())
+    D = W0.sub_(qw.dequantize().to(dev))  # [O, I]; its squares summed in fp64 a block of rows at a time
+    sq = sum(float(d.double().square_().sum()) for d in D.split(1024))
+    sq_out = float(sq_err) - fac.lam * sq - float(D[:, fac.dead].double().square_().sum())
     return GPTQResult(qw, float(sq_err) / 2, fac.damp, max(sq_out, 0.0))
 
 
