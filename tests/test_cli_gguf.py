@@ -50,3 +50,15 @@ def test_quantize_format_gguf(tiny_gemma3, tmp_path):
     assert qtype == GGMLQuantizationType.Q8_0
     dense = open_checkpoint(tiny_gemma3).get("model.layers.0.self_attn.q_proj.weight", torch.float32).numpy()
     assert np.abs(w - dense).max() <= np.abs(dense).max() / 127 * 4  # GPTQ moves weights by a few steps at most
+
+
+def test_gptq_onto_codebooks_is_refused(tiny_gemma3, tmp_path):
+    """GPTQ rounds onto fixed grids; the IQ2 / IQ3 codebooks have none: one line, exit 2, before calibrating,
+    nothing written. iq2_m names both codebook types its weights get on rows of 256 (IQ2_S, IQ3_S)."""
+    for qtype, names in [("iq2_m", "IQ2_S, IQ3_S"), ("iq2_xxs", "IQ2_XXS"), ("iq2_xs", "IQ2_XS"), ("iq3_s", "IQ3_S")]:
+        out = tmp_path / f"{qtype}.gguf"
+        args = ["quantize", str(tiny_gemma3), "-o", str(out), "--format", "gguf", "--type", qtype, *GPTQ]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2, res.output
+        assert res.output == f"quantkit: error: --type {qtype}: GPTQ cannot write {names} blocks (use --method rtn)\n"
+    assert not list(tmp_path.iterdir())

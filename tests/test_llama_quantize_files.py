@@ -74,6 +74,8 @@ MODELS = {
         "num_key_value_heads": 1,
         "intermediate_size": 512,
     },  # fmt: skip
+    # two layers of the 256-wide model: every IQ2 weight on rows of 256 / 512, written in a few seconds
+    "gemma3-l2": {"arch": "gemma3", "num_hidden_layers": 2},
 }
 # which types run on which model, to keep this test short: every type on the 320-wide model (row-length
 # fallbacks); on the two plain tiny models one file per encoder and per Gemma generation (the types added
@@ -85,13 +87,16 @@ PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k
 # and iq3_m (Q4_K rules), types only for iq3_xs and iq3_s (the same tensors as iq3_xxs's IQ3_S / IQ4_NL ones)
 # and for all four on the 16-layer model, against llama-quantize --dry-run
 H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s")]
-MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES}
+MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES, "gemma3-l2": []}
 # llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
-DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
+DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m"]
 DRY_RUN_LINE = re.compile(r"\] +(\S+) +- \[.*\], type = +(\w+), size = [^(]*(?:\((\w+)\))?\s*$")
 # llama-quantize refuses these without an importance matrix (here, with rows of 256: IQ3_XXS files give attn_q
 # and attn_k IQ2_S, IQ3_XS files IQ3_XXS); so does quantkit's RTN export
 NEED_IMATRIX = {"q2_k_s": "Q2_K_S", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS"}
+# every IQ2 file type holds IQ2 weights on rows of 256 or 512 (all but attn_v and the first ffn_down): the
+# imatrix cases below write them, --dry-run checks their types
+NEED_IMATRIX |= {"iq2_xxs": "IQ2_XXS", "iq2_xs": "IQ2_XS", "iq2_s": "IQ2_S", "iq2_m": "IQ2_M"}
 CASES = [(m, t) for m in MODELS for t in MODEL_TYPES[m]]
 
 
@@ -122,7 +127,7 @@ def test_every_exported_type_is_compared():
     assert set(LLAMA_TYPES) | set(NEED_IMATRIX) == set(FILE_TYPES) - {"f32"}  # f32 is llama-quantize's input
 
 
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("model", [m for m in MODELS if m != "gemma3-l2"])  # gemma3's layers
 def test_f32_input_holds_the_bf16_values(model, f32_files):
     """The F32 GGUF given to llama-quantize holds the checkpoint's bf16 weights exactly (norms as 1 + w)."""
     ckpt_dir, f32 = f32_files(model)
@@ -193,11 +198,14 @@ MIXES = ("q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q5_k_m", "f16", "bf16")
 # tensor there); on the 256-wide one iq3_xs, whose attn_q / attn_k / ffn_gate / ffn_up (layers 0-2) are
 # IQ3_XXS, which needs the imatrix: its imatrix leaves nothing out
 IQ3_LATER = ("iq3_xs", "iq3_s", "iq3_m")
-IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in MIXES + IQ3_LATER] + [
+# IQ2: every file type on a 2-layer 256-wide model, where all its IQ2 weights are (on the 320-wide one only
+# attn_output is); and iq3_xxs there, whose attn_q / attn_k are IQ2_S
+IQ2 = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m")
+IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in MIXES + IQ3_LATER + IQ2] + [
     ("gemma3-l16-gqa4", t) for t in ("q4_0", "q5_0", "iq4_nl", "q2_k_s")
-] + [("gemma3", "iq3_xs")]  # fmt: skip
+] + [("gemma3", "iq3_xs")] + [("gemma3-l2", t) for t in ("iq3_xxs", *IQ2)]  # fmt: skip
 SKIPPED = "blk.0.attn_k.weight"  # left out of the imatrix: quantized without one, as llama-quantize does
-FULL_IMATRIX = ("gemma3",)  # models whose imatrix has every weight
+FULL_IMATRIX = ("gemma3", "gemma3-l2")  # models whose imatrix has every weight
 
 
 @pytest.fixture(scope="module")
@@ -273,17 +281,6 @@ def test_tensor_type_overrides_equal_llama_quantize(model, qtype, f32_files, tmp
     assert plan != plan_tensors(cfg, qtype)  # the overrides change something
     export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2, types={t.gguf_name: t.qtype for t in plan})
     _same_tensors(theirs, ours)
-
-
-def test_iq3_xxs_with_imatrix_needs_iq2_s(f32_files, imatrix_files, tmp_path):
-    """With an imatrix an iq3_xxs file of rows of 256 gives attn_q / attn_k IQ2_S, which llama-quantize writes
-    and quantkit cannot yet: one line, nothing written."""
-    ckpt_dir, f32 = f32_files("gemma3")
-    ours = tmp_path / "quantkit.gguf"
-    assert dict(_dry_run_types(f32, "IQ3_XXS"))["blk.0.attn_q.weight"] == "IQ2_S"
-    with pytest.raises(QuantkitError, match="would be IQ2_S, which quantkit cannot write"):
-        export_gguf(ckpt_dir, ours, "iq3_xxs", progress=False, imatrix=imatrix_files("gemma3"))
-    assert not list(tmp_path.iterdir())
 
 
 def test_tensor_type_with_imatrix_equals_llama_quantize(f32_files, imatrix_files, tmp_path):

@@ -4,7 +4,8 @@ without an importance matrix), and write integer codes into blocks.
 Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-identical to ggml's
 `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
 F32/F16/BF16 go through gguf-py; the K-quants come from `quantkit.formats.gguf.kquants` / `kquants_sym`, IQ4_NL and
-IQ4_XS from `quantkit.formats.gguf.iquants`, IQ3_XXS and IQ3_S from `quantkit.formats.gguf.iquants_codebook`
+IQ4_XS from `quantkit.formats.gguf.iquants`, IQ3_XXS and IQ3_S from `quantkit.formats.gguf.iquants_codebook`,
+IQ2_XXS / IQ2_XS / IQ2_S from `quantkit.formats.gguf.iquants_iq2` (IQ2_XXS / IQ2_XS only with an importance)
 (byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
 `quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -23,6 +24,7 @@ from quantkit.formats.gguf import weighted as wq
 from quantkit.formats.gguf.ggml_float import F32, Scratch, signed_absmax
 from quantkit.formats.gguf.iquants import quantize_iq4_nl, quantize_iq4_xs
 from quantkit.formats.gguf.iquants_codebook import quantize_codebook, quantize_iq3_s, quantize_iq3_xxs
+from quantkit.formats.gguf.iquants_iq2 import quantize_iq2
 from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
 from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
 from quantkit.formats.gguf.layouts import (
@@ -41,6 +43,7 @@ NUMPY_QUANTIZERS = {
     QT.IQ4_XS: quantize_iq4_xs,
     QT.IQ3_XXS: quantize_iq3_xxs,
     QT.IQ3_S: quantize_iq3_s,
+    **{t: lambda x, ws, t=t: quantize_iq2(x, t, ws) for t in (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)},  # XXS, XS raise
     QT.Q2_K: quantize_q2_k,
     QT.Q3_K: quantize_q3_k,
     QT.Q4_K: quantize_q4_k,
@@ -65,6 +68,7 @@ WEIGHTED_BLOCK = {
     QT.IQ4_XS: lambda x, qw, ws: quantize_iq4_xs(x, ws, qw),
     QT.IQ3_XXS: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_XXS, ws, qw),
     QT.IQ3_S: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_S, ws, qw),
+    **{t: lambda x, qw, ws, t=t: quantize_iq2(x, t, ws, qw) for t in (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)},
 }
 WEIGHTED = (*WEIGHTED_ROW, *WEIGHTED_BLOCK)
 ENCODABLE = (*GGUF_PY_TYPES, *NUMPY_QUANTIZERS, QT.Q8_0, QT.Q4_0)  # the types quantize_rows writes

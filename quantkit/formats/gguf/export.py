@@ -30,6 +30,7 @@ from quantkit.formats.gguf.blocks import ENCODABLE, NUMPY_QUANTIZERS, TORCH_QUAN
 from quantkit.formats.gguf.encode import encode_rows, encode_tensor
 from quantkit.formats.gguf.imatrix import Importance, load_imatrix
 from quantkit.formats.gguf.iquants_codebook import CodebookOverflowError
+from quantkit.formats.gguf.iquants_iq2 import ImportanceRequiredError
 from quantkit.formats.gguf.layouts import LAYOUTS
 from quantkit.formats.gguf.metadata import (
     add_imatrix_keys,
@@ -80,6 +81,8 @@ def encode_job(
         raise bad from None
     except CodebookOverflowError as e:  # libggml aborts on such weights
         raise QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r}: {e}") from None
+    except ImportanceRequiredError as e:  # the token embedding (llama-quantize needs no imatrix there), or GPTQ's
+        raise QuantkitError(f"{t.gguf_name}: {e}; give one with --imatrix FILE") from None
     return data, {"method": "lossless" if exact else "requantized", "exact": exact}
 
 
@@ -234,7 +237,7 @@ def check_importance(
     ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor], importance: dict[str, np.ndarray] | None = None
 ) -> None:
     """Refuse, as llama-quantize does, a file type whose weights need an importance matrix (Q2_K_S; IQ3_XXS /
-    IQ3_XS where a weight's rows fit IQ3_XXS or IQ2_S) when one of those weights has none (``importance``:
+    IQ3_XS / IQ2_* where a weight's rows fit IQ3_XXS or an IQ2 type) when one of those weights has none (``importance``:
     what the given imatrix has), unless GPTQ already wrote its blocks from its calibration."""
     importance = importance or {}
     for t in plan:
@@ -255,8 +258,8 @@ def check_importance(
 
 
 def check_encodable(ckpt: Checkpoint, qtype: str, plan: list[PlannedTensor]) -> None:
-    """Refuse a plan holding a ggml type quantkit has no encoder for (IQ2_S: attn_q / attn_k of an iq3_xxs
-    file given an imatrix), unless GPTQ already wrote those blocks."""
+    """Refuse a plan holding a ggml type quantkit has no encoder for (a type the rules name before quantkit
+    encodes it), unless GPTQ already wrote those blocks."""
     for t in plan:
         if t.qtype not in ENCODABLE and not ckpt.has_blocks(t.hf_name.removesuffix(".weight")):
             raise QuantkitError(f"--type {qtype}: {t.gguf_name} would be {t.qtype.name}, which quantkit cannot write")

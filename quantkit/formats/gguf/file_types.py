@@ -3,8 +3,8 @@ path share. Plain strings, so that the CLI's --help imports neither gguf-py nor 
 into gguf-py's enums and says which ggml type each tensor gets.
 
 A name is either a pure type (every 2-D weight but the tied embedding in that ggml type) or one of
-llama-quantize's mixes (``*_k_s`` / ``*_k_m`` / ``*_k_l``, ``q2_k``, ``iq4_*``, ``iq3_*``), whose per-tensor rules are
-llama.cpp's ``llama_tensor_get_type``.
+llama-quantize's mixes (``*_k_s`` / ``*_k_m`` / ``*_k_l``, ``q2_k``, ``iq4_*``, ``iq3_*``, ``iq2_*``), whose
+per-tensor rules are llama.cpp's ``llama_tensor_get_type``.
 """
 
 from __future__ import annotations
@@ -39,5 +39,10 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     "iq3_xs": ("IQ3_S", "MOSTLY_IQ3_XS"),
     "iq3_s": ("IQ3_S", "MOSTLY_IQ3_S"),
     "iq3_m": ("IQ3_S", "MOSTLY_IQ3_M"),
+    # IQ2_S files are IQ2_XS mixes, IQ2_M files IQ2_S ones; every IQ2 weight needs an importance matrix
+    "iq2_xxs": ("IQ2_XXS", "MOSTLY_IQ2_XXS"),
+    "iq2_xs": ("IQ2_XS", "MOSTLY_IQ2_XS"),
+    "iq2_s": ("IQ2_XS", "MOSTLY_IQ2_S"),
+    "iq2_m": ("IQ2_S", "MOSTLY_IQ2_M"),
 }
 PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's

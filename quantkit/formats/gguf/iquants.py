@@ -72,16 +72,17 @@ def _inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
 
 
-def importance_weights(x: np.ndarray, qw: np.ndarray, ws: Scratch) -> np.ndarray:
+def importance_weights(x: np.ndarray, qw: np.ndarray, ws: Scratch, run: int = 32, spread: float = 2.0) -> np.ndarray:
     """quantize_row_iq4_nl_impl's weights with an importance matrix: x, qw float32 [B, b] (b = 32 for IQ4_NL,
-    256 for IQ4_XS) -> [32, b/32 * B], qw * sqrt(sigma2 + x^2) with sigma2 = sum(x^2) * (2 / b) per block."""
+    256 for IQ4_XS) -> [run, b/run * B], qw * sqrt(sigma2 + x^2) with sigma2 = sum(x^2) * (spread / b) per
+    block (the IQ2_XXS / IQ2_XS search: spread 1, runs of 32 / 16)."""
     b = x.shape[1]
     xt = ws.get("xt", (b, x.shape[0]))
     np.copyto(xt, x.T)
-    sigma2 = dot(xt, xt) * F32(2.0 / b)  # [B]; C sums the block in element order
-    xs, qs = columns(x, 32, ws), columns(qw, 32, ws, "qw")
+    sigma2 = dot(xt, xt) * F32(spread / b)  # [B]; C sums the block in element order
+    xs, qs = columns(x, run, ws), columns(qw, run, ws, "qw")
     w = ws.get("w", xs.shape)
-    np.sqrt(np.add(np.multiply(xs, xs, out=w), np.repeat(sigma2, b // 32), out=w), out=w)
+    np.sqrt(np.add(np.multiply(xs, xs, out=w), np.repeat(sigma2, b // run), out=w), out=w)
     return np.multiply(qs, w, out=w)
 
 

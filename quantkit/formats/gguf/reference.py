@@ -30,12 +30,17 @@ REF_TYPES = (
     QT.IQ4_XS,
     QT.IQ3_XXS,
     QT.IQ3_S,
+    QT.IQ2_XXS,
+    QT.IQ2_XS,
+    QT.IQ2_S,
 )
 # types whose oracle is the row quantizer llama-quantize calls, `quantize_<type>(src, dst, nrows, n_per_row,
 # imatrix=NULL)`: quantize_row_iq4_nl_ref is another quantizer (no scale search)
-CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S)
+CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)
 # types whose tables libggml builds on first use: `ggml_quantize_init(type)` (the codebook neighbours)
-INIT_REF = (QT.IQ3_XXS, QT.IQ3_S)
+INIT_REF = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)
+# types whose quantize_<type> aborts the process without an importance vector (GGML_ASSERT(quant_weights))
+WEIGHTS_REF = (QT.IQ2_XXS, QT.IQ2_XS)
 
 
 def libggml_path() -> Path | None:
@@ -80,6 +85,8 @@ def quantize_rows_ref(
         raise FileNotFoundError("libggml-base not found: install llama-cpp-python")
     if qtype not in REF_TYPES:
         raise NotImplementedError(f"no C reference wired up for {qtype.name}")
+    if qtype in WEIGHTS_REF and imatrix is None:
+        raise ValueError(f"libggml's quantize_{ggml_name(qtype)} aborts without an importance vector")
     x = np.ascontiguousarray(x, dtype=np.float32)
     check_rows(x, qtype)
     out = np.empty((x.shape[0], row_bytes(qtype, x.shape[1])), dtype=np.uint8)
