@@ -55,6 +55,8 @@ LLAMA_TYPES = {
     "iq3_xs": ([], "IQ3_XS"),
     "iq3_s": ([], "IQ3_S"),
     "iq3_m": ([], "IQ3_M"),
+    "q1_0": ([], "Q1_0"),
+    "q2_0": ([], "Q2_0"),
     "f16": ([], "F16"),
     "bf16": ([], "BF16"),
 }
@@ -81,10 +83,12 @@ MODELS = {
 # or on n_gqa
 LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs"]
 PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m", "f16", "bf16"]
+PLAIN += ["q1_0", "q2_0"]
 # The IQ3 files of the 320-wide model spend seconds in IQ4_NL fallbacks: bytes for iq3_xxs (IQ3_S attn_output)
 # and iq3_m (Q4_K rules), types only for iq3_xs and iq3_s (the same tensors as iq3_xxs's IQ3_S / IQ4_NL ones)
 # and for all four on the 16-layer model, against llama-quantize --dry-run
-H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s")]
+# Q1_0 has no row-length fallback: both refuse the 320-wide model (test_q1_0_rows_without_a_fallback_are_refused)
+H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s", "q1_0")]
 MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES}
 # llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
 DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
@@ -181,6 +185,40 @@ def test_both_refuse_without_an_importance_matrix(qtype, f32_files, tmp_path):
     assert not ours.exists() and list(tmp_path.iterdir()) == ([theirs] if theirs.exists() else [])
 
 
+def test_q1_0_rows_without_a_fallback_are_refused(f32_files, tmp_path):
+    """Rows of 320 are not a multiple of Q1_0's block of 128 and llama-quantize defines no fallback type for
+    Q1_0: it stops with an error, and quantkit refuses in one line, writing nothing."""
+    ckpt_dir, f32 = f32_files("gemma3-h320")
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    run = subprocess.run([str(LLAMA_QUANTIZE), str(f32), str(theirs), "Q1_0", "2"], capture_output=True, text=True)
+    assert run.returncode != 0 and "no tensor type fallback is defined for type q1_0" in run.stdout + run.stderr
+    with pytest.raises(QuantkitError, match="defines no fallback type for Q1_0") as e:
+        export_gguf(ckpt_dir, ours, "q1_0", progress=False)
+    assert "\n" not in str(e.value) and not ours.exists()
+
+
+@pytest.mark.parametrize("qtype", ["q1_0", "q2_0"])
+def test_llama_cpp_loads_the_low_bit_files(qtype, f32_files, tmp_path):
+    """llama.cpp (llama-cpp-python) loads quantkit's Q1_0 / Q2_0 files and its logits follow quantkit's
+    forward on the same file's weights (it decodes the blocks quantkit wrote as quantkit does)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantkit.formats.gguf.model import GGUFModel
+    from quantkit.model import build_model
+
+    ckpt_dir, _ = f32_files("gemma3")
+    path = tmp_path / f"{qtype}.gguf"
+    export_gguf(ckpt_dir, path, qtype, progress=False, workers=2)
+    ids = [2, *range(100, 124)]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = build_model(GGUFModel(path))(torch.tensor([ids]))[0]
+    assert torch.isfinite(theirs).all()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()
+
+
 # ----------------------------------------------------------------------------------- with an importance matrix
 
 # types whose per-tensor choice changes with an imatrix (ffn_down of the first eighth: Q4_0 -> Q4_1, Q5_0 ->
@@ -193,9 +231,9 @@ MIXES = ("q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q5_k_m", "f16", "bf16")
 # tensor there); on the 256-wide one iq3_xs, whose attn_q / attn_k / ffn_gate / ffn_up (layers 0-2) are
 # IQ3_XXS, which needs the imatrix: its imatrix leaves nothing out
 IQ3_LATER = ("iq3_xs", "iq3_s", "iq3_m")
-IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in MIXES + IQ3_LATER] + [
+IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in (*MIXES, *IQ3_LATER, "q1_0")] + [
     ("gemma3-l16-gqa4", t) for t in ("q4_0", "q5_0", "iq4_nl", "q2_k_s")
-] + [("gemma3", "iq3_xs")]  # fmt: skip
+] + [("gemma3", "iq3_xs"), ("gemma3", "q1_0")]  # fmt: skip
 SKIPPED = "blk.0.attn_k.weight"  # left out of the imatrix: quantized without one, as llama-quantize does
 FULL_IMATRIX = ("gemma3",)  # models whose imatrix has every weight
 

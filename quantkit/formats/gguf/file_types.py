@@ -39,5 +39,9 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     "iq3_xs": ("IQ3_S", "MOSTLY_IQ3_XS"),
     "iq3_s": ("IQ3_S", "MOSTLY_IQ3_S"),
     "iq3_m": ("IQ3_S", "MOSTLY_IQ3_M"),
+    # the pinned llama.cpp's 1- and 2-bit types: every weight but the tied embedding (Q6_K); Q2_0 is
+    # quantkit's name until gguf-py has it (formats.gguf.ggml_types)
+    "q1_0": ("Q1_0", "MOSTLY_Q1_0"),
+    "q2_0": ("Q2_0", "MOSTLY_Q2_0"),
 }
 PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's

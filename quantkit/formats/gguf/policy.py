@@ -43,6 +43,7 @@ FALLBACK = {
     QT.IQ3_XXS: QT.IQ4_NL,
     QT.IQ3_S: QT.IQ4_NL,
     QT.IQ2_S: QT.IQ4_NL,
+    QT.Q2_0: QT.Q4_0,
 }
 # llama-quantize's tensor_requires_imatrix: weights of these types (the token embedding and output excepted)
 # need an importance matrix, and so do Q2_K ones in a Q2_K_S file
@@ -63,9 +64,15 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 
 
 def fallback_type(qtype: QT, row_len: int) -> QT:
-    """llama-quantize's substitute when row_len is not a multiple of qtype's block (F16 as a last resort)."""
+    """llama-quantize's substitute when row_len is not a multiple of qtype's block (F16 as a last resort); a
+    one-line error for a type of a larger block without one (Q1_0), as llama-quantize's."""
     if row_len % block_size(qtype) == 0:
         return qtype
+    if qtype not in FALLBACK and block_size(qtype) > 32:  # Q1_0: llama-quantize throws, so does quantkit
+        raise QuantkitError(
+            f"rows of {row_len} are not a multiple of {qtype.name}'s block of {block_size(qtype)}, and "
+            f"llama-quantize defines no fallback type for {qtype.name}"
+        )
     alt = FALLBACK.get(qtype, QT.F16)
     return alt if row_len % block_size(alt) == 0 else QT.F16
 
@@ -152,7 +159,7 @@ def weight_type(
     Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q5_K
     in IQ3_XXS files; Q8_0 in Q8_0 files, and where its row is not a multiple of the main type's block), the
     mixes' rules (``MIX_RULES``) pick other types for some layer weights, and then a row not a multiple of
-    the type's block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS /
+    the type's block falls back (Q2_K / Q3_K / Q2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS /
     IQ3_* / IQ2_S -> IQ4_NL, else F16). Norms are F32. ``imatrix``: llama-quantize was given an importance
     matrix (``IMATRIX_RULES``)."""
     kind = tensor_kind(hf_or_gguf_kind)
