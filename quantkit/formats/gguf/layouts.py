@@ -298,6 +298,18 @@ def pack_iq3_s(d: Array, points: Array, signs: Array, sc: Array, written: Array)
     return _concat([fp16_bytes(d), qs.reshape(B, 64), qh, sg.reshape(B, 32), scales], None)
 
 
+def pack_iq1_s(d: Array, points: Array, sc: Array, minus: Array) -> Array:
+    """IQ1_S: fp16 d [B], codebook points [B, 8 runs, 4 groups] (0..2047), 3-bit run scales [B, 8], whether a
+    run's shift is -delta [B, 8] -> [B, 50]: d | qs[32] (the low 8 bits of the points, run by run) | qh[8] (u16
+    per run: bits 3k..3k+2 the top 3 bits of point k, bits 12-14 the scale, bit 15 the shift's sign)."""
+    B = points.shape[0]
+    p = points.astype(np.uint16)
+    qh = ((p >> 8) << (3 * np.arange(4, dtype=np.uint16))).sum(-1, dtype=np.uint16)  # disjoint bits
+    qh |= (sc.astype(np.uint16) << 12) | (minus.astype(np.uint16) << 15)
+    qs = (p & 255).astype(np.uint8).reshape(B, 32)
+    return _concat([fp16_bytes(d), qs, qh.astype("<u2").view(np.uint8).reshape(B, 16)], None)
+
+
 def _k_nibbles(u: Array) -> Array:
     """stored codes [B, 256] below 16 -> qs [B, 128]: per 64-run, sub-block 2i in the low nibbles, 2i + 1 high."""
     return interleave(u.reshape(-1, 2, 32), 4).reshape(-1, 128)

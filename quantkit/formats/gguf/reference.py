@@ -33,12 +33,13 @@ REF_TYPES = (
     QT.IQ3_S,
     QT.Q1_0,
     QT.Q2_0,
+    QT.IQ1_S,
 )
 # types whose oracle is the row quantizer llama-quantize calls, `quantize_<type>(src, dst, nrows, n_per_row,
 # imatrix=NULL)`: quantize_row_iq4_nl_ref is another quantizer (no scale search)
-CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S)
+CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S)
 # types whose tables libggml builds on first use: `ggml_quantize_init(type)` (the codebook neighbours)
-INIT_REF = (QT.IQ3_XXS, QT.IQ3_S)
+INIT_REF = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S)
 
 
 def libggml_path() -> Path | None:
