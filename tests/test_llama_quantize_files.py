@@ -76,6 +76,8 @@ MODELS = {
         "num_key_value_heads": 1,
         "intermediate_size": 512,
     },  # fmt: skip
+    # 2 layers, hidden 256: the IQ1_S whole file (its exhaustive search costs ~3 us per weight)
+    "gemma3-l2": {"arch": "gemma3", "num_hidden_layers": 2, "intermediate_size": 256},
 }
 # which types run on which model, to keep this test short: every type on the 320-wide model (row-length
 # fallbacks); on the two plain tiny models one file per encoder and per Gemma generation (the types added
@@ -89,7 +91,7 @@ PLAIN += ["q1_0", "q2_0"]
 # and for all four on the 16-layer model, against llama-quantize --dry-run
 # Q1_0 has no row-length fallback: both refuse the 320-wide model (test_q1_0_rows_without_a_fallback_are_refused)
 H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s", "q1_0")]
-MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES}
+MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES, "gemma3-l2": []}
 # llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
 DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s"]
 DRY_RUN_LINE = re.compile(r"\] +(\S+) +- \[.*\], type = +(\w+), size = [^(]*(?:\((\w+)\))?\s*$")
@@ -235,7 +237,7 @@ IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in (*MIXES, 
     ("gemma3-l16-gqa4", t) for t in ("q4_0", "q5_0", "iq4_nl", "q2_k_s")
 ] + [("gemma3", "iq3_xs"), ("gemma3", "q1_0")]  # fmt: skip
 SKIPPED = "blk.0.attn_k.weight"  # left out of the imatrix: quantized without one, as llama-quantize does
-FULL_IMATRIX = ("gemma3",)  # models whose imatrix has every weight
+FULL_IMATRIX = ("gemma3", "gemma3-l2")  # models whose imatrix has every weight
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +349,8 @@ def test_tensor_type_with_imatrix_equals_llama_quantize(f32_files, imatrix_files
 def test_iq1_s_with_imatrix_equals_llama_quantize(f32_files, imatrix_files, tmp_path):
     """An IQ1_S file with an imatrix (every weight in it): IQ1_S weights, Q2_K attn_v and first-eighth ffn_down,
     Q5_K embedding, byte for byte. Its IQ2_XXS attn_output (branch iq2) is overridden to Q4_K on both sides."""
-    ckpt_dir, f32 = f32_files("gemma3")
-    imatrix = imatrix_files("gemma3")
+    ckpt_dir, f32 = f32_files("gemma3-l2")
+    imatrix = imatrix_files("gemma3-l2")
     theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
     flags = ["--tensor-type", "attn_output=q4_k", "--imatrix", str(imatrix)]
     run = subprocess.run([str(LLAMA_QUANTIZE), *flags, str(f32), str(theirs), "IQ1_S", "2"], capture_output=True)
