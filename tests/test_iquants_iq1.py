@@ -1,6 +1,7 @@
-"""IQ1_S blocks: quantkit's numpy search byte for byte against libggml's ``quantize_iq1_s`` with an importance
-vector (what llama-quantize --imatrix calls), and decoded alike by gguf-py and libggml; without an importance
-vector quantkit refuses, where libggml aborts. Whole IQ1_S files: tests/test_llama_quantize_files.py."""
+"""IQ1_S / IQ1_M blocks: quantkit's numpy searches byte for byte against libggml's ``quantize_iq1_s`` /
+``quantize_iq1_m`` with an importance vector (what llama-quantize --imatrix calls; IQ1_M also without one),
+decoded alike by gguf-py and libggml; IQ1_S without an importance vector is refused, where libggml aborts.
+Whole IQ1 files: tests/test_llama_quantize_files.py. libggml's IQ1 tables take ~60 s to build, once."""
 
 from __future__ import annotations
 
@@ -34,16 +35,20 @@ def iq1_rows(seed: int = 0) -> np.ndarray:
     return np.concatenate([g, t, bf, few, special]).astype(np.float32)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_iq1_s_matches_libggml(libggml, seed):
+CASES = [(QT.IQ1_S, 0, True), (QT.IQ1_S, 1, True), (QT.IQ1_M, 0, True), (QT.IQ1_M, 1, False)]
+
+
+@pytest.mark.parametrize(("qtype", "seed", "weighted"), CASES, ids=lambda v: getattr(v, "name", str(v)))
+def test_iq1_matches_libggml(libggml, qtype, seed, weighted):
     x = iq1_rows(seed)
-    qw = (10 ** (3 * np.random.default_rng(seed + 10).random(512))).astype(np.float32)
-    ours = quantize_rows_weighted(x, QT.IQ1_S, qw)
-    ref = quantize_rows_ref(x, QT.IQ1_S, libggml, imatrix=qw)
-    bad = (ours.reshape(-1, 50) != ref.reshape(-1, 50)).any(1)
+    qw = (10 ** (3 * np.random.default_rng(seed + 10).random(512))).astype(np.float32) if weighted else None
+    ours = quantize_rows(x, qtype) if qw is None else quantize_rows_weighted(x, qtype, qw)
+    ref = quantize_rows_ref(x, qtype, libggml, imatrix=qw)
+    size = ours.shape[1] // 2
+    bad = (ours.reshape(-1, size) != ref.reshape(-1, size)).any(1)
     assert not bad.any(), f"{bad.sum()} of {bad.size} blocks differ, first {np.flatnonzero(bad)[0]}"
-    # gguf-py's IQ1_S decoder reads quantkit's blocks as libggml's does
-    np.testing.assert_array_equal(dequantize_rows(ours, QT.IQ1_S), dequantize_rows_ref(ours, QT.IQ1_S, libggml))
+    # gguf-py's decoder reads quantkit's blocks as libggml's does
+    np.testing.assert_array_equal(dequantize_rows(ours, qtype), dequantize_rows_ref(ours, qtype, libggml))
 
 
 def test_iq1_s_needs_an_importance_vector():

@@ -93,11 +93,11 @@ PLAIN += ["q1_0", "q2_0"]
 H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s", "q1_0")]
 MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES, "gemma3-l2": []}
 # llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
-DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s"]
+DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m"]
 DRY_RUN_LINE = re.compile(r"\] +(\S+) +- \[.*\], type = +(\w+), size = [^(]*(?:\((\w+)\))?\s*$")
 # llama-quantize refuses these without an importance matrix (here, with rows of 256: IQ3_XXS files give attn_q
 # and attn_k IQ2_S, IQ3_XS files IQ3_XXS); so does quantkit's RTN export
-NEED_IMATRIX = {"q2_k_s": "Q2_K_S", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS", "iq1_s": "IQ1_S"}
+NEED_IMATRIX = {"q2_k_s": "Q2_K_S", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS", "iq1_s": "IQ1_S", "iq1_m": "IQ1_M"}
 CASES = [(m, t) for m in MODELS for t in MODEL_TYPES[m]]
 
 
@@ -233,7 +233,8 @@ MIXES = ("q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q5_k_m", "f16", "bf16")
 # tensor there); on the 256-wide one iq3_xs, whose attn_q / attn_k / ffn_gate / ffn_up (layers 0-2) are
 # IQ3_XXS, which needs the imatrix: its imatrix leaves nothing out
 IQ3_LATER = ("iq3_xs", "iq3_s", "iq3_m")
-IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in (*MIXES, *IQ3_LATER, "q1_0", "iq1_s")] + [
+NOT_H320 = (*MIXES, *IQ3_LATER, "q1_0", "iq1_s", "iq1_m")  # Q1_0: no fallback; IQ1: test_iq1_with_imatrix_...
+IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in NOT_H320] + [
     ("gemma3-l16-gqa4", t) for t in ("q4_0", "q5_0", "iq4_nl", "q2_k_s")
 ] + [("gemma3", "iq3_xs"), ("gemma3", "q1_0")]  # fmt: skip
 SKIPPED = "blk.0.attn_k.weight"  # left out of the imatrix: quantized without one, as llama-quantize does
@@ -346,18 +347,21 @@ def test_tensor_type_with_imatrix_equals_llama_quantize(f32_files, imatrix_files
     _same_tensors(theirs, ours)
 
 
-def test_iq1_s_with_imatrix_equals_llama_quantize(f32_files, imatrix_files, tmp_path):
-    """An IQ1_S file with an imatrix (every weight in it): IQ1_S weights, Q2_K attn_v and first-eighth ffn_down,
-    Q5_K embedding, byte for byte. Its IQ2_XXS attn_output (branch iq2) is overridden to Q4_K on both sides."""
+# each llama-quantize run of an IQ1 type first builds libggml's IQ1 neighbour tables (~60 s): iq1_m, whose rules
+# are iq1_s's, is left to --dry-run (types) and tests/test_iquants_iq1.py (bytes); checked once by hand: equal
+@pytest.mark.parametrize("qtype", ["iq1_s"])
+def test_iq1_with_imatrix_equals_llama_quantize(qtype, f32_files, imatrix_files, tmp_path):
+    """An IQ1_S / IQ1_M file with an imatrix (every weight in it): IQ1 weights, Q2_K attn_v, Q5_K embedding,
+    byte for byte. Its IQ2_XXS attn_output (branch iq2) is overridden to Q4_K on both sides."""
     ckpt_dir, f32 = f32_files("gemma3-l2")
     imatrix = imatrix_files("gemma3-l2")
     theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
     flags = ["--tensor-type", "attn_output=q4_k", "--imatrix", str(imatrix)]
-    run = subprocess.run([str(LLAMA_QUANTIZE), *flags, str(f32), str(theirs), "IQ1_S", "2"], capture_output=True)
+    run = subprocess.run([str(LLAMA_QUANTIZE), *flags, str(f32), str(theirs), qtype.upper(), "2"], capture_output=True)
     assert run.returncode == 0, run.stderr[-2000:]
     cfg = open_checkpoint(ckpt_dir).config
-    plan = plan_tensors(cfg, "iq1_s", imatrix=True, overrides=[parse_override("attn_output=q4_k")])
-    assert {t.qtype for t in plan if len(t.shape) == 2} == {QT.IQ1_S, QT.Q2_K, QT.Q5_K, QT.Q4_K}
-    export_gguf(ckpt_dir, ours, "iq1_s", progress=False, workers=2, imatrix=imatrix,
+    plan = plan_tensors(cfg, qtype, imatrix=True, overrides=[parse_override("attn_output=q4_k")])
+    assert {t.qtype for t in plan if len(t.shape) == 2} == {QT[qtype.upper()], QT.Q2_K, QT.Q5_K, QT.Q4_K}
+    export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2, imatrix=imatrix,
                 types={t.gguf_name: t.qtype for t in plan})  # fmt: skip
     _same_tensors(theirs, ours)

@@ -5,7 +5,8 @@ Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-
 `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
 F32/F16/BF16 go through gguf-py; the K-quants come from `quantkit.formats.gguf.kquants` / `kquants_sym`, IQ4_NL and
 IQ4_XS from `quantkit.formats.gguf.iquants`, IQ3_XXS and IQ3_S from `quantkit.formats.gguf.iquants_codebook`,
-Q1_0 and Q2_0 from `quantkit.formats.gguf.lowbit`, IQ1_S (importance only) from `quantkit.formats.gguf.iquants_iq1`
+Q1_0 and Q2_0 from `quantkit.formats.gguf.lowbit`, IQ1_S (importance only) and IQ1_M from
+`quantkit.formats.gguf.iquants_iq1`
 (byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
 `quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -24,7 +25,7 @@ from quantkit.formats.gguf import weighted as wq
 from quantkit.formats.gguf.ggml_float import BELOW_HALF, F32, Scratch, signed_absmax
 from quantkit.formats.gguf.iquants import quantize_iq4_nl, quantize_iq4_xs
 from quantkit.formats.gguf.iquants_codebook import quantize_codebook, quantize_iq3_s, quantize_iq3_xxs
-from quantkit.formats.gguf.iquants_iq1 import quantize_iq1_s, refuse_without_importance
+from quantkit.formats.gguf.iquants_iq1 import quantize_iq1_m, quantize_iq1_s, refuse_without_importance
 from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
 from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
 from quantkit.formats.gguf.layouts import (
@@ -52,6 +53,7 @@ NUMPY_QUANTIZERS = {
     QT.Q1_0: quantize_q1_0,
     QT.Q2_0: quantize_q2_0,
     QT.IQ1_S: refuse_without_importance,  # libggml asserts on a missing importance vector
+    QT.IQ1_M: lambda x, ws: quantize_iq1_m(x, None, ws),  # weights x^2 (llama-quantize wants an imatrix)
 }
 # with an importance matrix (llama-quantize --imatrix): blocks x, importance qw [B, block] (, sigma2 [B]: the
 # mean x^2 of each block's row, for the legacy types) -> uint8 [B, type_bytes]. Q8_0 and the floats ignore it.
@@ -72,6 +74,7 @@ WEIGHTED_BLOCK = {
     QT.IQ3_XXS: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_XXS, ws, qw),
     QT.IQ3_S: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_S, ws, qw),
     QT.IQ1_S: quantize_iq1_s,
+    QT.IQ1_M: quantize_iq1_m,
 }
 WEIGHTED = (*WEIGHTED_ROW, *WEIGHTED_BLOCK)
 ENCODABLE = (*GGUF_PY_TYPES, *NUMPY_QUANTIZERS, QT.Q8_0, QT.Q4_0)  # the types quantize_rows writes

@@ -43,7 +43,8 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     # quantkit's name until gguf-py has it (formats.gguf.ggml_types)
     "q1_0": ("Q1_0", "MOSTLY_Q1_0"),
     "q2_0": ("Q2_0", "MOSTLY_Q2_0"),
-    # needs an importance matrix; its attn_output weights are IQ2_XXS, as in llama-quantize
+    # need an importance matrix; their attn_output weights are IQ2_XXS, as in llama-quantize
     "iq1_s": ("IQ1_S", "MOSTLY_IQ1_S"),
+    "iq1_m": ("IQ1_M", "MOSTLY_IQ1_M"),
 }
 PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's

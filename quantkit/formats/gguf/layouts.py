@@ -299,15 +299,26 @@ def pack_iq3_s(d: Array, points: Array, signs: Array, sc: Array, written: Array)
 
 
 def pack_iq1_s(d: Array, points: Array, sc: Array, minus: Array) -> Array:
-    """IQ1_S: fp16 d [B], codebook points [B, 8 runs, 4 groups] (0..2047), 3-bit run scales [B, 8], whether a
-    run's shift is -delta [B, 8] -> [B, 50]: d | qs[32] (the low 8 bits of the points, run by run) | qh[8] (u16
-    per run: bits 3k..3k+2 the top 3 bits of point k, bits 12-14 the scale, bit 15 the shift's sign)."""
-    B = points.shape[0]
+    """IQ1_S: fp16 d [B], points [B, 8 runs, 4 groups] (0..2047), 3-bit run scales and whether a run's shift is
+    -delta [B, 8] -> [B, 50]: d | qs[32] (the points' low 8 bits) | qh[8] (u16 per run: bits 3k..3k+2 the top
+    3 bits of point k, bits 12-14 the scale, bit 15 the shift's sign)."""
     p = points.astype(np.uint16)
     qh = ((p >> 8) << (3 * np.arange(4, dtype=np.uint16))).sum(-1, dtype=np.uint16)  # disjoint bits
-    qh |= (sc.astype(np.uint16) << 12) | (minus.astype(np.uint16) << 15)
-    qs = (p & 255).astype(np.uint8).reshape(B, 32)
-    return _concat([fp16_bytes(d), qs, qh.astype("<u2").view(np.uint8).reshape(B, 16)], None)
+    qh = (qh | (sc.astype(np.uint16) << 12) | (minus.astype(np.uint16) << 15)).astype("<u2").view(np.uint8)
+    return _concat([fp16_bytes(d), (p & 255).astype(np.uint8).reshape(-1, 32), qh.reshape(-1, 16)], None)
+
+
+def pack_iq1_m(dh: Array, points: Array, sc: Array, minus: Array) -> Array:
+    """IQ1_M: fp16 dh [B], points [B, 16 runs, 2 groups], 3-bit run scales [B, 16], whether a group's shift is
+    -delta [B, 16, 2] -> [B, 56]: qs[32] | qh[16] (per run: group 0's top 3 bits, bit 3 its shift sign, group 1's
+    at bits 4-7) | scales (u16 j: bits 3m..3m+2 run 4j + m's scale, bits 12-15 nibble j of dh's bits)."""
+    p, B = points.astype(np.uint16), points.shape[0]
+    hi = (p >> 8) | (minus.astype(np.uint16) << 3)  # [B, 16, 2]
+    bits = np.asarray(dh, dtype=np.float16).reshape(B, 1).view(np.uint16)
+    scales = (sc.astype(np.uint16).reshape(B, 4, 4) << (3 * np.arange(4, dtype=np.uint16))).sum(-1, dtype=np.uint16)
+    scales |= ((bits >> (4 * np.arange(4, dtype=np.uint16))) & 15) << 12
+    qs, qh = (p & 255).astype(np.uint8).reshape(B, 32), (hi[..., 0] | (hi[..., 1] << 4)).astype(np.uint8)
+    return _concat([qs, qh, scales.astype("<u2").view(np.uint8).reshape(B, 8)], None)
 
 
 def _k_nibbles(u: Array) -> Array:

@@ -34,12 +34,13 @@ REF_TYPES = (
     QT.Q1_0,
     QT.Q2_0,
     QT.IQ1_S,
+    QT.IQ1_M,
 )
 # types whose oracle is the row quantizer llama-quantize calls, `quantize_<type>(src, dst, nrows, n_per_row,
 # imatrix=NULL)`: quantize_row_iq4_nl_ref is another quantizer (no scale search)
-CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S)
+CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M)
 # types whose tables libggml builds on first use: `ggml_quantize_init(type)` (the codebook neighbours)
-INIT_REF = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S)
+INIT_REF = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M)
 
 
 def libggml_path() -> Path | None:
