@@ -283,8 +283,12 @@ def differing_blocks(ours: np.ndarray, ref: np.ndarray, qtype: QT) -> tuple[np.n
     )
 
 
-# the codebook types IQ3_XXS / IQ3_S: tests/test_codebook_iquants.py, on these rows and more
-@pytest.mark.parametrize("qtype", [t for t in REF_TYPES if t not in (QT.IQ3_XXS, QT.IQ3_S)], ids=lambda t: t.name)
+# the codebook types IQ3_XXS / IQ3_S: tests/test_codebook_iquants.py, on these rows and more; IQ1_S / IQ1_M
+# (IQ1_S needs an importance vector): tests/test_iquants_iq1.py
+CODEBOOK = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ1_S, QT.IQ1_M)
+
+
+@pytest.mark.parametrize("qtype", [t for t in REF_TYPES if t not in CODEBOOK], ids=lambda t: t.name)
 def test_matches_libggml_reference(libggml, qtype: QT) -> None:
     """A few hundred super-blocks (gaussian, heavy-tailed, awkward). gguf-py's legacy types differ from C
     only in the sign of d on all-zero blocks, so those blocks are left out there."""
