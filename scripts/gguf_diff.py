@@ -13,6 +13,8 @@ import sys
 
 import gguf
 
+import quantkit.formats.gguf.ggml_types  # noqa: F401  (Q2_0, which gguf-py does not name yet)
+
 
 def tensors(path: str) -> dict[str, tuple[str, bytes]]:
     """name -> (ggml type name, data bytes)."""

@@ -11,11 +11,13 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from quantkit.formats.gguf.blocks import quantize_rows
+from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
 from quantkit.formats.gguf.grids import LAYOUTS, choose_grid, pack, rtn_on_grid
+from quantkit.formats.gguf.lowbit import DEQUANTIZERS
 from quantkit.formats.gguf.reference import ggml_name
 
 TYPES = list(LAYOUTS)
+GGUF_PY_DECODES = [t for t in TYPES if t not in DEQUANTIZERS]  # Q1_0 / Q2_0: quantkit's decoder, vs libggml
 
 
 def _weights(o: int, i: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +35,7 @@ def _rtn(grid, W: torch.Tensor) -> torch.Tensor:
     return rtn_on_grid(W, grid).codes
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", GGUF_PY_DECODES, ids=lambda q: q.name)
 def test_blocks_decode_to_the_grid_values_in_gguf_py(qtype):
     W, imp = _weights(6, 512, 0)
     grid = choose_grid(W, qtype, imp)
@@ -66,12 +68,14 @@ def test_importance_weighted_search_beats_the_reference_quantizer(qtype):
     W, imp = _weights(64, 512, 2)
     grid = choose_grid(W, qtype, imp)
     ours = grid.dequantize(_rtn(grid, W))
-    ref = torch.from_numpy(gq.dequantize(quantize_rows(W.numpy(), qtype), qtype).reshape(W.shape))
+    ref = torch.from_numpy(dequantize_rows(quantize_rows(W.numpy(), qtype), qtype).reshape(W.shape))
 
     def weighted(v: torch.Tensor) -> float:
         return float((imp * (W - v) ** 2).sum())
 
-    assert weighted(ours) < 0.9 * weighted(ref)
+    # Q1_0's codes are the signs whatever the scale: only d moves, from mean |x| to the importance-weighted
+    # mean (measured 0.98 of the reference's error)
+    assert weighted(ours) < (0.99 if qtype == QT.Q1_0 else 0.9) * weighted(ref)
     # and with unit importance it is still no worse than the reference's plain error
     plain = choose_grid(W, qtype, None)
     assert float(((W - plain.dequantize(_rtn(plain, W))) ** 2).sum()) <= float(((W - ref) ** 2).sum()) * 1.001
@@ -92,7 +96,9 @@ def _correlated_hessian(i: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "qtype", [QT.Q4_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS], ids=lambda q: q.name
+    "qtype",
+    [QT.Q4_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS, QT.Q1_0, QT.Q2_0],
+    ids=lambda q: q.name,
 )
 def test_gptq_on_a_fixed_grid(qtype):
     from quantkit.quant.gptq import gptq_quantize
@@ -112,9 +118,10 @@ def test_gptq_on_a_fixed_grid(qtype):
         D = W - v
         return float(((D @ H) * D).sum())
 
-    # Q2_K's four levels leave GPTQ less room: measured 0.75 of RTN's error there, 0.4-0.6 elsewhere
-    gain = 0.85 if qtype == QT.Q2_K else 0.7
+    # Q2_K's four levels and Q1_0's two leave GPTQ less room: measured 0.75 and 0.76 of RTN's error there,
+    # 0.4-0.6 elsewhere
+    gain = 0.85 if qtype in (QT.Q2_K, QT.Q1_0) else 0.7
     assert out_err(res.weight.dequantize()) < gain * out_err(rtn_on_grid(W, grid).dequantize())
     assert res.sq_output_err == pytest.approx(out_err(res.weight.dequantize()), rel=1e-3)
     blocks = res.weight.blocks()  # the codes go into the type's blocks as they are
-    assert np.array_equal(gq.dequantize(blocks, qtype).reshape(W.shape), res.weight.dequantize().numpy())
+    assert np.array_equal(dequantize_rows(blocks, qtype).reshape(W.shape), res.weight.dequantize().numpy())

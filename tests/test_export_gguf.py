@@ -19,6 +19,7 @@ from quantkit.formats.gguf import export as eg
 from quantkit.formats.gguf import policy, stream
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
 from quantkit.formats.gguf.encode import encode_tensor
+from quantkit.formats.gguf.lowbit import DEQUANTIZERS
 from quantkit.formats.gguf.metadata import check_llamacpp_compatible
 from quantkit.formats.gguf.names import LAYER_TENSORS
 from quantkit.formats.gguf.vocab import VocabWriter, build_vocab
@@ -59,8 +60,11 @@ def tensors(path: Path) -> dict[str, gguf.ReaderTensor]:
 
 
 def values(t: gguf.ReaderTensor) -> np.ndarray:
-    """gguf-py's float32 dequantization in numpy order ([O, I]: GGUF dims reversed)."""
+    """gguf-py's float32 dequantization in numpy order ([O, I]: GGUF dims reversed); Q1_0 / Q2_0, which gguf-py
+    cannot decode, by quantkit's decoder (checked against libggml's in test_lowbit)."""
     shape = tuple(int(n) for n in reversed(t.shape))
+    if t.tensor_type in DEQUANTIZERS:
+        return dequantize_rows(np.asarray(t.data), t.tensor_type).reshape(shape)
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
 
 

@@ -283,8 +283,9 @@ def differing_blocks(ours: np.ndarray, ref: np.ndarray, qtype: QT) -> tuple[np.n
     )
 
 
-# the codebook types: tests/test_codebook_iquants.py (IQ3) and test_codebook_iq2.py (IQ2), on these rows and more
-CODEBOOK = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)
+# the codebook types: tests/test_codebook_iquants.py (IQ3), test_codebook_iq2.py (IQ2) and test_iquants_iq1.py (IQ1;
+# IQ1_S, IQ2_XXS and IQ2_XS need an importance vector), on these rows and more
+CODEBOOK = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_S, QT.IQ1_M)
 
 
 @pytest.mark.parametrize("qtype", [t for t in REF_TYPES if t not in CODEBOOK], ids=lambda t: t.name)

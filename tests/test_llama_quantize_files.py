@@ -55,6 +55,8 @@ LLAMA_TYPES = {
     "iq3_xs": ([], "IQ3_XS"),
     "iq3_s": ([], "IQ3_S"),
     "iq3_m": ([], "IQ3_M"),
+    "q1_0": ([], "Q1_0"),
+    "q2_0": ([], "Q2_0"),
     "f16": ([], "F16"),
     "bf16": ([], "BF16"),
 }
@@ -74,8 +76,9 @@ MODELS = {
         "num_key_value_heads": 1,
         "intermediate_size": 512,
     },  # fmt: skip
-    # two layers of the 256-wide model: every IQ2 weight on rows of 256 / 512, written in a few seconds
-    "gemma3-l2": {"arch": "gemma3", "num_hidden_layers": 2},
+    # two layers of the 256-wide model with a 256-wide MLP: every IQ2 / IQ1 weight on rows of 256, written in
+    # seconds (IQ1_S's exhaustive search costs ~3 us per weight)
+    "gemma3-l2": {"arch": "gemma3", "num_hidden_layers": 2, "intermediate_size": 256},
 }
 # which types run on which model, to keep this test short: every type on the 320-wide model (row-length
 # fallbacks); on the two plain tiny models one file per encoder and per Gemma generation (the types added
@@ -83,17 +86,19 @@ MODELS = {
 # or on n_gqa
 LAYER_RULES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "iq4_nl", "iq4_xs"]
 PLAIN = ["q8_0", "q4_0", "q4_1", "q5_0", "q4_k", "q5_k", "q6_k", "q3_k_m", "q4_k_m", "q5_k_m", "f16", "bf16"]
+PLAIN += ["q1_0", "q2_0"]
 # The IQ3 files of the 320-wide model spend seconds in IQ4_NL fallbacks: bytes for iq3_xxs (IQ3_S attn_output)
 # and iq3_m (Q4_K rules), types only for iq3_xs and iq3_s (the same tensors as iq3_xxs's IQ3_S / IQ4_NL ones)
 # and for all four on the 16-layer model, against llama-quantize --dry-run
-H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s")]
+# Q1_0 has no row-length fallback: both refuse the 320-wide model (test_q1_0_rows_without_a_fallback_are_refused)
+H320 = [t for t in LLAMA_TYPES if t not in ("iq3_xs", "iq3_s", "q1_0")]
 MODEL_TYPES = {"gemma2": PLAIN, "gemma3": PLAIN, "gemma3-h320": H320, "gemma3-l16-gqa4": LAYER_RULES, "gemma3-l2": []}
 # llama-quantize --dry-run: every tensor's type, without quantizing or the imatrix that some types need
-DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m"]
+DRY_RUN = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m"]
 DRY_RUN_LINE = re.compile(r"\] +(\S+) +- \[.*\], type = +(\w+), size = [^(]*(?:\((\w+)\))?\s*$")
 # llama-quantize refuses these without an importance matrix (here, with rows of 256: IQ3_XXS files give attn_q
 # and attn_k IQ2_S, IQ3_XS files IQ3_XXS); so does quantkit's RTN export
-NEED_IMATRIX = {"q2_k_s": "Q2_K_S", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS"}
+NEED_IMATRIX = {"q2_k_s": "Q2_K_S", "iq3_xxs": "IQ3_XXS", "iq3_xs": "IQ3_XS", "iq1_s": "IQ1_S", "iq1_m": "IQ1_M"}
 # every IQ2 file type holds IQ2 weights on rows of 256 or 512 (all but attn_v and the first ffn_down): the
 # imatrix cases below write them, --dry-run checks their types
 NEED_IMATRIX |= {"iq2_xxs": "IQ2_XXS", "iq2_xs": "IQ2_XS", "iq2_s": "IQ2_S", "iq2_m": "IQ2_M"}
@@ -186,6 +191,40 @@ def test_both_refuse_without_an_importance_matrix(qtype, f32_files, tmp_path):
     assert not ours.exists() and list(tmp_path.iterdir()) == ([theirs] if theirs.exists() else [])
 
 
+def test_q1_0_rows_without_a_fallback_are_refused(f32_files, tmp_path):
+    """Rows of 320 are not a multiple of Q1_0's block of 128 and llama-quantize defines no fallback type for
+    Q1_0: it stops with an error, and quantkit refuses in one line, writing nothing."""
+    ckpt_dir, f32 = f32_files("gemma3-h320")
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    run = subprocess.run([str(LLAMA_QUANTIZE), str(f32), str(theirs), "Q1_0", "2"], capture_output=True, text=True)
+    assert run.returncode != 0 and "no tensor type fallback is defined for type q1_0" in run.stdout + run.stderr
+    with pytest.raises(QuantkitError, match="defines no fallback type for Q1_0") as e:
+        export_gguf(ckpt_dir, ours, "q1_0", progress=False)
+    assert "\n" not in str(e.value) and not ours.exists()
+
+
+@pytest.mark.parametrize("qtype", ["q1_0", "q2_0"])
+def test_llama_cpp_loads_the_low_bit_files(qtype, f32_files, tmp_path):
+    """llama.cpp (llama-cpp-python) loads quantkit's Q1_0 / Q2_0 files and its logits follow quantkit's
+    forward on the same file's weights (it decodes the blocks quantkit wrote as quantkit does)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantkit.formats.gguf.model import GGUFModel
+    from quantkit.model import build_model
+
+    ckpt_dir, _ = f32_files("gemma3")
+    path = tmp_path / f"{qtype}.gguf"
+    export_gguf(ckpt_dir, path, qtype, progress=False, workers=2)
+    ids = [2, *range(100, 124)]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = build_model(GGUFModel(path))(torch.tensor([ids]))[0]
+    assert torch.isfinite(theirs).all()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()
+
+
 # ----------------------------------------------------------------------------------- with an importance matrix
 
 # types whose per-tensor choice changes with an imatrix (ffn_down of the first eighth: Q4_0 -> Q4_1, Q5_0 ->
@@ -201,9 +240,10 @@ IQ3_LATER = ("iq3_xs", "iq3_s", "iq3_m")
 # IQ2: every file type on a 2-layer 256-wide model, where all its IQ2 weights are (on the 320-wide one only
 # attn_output is); and iq3_xxs there, whose attn_q / attn_k are IQ2_S
 IQ2 = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m")
-IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in MIXES + IQ3_LATER + IQ2] + [
+NOT_H320 = (*MIXES, *IQ3_LATER, *IQ2, "q1_0", "iq1_s", "iq1_m")  # Q1_0: no fallback; IQ1: test_iq1_with_imatrix_...
+IMATRIX_CASES = [("gemma3-h320", t) for t in IMATRIX_TYPES if t not in NOT_H320] + [
     ("gemma3-l16-gqa4", t) for t in ("q4_0", "q5_0", "iq4_nl", "q2_k_s")
-] + [("gemma3", "iq3_xs")] + [("gemma3-l2", t) for t in ("iq3_xxs", *IQ2)]  # fmt: skip
+] + [("gemma3", "iq3_xs"), ("gemma3", "q1_0")] + [("gemma3-l2", t) for t in ("iq3_xxs", *IQ2)]  # fmt: skip
 SKIPPED = "blk.0.attn_k.weight"  # left out of the imatrix: quantized without one, as llama-quantize does
 FULL_IMATRIX = ("gemma3", "gemma3-l2")  # models whose imatrix has every weight
 
@@ -300,4 +340,24 @@ def test_tensor_type_with_imatrix_equals_llama_quantize(f32_files, imatrix_files
     args = ["export", str(ckpt_dir), "--type", "q4_0", *flags, "--imatrix", str(imatrix), "-o", str(ours)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
+    _same_tensors(theirs, ours)
+
+
+# each llama-quantize run of an IQ1 type first builds libggml's IQ1 neighbour tables (~60 s): iq1_m, whose rules
+# are iq1_s's, is left to --dry-run (types) and tests/test_iquants_iq1.py (bytes); checked once by hand: equal
+@pytest.mark.parametrize("qtype", ["iq1_s"])
+def test_iq1_with_imatrix_equals_llama_quantize(qtype, f32_files, imatrix_files, tmp_path):
+    """An IQ1_S / IQ1_M file with an imatrix (every weight in it): IQ1 weights, Q2_K attn_v, Q5_K embedding,
+    byte for byte. Its IQ2_XXS attn_output (branch iq2) is overridden to Q4_K on both sides."""
+    ckpt_dir, f32 = f32_files("gemma3-l2")
+    imatrix = imatrix_files("gemma3-l2")
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "quantkit.gguf"
+    flags = ["--tensor-type", "attn_output=q4_k", "--imatrix", str(imatrix)]
+    run = subprocess.run([str(LLAMA_QUANTIZE), *flags, str(f32), str(theirs), qtype.upper(), "2"], capture_output=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    cfg = open_checkpoint(ckpt_dir).config
+    plan = plan_tensors(cfg, qtype, imatrix=True, overrides=[parse_override("attn_output=q4_k")])
+    assert {t.qtype for t in plan if len(t.shape) == 2} == {QT[qtype.upper()], QT.Q2_K, QT.Q5_K, QT.Q4_K}
+    export_gguf(ckpt_dir, ours, qtype, progress=False, workers=2, imatrix=imatrix,
+                types={t.gguf_name: t.qtype for t in plan})  # fmt: skip
     _same_tensors(theirs, ours)

@@ -5,7 +5,9 @@ Q8_0 and Q4_0 are quantkit's own torch quantizers (vectorised over blocks, byte-
 `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`, all-zero blocks included); Q4_1, Q5_0, Q5_1 and
 F32/F16/BF16 go through gguf-py; the K-quants come from `quantkit.formats.gguf.kquants` / `kquants_sym`, IQ4_NL and
 IQ4_XS from `quantkit.formats.gguf.iquants`, IQ3_XXS and IQ3_S from `quantkit.formats.gguf.iquants_codebook`,
-IQ2_XXS / IQ2_XS / IQ2_S from `quantkit.formats.gguf.iquants_iq2` (IQ2_XXS / IQ2_XS only with an importance)
+IQ2_XXS / IQ2_XS / IQ2_S from `quantkit.formats.gguf.iquants_iq2` (IQ2_XXS / IQ2_XS only with an importance),
+Q1_0 and Q2_0 from `quantkit.formats.gguf.lowbit`, IQ1_S (importance only) and IQ1_M from
+`quantkit.formats.gguf.iquants_iq1`
 (byte-identical to `quantize_row_q*_K_ref`). quantkit's block bytes are written by
 `quantkit.formats.gguf.layouts`.
 Shapes: x float32 [R, n] (R rows, n along ne0, the HF `in` dimension) -> uint8 [R, n / block * type_bytes].
@@ -21,9 +23,10 @@ from gguf import quants as gq
 from torch import Tensor
 
 from quantkit.formats.gguf import weighted as wq
-from quantkit.formats.gguf.ggml_float import F32, Scratch, signed_absmax
+from quantkit.formats.gguf.ggml_float import BELOW_HALF, F32, Scratch, signed_absmax
 from quantkit.formats.gguf.iquants import quantize_iq4_nl, quantize_iq4_xs
 from quantkit.formats.gguf.iquants_codebook import quantize_codebook, quantize_iq3_s, quantize_iq3_xxs
+from quantkit.formats.gguf.iquants_iq1 import quantize_iq1_m, quantize_iq1_s, refuse_without_importance
 from quantkit.formats.gguf.iquants_iq2 import quantize_iq2
 from quantkit.formats.gguf.kquants import quantize_q2_k, quantize_q4_k, quantize_q5_k
 from quantkit.formats.gguf.kquants_sym import quantize_q3_k, quantize_q6_k
@@ -35,6 +38,7 @@ from quantkit.formats.gguf.layouts import (
     pack_q8_0,
     row_bytes,
 )
+from quantkit.formats.gguf.lowbit import DEQUANTIZERS, dequantize_lowbit, quantize_q1_0, quantize_q2_0
 
 GGUF_PY_TYPES = (QT.F32, QT.F16, QT.BF16, QT.Q4_1, QT.Q5_0, QT.Q5_1)
 # the searching quantizers, in numpy (K-quants and IQ4)
@@ -49,6 +53,10 @@ NUMPY_QUANTIZERS = {
     QT.Q4_K: quantize_q4_k,
     QT.Q5_K: quantize_q5_k,
     QT.Q6_K: quantize_q6_k,
+    QT.Q1_0: quantize_q1_0,
+    QT.Q2_0: quantize_q2_0,
+    QT.IQ1_S: refuse_without_importance,  # libggml asserts on a missing importance vector
+    QT.IQ1_M: lambda x, ws: quantize_iq1_m(x, None, ws),  # weights x^2 (llama-quantize wants an imatrix)
 }
 # with an importance matrix (llama-quantize --imatrix): blocks x, importance qw [B, block] (, sigma2 [B]: the
 # mean x^2 of each block's row, for the legacy types) -> uint8 [B, type_bytes]. Q8_0 and the floats ignore it.
@@ -69,6 +77,8 @@ WEIGHTED_BLOCK = {
     QT.IQ3_XXS: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_XXS, ws, qw),
     QT.IQ3_S: lambda x, qw, ws: quantize_codebook(x, QT.IQ3_S, ws, qw),
     **{t: lambda x, qw, ws, t=t: quantize_iq2(x, t, ws, qw) for t in (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)},
+    QT.IQ1_S: quantize_iq1_s,
+    QT.IQ1_M: quantize_iq1_m,
 }
 WEIGHTED = (*WEIGHTED_ROW, *WEIGHTED_BLOCK)
 ENCODABLE = (*GGUF_PY_TYPES, *NUMPY_QUANTIZERS, QT.Q8_0, QT.Q4_0)  # the types quantize_rows writes
@@ -115,9 +125,7 @@ def _quantize_k(x: np.ndarray | torch.Tensor, qtype: QT) -> np.ndarray:
 # ------------------------------------------------------------------ Q8_0 / Q4_0 in torch
 
 
-# roundf(v) = trunc(v + copysign(H, v)) with H the float32 just below 0.5: an exact tie v = k + 0.5 reaches
-# k + 1 (the sum rounds up by ties-to-even), anything below a tie stays under k + 1.
-_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0)))
+_BELOW_HALF = float(BELOW_HALF)  # roundf in torch (see ggml_float.roundf)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -220,9 +228,11 @@ def quantize_rows_weighted(x: np.ndarray | torch.Tensor, qtype: QT, qw: np.ndarr
 
 
 def dequantize_rows(data: np.ndarray, qtype: QT) -> np.ndarray:
-    """uint8 [R, row_bytes] -> float32 [R, n] (gguf-py's dequantizer, any type it knows)."""
+    """uint8 [R, row_bytes] -> float32 [R, n] (gguf-py's dequantizer, any type it knows; Q1_0 / Q2_0 quantkit's)."""
     if data.dtype != np.uint8:
         raise TypeError(f"expected the raw uint8 bytes of {qtype.name} rows, got {data.dtype}")
+    if qtype in DEQUANTIZERS:
+        return dequantize_lowbit(data, qtype)
     return gq.dequantize(np.ascontiguousarray(data), qtype).astype(np.float32, copy=False)
 
 

@@ -44,5 +44,12 @@ FILE_TYPE_NAMES: dict[str, tuple[str, str]] = {
     "iq2_xs": ("IQ2_XS", "MOSTLY_IQ2_XS"),
     "iq2_s": ("IQ2_XS", "MOSTLY_IQ2_S"),
     "iq2_m": ("IQ2_S", "MOSTLY_IQ2_M"),
+    # the pinned llama.cpp's 1- and 2-bit types: every weight but the tied embedding (Q6_K); Q2_0 is
+    # quantkit's name until gguf-py has it (formats.gguf.ggml_types)
+    "q1_0": ("Q1_0", "MOSTLY_Q1_0"),
+    "q2_0": ("Q2_0", "MOSTLY_Q2_0"),
+    # need an importance matrix; their attn_output weights are IQ2_XXS, as in llama-quantize
+    "iq1_s": ("IQ1_S", "MOSTLY_IQ1_S"),
+    "iq1_m": ("IQ1_M", "MOSTLY_IQ1_M"),
 }
 PURE = ("q4_k", "q5_k")  # llama-quantize --pure: no per-tensor rules but the tied embedding's

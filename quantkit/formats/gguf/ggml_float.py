@@ -20,6 +20,9 @@ import numpy as np
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml's threshold for an all-zero group
 _MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves the rounded integer in the low mantissa bits
+# C's roundf(v) = trunc(v + copysign(BELOW_HALF, v)), BELOW_HALF the float32 just below 0.5: an exact tie
+# v = k + 0.5 reaches k + 1 (the sum rounds up by ties-to-even), anything below a tie stays under k + 1
+BELOW_HALF = np.nextafter(F32(0.5), F32(0))
 
 
 class Scratch:
@@ -60,6 +63,11 @@ def dot(*factors: np.ndarray) -> np.ndarray:
     in one pass (the byte-equality tests against libggml check it)."""
     spec = ",".join("ij" for _ in factors) + "->j"
     return np.einsum(spec, *factors)
+
+
+def roundf(v: np.ndarray) -> np.ndarray:
+    """C's roundf on float32 [...] (halves away from zero; numpy's round is half to even)."""
+    return np.trunc(v + np.copysign(BELOW_HALF, v))
 
 
 def nearest_int(v: np.ndarray, lo: int | None, hi: int | None, out: np.ndarray | None = None) -> np.ndarray:

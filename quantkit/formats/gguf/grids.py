@@ -4,7 +4,8 @@ Every ggml weight type decodes one row as groups of g consecutive weights, each 
 
     value = s * c + b,   c an integer in [lo, hi],
 
-or, for the non-linear IQ4 types, value = s * levels[c] (c indexes ggml's 16 kvalues_iq4nl levels),
+or, for the non-linear types, value = s * levels[c] (c indexes ggml's 16 kvalues_iq4nl levels for IQ4, the
+signs -1, +1 for Q1_0),
 
 with s (and b) derived from the block's stored fields exactly as the decoder computes them in float32:
 
@@ -22,6 +23,8 @@ with s (and b) derived from the block's stored fields exactly as the decoder com
 | Q2_K | 16 | 0..3      | fp16 d * sc (4 bit)    | -(fp16 dmin * mn (4 bit)) | d, dmin per 256; sc, mn per 16      |
 | IQ4_NL | 32 | 0..15 (levels) | fp16 d          | 0                         | d                                   |
 | IQ4_XS | 32 | 0..15 (levels) | fp16 d * sc     | 0                         | d per 256; sc (-32..31) per 32      |
+| Q1_0 | 128 | 0..1 (levels -1, 1) | fp16 d         | 0                         | d                                   |
+| Q2_0 | 64 | -1..2      | fp16 d                 | 0                         | d                                   |
 
 ``choose_grid`` picks those fields from the original weights, each group's scale (and offset) searched to
 minimise the importance-weighted squared error Σ_j w_j (x_j - value_j)² (w = the diagonal of GPTQ's Hessian,
@@ -118,18 +121,21 @@ def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor], ok: torch.T
 def _search_sym(x: torch.Tensor, w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """Per group the scale s minimising Σ w (x - s c)², c = clamp(round(x / s), lo, hi). Candidates map the
     signed largest-magnitude value m near the code lo (s = m / lo, the reference quantizers' choice, is the
-    first), each refitted by weighted least squares on its codes and kept if re-rounding onto it is better.
-    x, w [N, g] -> s [N] (0 for all-zero groups)."""
+    first; where the positive codes reach further, as Q2_0's, m near hi too), each refitted by weighted least
+    squares on its codes and kept if re-rounding onto it is better. x, w [N, g] -> s [N] (0 for all-zero groups)."""
     m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
     zero_b = torch.zeros_like(m)
     s0 = m / lo
     best = [s0, zero_b, _rounded_error(x, w, s0, zero_b, lo, hi)]
     safe_m = torch.where(m == 0, torch.ones_like(m), m)
-    for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
-        c = torch.round(x * (-(-lo + 0.1 * t) / safe_m)[:, None]).clamp(lo, hi)
-        num, den = (w * x * c).sum(-1), (w * c * c).sum(-1)
-        s = num / den.clamp_min(1e-30)
-        best = _keep_better(best, [s, zero_b, _rounded_error(x, w, s, zero_b, lo, hi)], den > 0)
+    ends = (lo, hi) if hi > -lo else (lo,)  # Q2_0's -1..2: m onto the longer, positive side too
+    for end in ends:
+        for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
+            target = end + 0.1 * t * (1 if end > 0 else -1)  # where m lands
+            c = torch.round(x * (target / safe_m)[:, None]).clamp(lo, hi)
+            num, den = (w * x * c).sum(-1), (w * c * c).sum(-1)
+            s = num / den.clamp_min(1e-30)
+            best = _keep_better(best, [s, zero_b, _rounded_error(x, w, s, zero_b, lo, hi)], den > 0)
     return torch.where(m == 0, zero_b, best[0])
 
 

@@ -17,6 +17,8 @@ uint8 [B, type_bytes] for B blocks. The integers are the ones the decoder multip
 | Q2_K | 256   | d * sc * u - dmin * mn       | u in 0..3         | sc, mn in 0..15, one per 16 |
 | IQ4_NL | 32  | d * IQ4_LEVELS[u]            | u in 0..15        |                             |
 | IQ4_XS | 256 | d * sc * IQ4_LEVELS[u]       | u in 0..15        | sc in -32..31, one per 32   |
+| Q1_0 | 128   | d * (-1, 1)[u]               | u in 0..1 (sign)  |                             |
+| Q2_0 | 64    | d * c                        | c in -1..2        |                             |
 
 d, m, dmin are stored as fp16 (``fp16_bytes``: a float32 input is rounded to nearest even here). Signed codes
 are stored with an offset (c + 8 for Q4_0, ...; Q8_0 as int8), which only this module knows. Elements and
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
+
+from quantkit.formats.gguf import ggml_types  # noqa: F401  (Q2_0, which gguf-py does not name yet)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ LAYOUTS = {
     QT.Q2_K: Layout(16, 0, 3, 0, False, True),
     QT.IQ4_NL: Layout(32, 0, 15, 0, True, False, IQ4_LEVELS),
     QT.IQ4_XS: Layout(32, 0, 15, 0, True, True, IQ4_LEVELS),
+    QT.Q1_0: Layout(128, 0, 1, 0, True, False, (-1, 1)),
+    QT.Q2_0: Layout(64, -1, 2, 1, True, False),
 }
 Q3_K_SCALE_OFFSET = 32  # Q3_K stores sc + 32 in 6 bits
 
@@ -198,6 +204,16 @@ def pack_iq4_xs(d: Array, sc: Array, codes: Array) -> Array:
     )
 
 
+def pack_q1_0(d: Array, codes: Array) -> Array:
+    """sign bits [B, 128] (1: +d) -> [B, 18]: d | qs[16], bit j of byte l = code 8 l + j."""
+    return _concat([fp16_bytes(d), interleave(_stored(codes, QT.Q1_0).reshape(-1, 16, 8).swapaxes(1, 2), 1)], None)
+
+
+def pack_q2_0(d: Array, codes: Array) -> Array:
+    """codes [B, 64] in -1..2 -> [B, 18]: d | qs[16]; stored u = code + 1, bits 2j, 2j + 1 of byte l = u 4 l + j."""
+    return _concat([fp16_bytes(d), interleave(_stored(codes, QT.Q2_0).reshape(-1, 16, 4).swapaxes(1, 2), 2)], None)
+
+
 def _nibbles(u: Array) -> Array:
     """stored codes [B, 32] below 16 -> [B, 16]: byte j = u[j] | u[j + 16] << 4."""
     return interleave(u.reshape(-1, 2, 16), 4)
@@ -282,6 +298,29 @@ def pack_iq3_s(d: Array, points: Array, signs: Array, sc: Array, written: Array)
     return _concat([fp16_bytes(d), qs.reshape(B, 64), qh, sg.reshape(B, 32), scales], None)
 
 
+def pack_iq1_s(d: Array, points: Array, sc: Array, minus: Array) -> Array:
+    """IQ1_S: fp16 d [B], points [B, 8 runs, 4 groups] (0..2047), 3-bit run scales and whether a run's shift is
+    -delta [B, 8] -> [B, 50]: d | qs[32] (the points' low 8 bits) | qh[8] (u16 per run: bits 3k..3k+2 the top
+    3 bits of point k, bits 12-14 the scale, bit 15 the shift's sign)."""
+    p = points.astype(np.uint16)
+    qh = ((p >> 8) << (3 * np.arange(4, dtype=np.uint16))).sum(-1, dtype=np.uint16)  # disjoint bits
+    qh = (qh | (sc.astype(np.uint16) << 12) | (minus.astype(np.uint16) << 15)).astype("<u2").view(np.uint8)
+    return _concat([fp16_bytes(d), (p & 255).astype(np.uint8).reshape(-1, 32), qh.reshape(-1, 16)], None)
+
+
+def pack_iq1_m(dh: Array, points: Array, sc: Array, minus: Array) -> Array:
+    """IQ1_M: fp16 dh [B], points [B, 16 runs, 2 groups], 3-bit run scales [B, 16], whether a group's shift is
+    -delta [B, 16, 2] -> [B, 56]: qs[32] | qh[16] (per run: group 0's top 3 bits, bit 3 its shift sign, group 1's
+    at bits 4-7) | scales (u16 j: bits 3m..3m+2 run 4j + m's scale, bits 12-15 nibble j of dh's bits)."""
+    p, B = points.astype(np.uint16), points.shape[0]
+    hi = (p >> 8) | (minus.astype(np.uint16) << 3)  # [B, 16, 2]
+    bits = np.asarray(dh, dtype=np.float16).reshape(B, 1).view(np.uint16)
+    scales = (sc.astype(np.uint16).reshape(B, 4, 4) << (3 * np.arange(4, dtype=np.uint16))).sum(-1, dtype=np.uint16)
+    scales |= ((bits >> (4 * np.arange(4, dtype=np.uint16))) & 15) << 12
+    qs, qh = (p & 255).astype(np.uint8).reshape(B, 32), (hi[..., 0] | (hi[..., 1] << 4)).astype(np.uint8)
+    return _concat([qs, qh, scales.astype("<u2").view(np.uint8).reshape(B, 8)], None)
+
+
 def _k_nibbles(u: Array) -> Array:
     """stored codes [B, 256] below 16 -> qs [B, 128]: per 64-run, sub-block 2i in the low nibbles, 2i + 1 high."""
     return interleave(u.reshape(-1, 2, 32), 4).reshape(-1, 128)
@@ -306,4 +345,6 @@ PACKERS = {
     QT.Q2_K: pack_q2_k,
     QT.IQ4_NL: pack_iq4_nl,
     QT.IQ4_XS: pack_iq4_xs,
+    QT.Q1_0: pack_q1_0,
+    QT.Q2_0: pack_q2_0,
 }

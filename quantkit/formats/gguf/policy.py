@@ -4,7 +4,8 @@ A file type (``--type q4_k_m``) names a main type; llama-quantize then gives som
 tied embedding (also the output) more bits, the mixes more bits on attn_v / ffn_down / attn_output of some
 layers (``MIX_RULES``), and a fallback where a row's length is not a multiple of the type's block. Norms are
 always F32. Q2_K_S needs an importance matrix for its Q2_K weights, IQ3_XXS / IQ3_XS files for their IQ3_XXS
-and IQ2_S weights, IQ2_* files for their IQ2 weights (``requires_imatrix``).
+and IQ2_S weights, IQ2_* files for their IQ2 weights, IQ1_S / IQ1_M files for their IQ1 and IQ2_XXS weights
+(``requires_imatrix``).
 """
 
 from __future__ import annotations
@@ -45,12 +46,23 @@ FALLBACK = {
     QT.IQ2_S: QT.IQ4_NL,
     QT.IQ2_XXS: QT.IQ4_NL,
     QT.IQ2_XS: QT.IQ4_NL,
+    QT.Q2_0: QT.Q4_0,
+    QT.IQ1_S: QT.IQ4_NL,
+    QT.IQ1_M: QT.IQ4_NL,
 }
 # llama-quantize's tensor_requires_imatrix: weights of these types (the token embedding and output excepted)
 # need an importance matrix, and so do Q2_K ones in a Q2_K_S file
 IMATRIX_TYPES = (QT.IQ3_XXS, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_M, QT.IQ1_S)
 # the file types whose tied embedding (also the output) gets Q5_K rather than Q6_K
-EMBD_Q5_K = (FT.MOSTLY_IQ3_XXS, FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS, FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M)
+EMBD_Q5_K = (
+    FT.MOSTLY_IQ3_XXS,
+    FT.MOSTLY_IQ2_XXS,
+    FT.MOSTLY_IQ2_XS,
+    FT.MOSTLY_IQ2_S,
+    FT.MOSTLY_IQ2_M,
+    FT.MOSTLY_IQ1_S,
+    FT.MOSTLY_IQ1_M,
+)
 IQ2_LOW, IQ2_HIGH = (FT.MOSTLY_IQ2_XXS, FT.MOSTLY_IQ2_XS), (FT.MOSTLY_IQ2_S, FT.MOSTLY_IQ2_M)
 
 
@@ -66,9 +78,15 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
 
 
 def fallback_type(qtype: QT, row_len: int) -> QT:
-    """llama-quantize's substitute when row_len is not a multiple of qtype's block (F16 as a last resort)."""
+    """llama-quantize's substitute when row_len is not a multiple of qtype's block (F16 as a last resort); a
+    one-line error for a type of a larger block without one (Q1_0), as llama-quantize's."""
     if row_len % block_size(qtype) == 0:
         return qtype
+    if qtype not in FALLBACK and block_size(qtype) > 32:  # Q1_0: llama-quantize throws, so does quantkit
+        raise QuantkitError(
+            f"rows of {row_len} are not a multiple of {qtype.name}'s block of {block_size(qtype)}, and "
+            f"llama-quantize defines no fallback type for {qtype.name}"
+        )
     alt = FALLBACK.get(qtype, QT.F16)
     return alt if row_len % block_size(alt) == 0 else QT.F16
 
@@ -100,6 +118,8 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_IQ3_M: _ALWAYS(QT.Q4_K),
         **{f: lambda i, n, g: QT.Q4_K if g >= 4 else QT.Q2_K for f in IQ2_LOW},
         **{f: lambda i, n, g: QT.Q4_K if g >= 4 else QT.IQ3_S for f in IQ2_HIGH},
+        FT.MOSTLY_IQ1_S: lambda i, n, g: QT.Q4_K if g >= 4 else QT.Q2_K,
+        FT.MOSTLY_IQ1_M: lambda i, n, g: QT.Q4_K if g >= 4 else QT.Q2_K,
     },
     "attn_k": {FT.MOSTLY_IQ3_XS: _ALWAYS(QT.IQ3_XXS), FT.MOSTLY_IQ3_XXS: _ALWAYS(QT.IQ2_S)},
     "attn_q": {FT.MOSTLY_IQ3_XS: _ALWAYS(QT.IQ3_XXS), FT.MOSTLY_IQ3_XXS: _ALWAYS(QT.IQ2_S)},
@@ -119,6 +139,8 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_IQ3_M: _FIRST_EIGHTH(QT.Q4_K),
         **{f: _FIRST_EIGHTH(QT.Q2_K) for f in IQ2_LOW},
         **{f: _FIRST_EIGHTH(QT.IQ3_S) for f in IQ2_HIGH},
+        FT.MOSTLY_IQ1_S: _FIRST_EIGHTH(QT.Q2_K),
+        FT.MOSTLY_IQ1_M: _FIRST_EIGHTH(QT.Q2_K),
     },
     "attn_output": {
         FT.MOSTLY_Q2_K: _ALWAYS(QT.Q3_K),
@@ -127,6 +149,8 @@ MIX_RULES: dict[str, dict[FT, Rule]] = {
         FT.MOSTLY_IQ3_XXS: _ALWAYS(QT.IQ3_S),
         FT.MOSTLY_IQ3_M: _ALWAYS(QT.Q4_K),
         **{f: _ALWAYS(QT.IQ3_S) for f in IQ2_HIGH},
+        FT.MOSTLY_IQ1_S: _ALWAYS(QT.IQ2_XXS),
+        FT.MOSTLY_IQ1_M: _ALWAYS(QT.IQ2_XXS),
     },
 }
 
@@ -158,11 +182,11 @@ def weight_type(
     """llama-quantize's type for one weight of a ``qtype`` file (kind: GGUF or HF, e.g. 'attn_v', 'v_proj').
 
     Float files keep every weight in their type. Otherwise the tied embedding (the output too) gets Q6_K (Q5_K
-    in IQ3_XXS and IQ2_* files; Q8_0 in Q8_0 files, and where its row is not a multiple of the main type's
+    in IQ3_XXS, IQ2_* and IQ1_* files; Q8_0 in Q8_0 files, and where its row is not a multiple of the main type's
     block), the mixes' rules (``MIX_RULES``) pick other types for some layer weights, and then a row not a
-    multiple of the type's block falls back (Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS /
-    IQ3_* / IQ2_* -> IQ4_NL, else F16). Norms are F32. ``imatrix``: llama-quantize was given an importance
-    matrix (``IMATRIX_RULES``)."""
+    multiple of the type's block falls back (Q2_K / Q3_K / Q2_0 -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+    IQ4_XS / IQ3_* / IQ2_* / IQ1_* -> IQ4_NL, else F16). Norms are F32. ``imatrix``: llama-quantize was given an
+    importance matrix (``IMATRIX_RULES``)."""
     kind = tensor_kind(hf_or_gguf_kind)
     if kind.endswith("norm"):
         return QT.F32

@@ -2,8 +2,9 @@
 to its HF name and shape, and dequantize it to the HF value.
 
 The file is opened with gguf-py's memory-mapped reader. A tensor's HF value is ``gguf.quants.dequantize`` of
-its data in float32, with the GGUF's ``1 + w`` norms turned back into HF's ``w``. The tied ``output.weight``
-that some converters write is accepted only when it equals ``token_embd``, and then dropped.
+its data in float32 (quantkit's ``lowbit`` decoders for Q1_0 / Q2_0), with the GGUF's ``1 + w`` norms turned
+back into HF's ``w``. The tied ``output.weight`` that some converters write is accepted only when it equals
+``token_embd``, and then dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import gguf
 import numpy as np
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.lowbit import DEQUANTIZERS, dequantize_lowbit
 from quantkit.formats.gguf.metadata import build_config, gemma_rules
 from quantkit.formats.gguf.names import GLOBAL_TENSORS, LAYER_TENSORS, GemmaRules
 from quantkit.formats.gguf.vocab import SpmVocab, read_vocab
@@ -187,7 +189,7 @@ def map_tensors(reader: gguf.GGUFReader, config: dict[str, Any], source: str) ->
         if shape != expected[name]:
             raise QuantkitError(f"{source}: tensor {t.name!r} has shape {shape}, config implies {expected[name]}")
         try:
-            gguf.quants.dequantize(t.data[:1], t.tensor_type)  # probe one row: is the type supported?
+            _values(t.data[:1], t.tensor_type)  # probe one row: is the type supported?
         except NotImplementedError as e:
             raise QuantkitError(f"{source}: gguf-py cannot dequantize {t.name!r} ({t.tensor_type.name})") from e
         except ValueError as e:  # rows that do not fit the type tag's block size
@@ -207,8 +209,15 @@ def _check_tied(output: gguf.ReaderTensor, embed: gguf.ReaderTensor | None, sour
         raise QuantkitError(f"{source}: output.weight differs from token_embd.weight (untied head), not supported")
 
 
+def _values(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """gguf-py's dequantization; quantkit's for Q1_0 / Q2_0, which gguf-py cannot decode."""
+    if qtype in DEQUANTIZERS:
+        return dequantize_lowbit(np.asarray(data), qtype)
+    return gguf.quants.dequantize(data, qtype)
+
+
 def _dequantize(t: gguf.ReaderTensor) -> np.ndarray:
-    values = gguf.quants.dequantize(t.data, t.tensor_type)
+    values = _values(t.data, t.tensor_type)
     return values.reshape(tuple(int(n) for n in reversed(t.shape)))
 
 

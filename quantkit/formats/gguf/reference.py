@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.formats.gguf.blocks import check_rows, row_bytes
@@ -33,14 +34,18 @@ REF_TYPES = (
     QT.IQ2_XXS,
     QT.IQ2_XS,
     QT.IQ2_S,
+    QT.Q1_0,
+    QT.Q2_0,
+    QT.IQ1_S,
+    QT.IQ1_M,
 )
 # types whose oracle is the row quantizer llama-quantize calls, `quantize_<type>(src, dst, nrows, n_per_row,
 # imatrix=NULL)`: quantize_row_iq4_nl_ref is another quantizer (no scale search)
-CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)
+CHUNK_REF = (QT.IQ4_NL, QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_S, QT.IQ1_M)
 # types whose tables libggml builds on first use: `ggml_quantize_init(type)` (the codebook neighbours)
-INIT_REF = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S)
+INIT_REF = (QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S, QT.IQ1_S, QT.IQ1_M)
 # types whose quantize_<type> aborts the process without an importance vector (GGML_ASSERT(quant_weights))
-WEIGHTS_REF = (QT.IQ2_XXS, QT.IQ2_XS)
+WEIGHTS_REF = (QT.IQ2_XXS, QT.IQ2_XS, QT.IQ1_S)
 
 
 def libggml_path() -> Path | None:
@@ -101,4 +106,19 @@ def quantize_rows_ref(
         fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], None)
     else:
         fn(x.ctypes.data, out.ctypes.data, x.size)
+    return out
+
+
+def dequantize_rows_ref(data: np.ndarray, qtype: QT, lib_path: Path | None = None) -> np.ndarray:
+    """uint8 [R, row_bytes] -> float32 [R, n] by libggml's `dequantize_row_<type>(const void *x, float *y,
+    int64_t k)`: the decoder llama.cpp runs."""
+    lib_path = lib_path or libggml_path()
+    if lib_path is None:
+        raise FileNotFoundError("libggml-base not found: install llama-cpp-python")
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    blk, size = GGML_QUANT_SIZES[qtype]
+    out = np.empty((data.shape[0], data.shape[1] // size * blk), dtype=np.float32)
+    fn = getattr(ctypes.CDLL(str(lib_path)), f"dequantize_row_{ggml_name(qtype)}")
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    fn(data.ctypes.data, out.ctypes.data, out.size)
     return out
