@@ -143,10 +143,12 @@ def table_gelu(table: torch.Tensor):
 # --------------------------------------------------------------------------------------- bytes and names
 
 
-# q2_k_s, iq3_xxs, iq3_xs and iq2_* need an importance matrix here (test_llama_quantize_files checks the
+# q2_k_s, iq3_xxs, iq3_xs, iq2_* and iq1_* need an importance matrix here (test_llama_quantize_files checks the
 # refusal); iq3_s / iq3_m would take seconds per file (IQ3_S on every weight): test_llama_quantize_files
 # compares their bytes with llama-quantize's on smaller models
-@pytest.mark.parametrize("qtype", [q for q in policy.FILE_TYPES if not q.startswith(("q2_k_s", "iq3_", "iq2_"))])
+@pytest.mark.parametrize(
+    "qtype", [q for q in policy.FILE_TYPES if not q.startswith(("q2_k_s", "iq3_", "iq2_", "iq1_"))]
+)
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_tensors_read_back_exactly(export, arch, qtype, tiny_gemma2, tiny_gemma3):
     path, report = export(arch, qtype)

@@ -94,8 +94,16 @@ def test_refusals_are_one_line_and_leave_nothing(tiny_gemma2, ladder, tmp_path, 
     (foreign / "mine.txt").write_text("x")
     cases = [
         (
-            ["ladder", str(tiny_gemma2), "--types", "q4_0,iq2_m", "-o", str(new)],
+            ["ladder", str(tiny_gemma2), "--types", "q4_0,q3_0", "-o", str(new)],
             f"(supported: {', '.join(FILE_TYPES)})",
+        ),
+        (
+            ["ladder", str(tiny_gemma2), "--types", "q4_0,iq2_m", "-o", str(new)],
+            "GPTQ cannot write IQ2_S, IQ3_S blocks",
+        ),
+        (
+            ["ladder", str(tiny_gemma2), "--types", "q4_0,iq2_m", "--method", "rtn", "-o", str(new)],
+            "--type iq2_m requires an importance matrix",
         ),
         ([*_ladder_args(tiny_gemma2, out), "--seed", "7"], "a ladder of other settings (differs in calibration.seed)"),
         (_ladder_args(tiny_gemma2, foreign), "not empty and not a quantkit ladder"),

@@ -22,7 +22,8 @@ from quantkit.errors import QuantkitError
 from quantkit.eval.evaluate import evaluate_many
 from quantkit.eval.report import open_quantized, plot, rows
 from quantkit.formats.card import source_provenance
-from quantkit.formats.gguf.export import gguf_file_bytes
+from quantkit.formats.gguf.export import check_importance, gguf_file_bytes
+from quantkit.formats.gguf.policy import plan_tensors
 from quantkit.io.atomic import ARTIFACT_MARKER, atomic_file, check_output
 from quantkit.io.budget import eval_bytes, refuse_if_over_memory
 from quantkit.io.calibration import calibration_digest, calibration_files, calibration_label, check_sources
@@ -32,6 +33,7 @@ from quantkit.io.tokenizer import Tokenizer
 from quantkit.ladder.card import ladder_card
 from quantkit.ladder.jobs import import_ray, run_here, run_on_ray
 from quantkit.ladder.plan import TypeJob, check_ladder_dir, digest, ladder_settings, plan_jobs, write_marker
+from quantkit.quant.quantize import gptq_block_types
 from quantkit.quant.recipes import QuantizeOptions
 
 PLOT_NAME = "quality.png"
@@ -107,6 +109,8 @@ def run_ladder(
     settings = ladder_settings(ckpt, method, opts, calib, threads)
     jobs = plan_jobs(ckpt.path, types, method, opts, threads)
     todo = [j for j in jobs if not (out / j.file_name).is_file()]
+    for j in todo:  # a type the job cannot write is refused before anything is written
+        _check_writable(ckpt, j)
     need = sum(gguf_file_bytes(ckpt, j.qtype) for j in todo)
     check_output(out, inputs, kind="dir", overwrite=check_ladder_dir(out, settings), need_bytes=need)
     ids = perplexity_chunks(Tokenizer(ckpt.tokenizer_path), data, evaluation.ctx, evaluation.chunks)
@@ -128,6 +132,15 @@ def run_ladder(
     report["seconds"] = round(time.perf_counter() - t0, 3)
     _write_outputs(out, report, inputs)
     return report
+
+
+def _check_writable(ckpt, job: TypeJob) -> None:
+    """The one-line refusal the job's own command would give (GPTQ onto a type it has no grid for; an export
+    that needs an importance matrix), raised before the ladder writes anything."""
+    if job.method == "gptq":
+        gptq_block_types(ckpt, job.qtype)
+    else:
+        check_importance(ckpt, job.qtype, plan_tensors(ckpt.config, job.qtype))
 
 
 def _finished_report(out: Path, key: dict[str, Any]) -> dict[str, Any] | None:

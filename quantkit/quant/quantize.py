@@ -146,7 +146,7 @@ def quantize_checkpoint(
         check_sources(opts.calib)
     if (gguf_type or imatrix_out) and opts.method != "gptq":
         raise QuantkitError("--imatrix-out and GPTQ into GGUF blocks need --method gptq")
-    block_types = _block_types(ckpt, gguf_type, types) if gguf_type else {}
+    block_types = gptq_block_types(ckpt, gguf_type, types) if gguf_type else {}
     sdt = _scale_dtype(opts, ckpt)
     t0 = time.perf_counter()
     n_layers = ckpt.config.num_hidden_layers
@@ -223,7 +223,7 @@ def quantize_to_gguf(
     return report
 
 
-def _block_types(
+def gptq_block_types(
     ckpt: Checkpoint, gguf_type: str, types: Mapping[str, GGMLQuantizationType] | None = None
 ) -> dict[str, GGMLQuantizationType]:
     """HF weight name -> the ggml type a ``gguf_type`` GGUF (with ``types``, GGUF name -> type, in place of
