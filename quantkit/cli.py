@@ -249,7 +249,7 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
     multiple=True,
     help="Calibration text: a file, or a shipped text (wiki, code, chat, multilingual; mix = all four); "
     "repeat it, or separate with commas, for a set, each SOURCE[:WEIGHT] (windows split by weight). "
-    "[default: wiki, the shipped ~100 kB excerpt of WikiText-2 validation]",
+    "[default: mix: the WikiText-2 validation excerpt, code, chat and six languages, windows split evenly]",
 )
 @click.option("--nsamples", type=click.IntRange(min=1), help="Calibration windows. [default: 128]")
 @click.option("--seqlen", type=click.IntRange(min=2), help="Tokens per calibration window. [default: 512]")

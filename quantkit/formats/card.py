@@ -115,7 +115,7 @@ def artifact_tags(report: dict[str, Any], model_type: str) -> list[str]:
 def _method_line(opts: dict[str, Any]) -> str:
     if opts["method"] == "rtn":
         return f"RTN (round to nearest; scale search: {opts['scale_search']})"
-    calib = calibration_label(opts["calib"]) if opts.get("calib") else "the shipped WikiText-2 validation excerpt"
+    calib = calibration_label(opts.get("calib"))  # None: the default set, by name
     extra = ", act-order" if opts["act_order"] else ""
     extra += ", towards the unquantized layer outputs (GPTQ v2)" if opts["fp_targets"] else ""
     return (

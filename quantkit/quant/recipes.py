@@ -37,7 +37,7 @@ class QuantizeOptions:
     group_size: int = 128
     sym: bool = True
     method: str = "gptq"  # "gptq" | "rtn"
-    calib: str | None = None  # calibration text (GPTQ); default: WikiText-2 validation
+    calib: str | None = None  # calibration text or set (GPTQ); default: io.calibration.DEFAULT_CALIB
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
