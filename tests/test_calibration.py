@@ -34,7 +34,8 @@ def test_one_text_gives_the_single_text_windows(tiny_gemma2):
     tok = Tokenizer(tiny_gemma2 / "tokenizer.model")
     old = calibration_windows(tok, CALIB_TEXT, 6, 32, 3)
     assert torch.equal(calibration_set_windows(tok, str(CALIB_TEXT), 6, 32, 3), old)
-    assert torch.equal(calibration_set_windows(tok, None, 6, 32, 3), old)  # the default is the shipped wiki text
+    default, mix = (calibration_set_windows(tok, spec, 6, 32, 3) for spec in (None, "mix"))
+    assert torch.equal(default, mix) and not torch.equal(default, old)  # the default is the shipped mix
 
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
