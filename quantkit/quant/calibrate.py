@@ -184,9 +184,10 @@ class LayerCalibrator:
         for x, x_fp in pairs:
             if hess is None:
                 hess = Hessian(x.shape[-1], self.cal.device)
-                if x_fp is not None:
-                    p = layer_prefix(self.i)
-                    ws = {n: self.cal.ckpt.get(f"{p}{n}.weight") for n in weights_of} or None
+                if x_fp is not None:  # the weights are read only where the drift keeps W D itself
+                    rows = [self.cal.ckpt.config.linear_shapes()[n][0] for n in weights_of]
+                    p, direct = layer_prefix(self.i), weights_of and Drift.direct(rows, x.shape[-1])
+                    ws = {n: self.cal.ckpt.get(f"{p}{n}.weight") for n in weights_of} if direct else None
                     drift = Drift(x.shape[-1], self.cal.device, ws)
             with self.hes:
                 hess.add(x)

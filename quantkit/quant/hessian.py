@@ -73,17 +73,22 @@ class Drift:
     def __init__(
         self, in_features: int, device: torch.device | str = "cpu", weights: Mapping[str, torch.Tensor] | None = None
     ):
-        direct = weights is not None and 2 * sum(w.shape[0] for w in weights.values()) < in_features
+        direct = weights is not None and self.direct([w.shape[0] for w in weights.values()], in_features)
+        self.device = torch.device(device)
         self._w = {k: w.to(device, torch.float32) for k, w in weights.items()} if direct else {}
         self._wd = {k: torch.zeros_like(w) for k, w in self._w.items()}  # name -> W D [O, I]
         self.D = None if direct else torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n = 0
 
+    @staticmethod
+    def direct(rows: list[int], in_features: int) -> bool:
+        """Whether weights of these row counts reading ``in_features`` inputs get W D directly (2 ΣO < I)."""
+        return 2 * sum(rows) < in_features
+
     def add(self, x_fp: torch.Tensor, x: torch.Tensor, consume: bool = False) -> None:
         """``consume``: x_fp is not needed afterwards, so x_fp − x may be formed in its storage."""
-        dev = self._w[next(iter(self._w))].device if self.D is None else self.D.device
-        x = x.reshape(-1, x.shape[-1]).to(dev, torch.float32)  # [rows, I]
-        x_fp = x_fp.reshape(x.shape).to(dev, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.device, torch.float32)  # [rows, I]
+        x_fp = x_fp.reshape(x.shape).to(self.device, torch.float32)
         d = x_fp.sub_(x) if consume else x_fp - x
         m = x.shape[0]
         beta, alpha = self.n / (self.n + m), 2.0 / (self.n + m)
@@ -95,7 +100,7 @@ class Drift:
 
     def times(self, W: torch.Tensor) -> torch.Tensor:
         """W D [O, I] in fp32 on D's device, for ``fp_target`` (D itself must be kept)."""
-        return W.to(self.D.device, torch.float32) @ self.D
+        return W.to(self.device, torch.float32) @ self.D
 
     def products(self, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """name -> W D [O, I] for the subset's ``weights``; D's storage is released (it is not needed again)."""
