@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from conftest import CALIB_TEXT
@@ -52,13 +53,33 @@ def test_quantize_format_gguf(tiny_gemma3, tmp_path):
     assert np.abs(w - dense).max() <= np.abs(dense).max() / 127 * 4  # GPTQ moves weights by a few steps at most
 
 
-def test_gptq_onto_codebooks_is_refused(tiny_gemma3, tmp_path):
-    """GPTQ rounds onto fixed grids; the IQ2 / IQ3 codebooks have none: one line, exit 2, before calibrating,
-    nothing written. iq2_m names both codebook types its weights get on rows of 256 (IQ2_S, IQ3_S)."""
-    for qtype, names in [("iq2_m", "IQ2_S, IQ3_S"), ("iq2_xxs", "IQ2_XXS"), ("iq2_xs", "IQ2_XS"), ("iq3_s", "IQ3_S")]:
-        out = tmp_path / f"{qtype}.gguf"
-        args = ["quantize", str(tiny_gemma3), "-o", str(out), "--format", "gguf", "--type", qtype, *GPTQ]
-        res = CliRunner().invoke(cli, args)
-        assert res.exit_code == 2, res.output
-        assert res.output == f"quantkit: error: --type {qtype}: GPTQ cannot write {names} blocks (use --method rtn)\n"
-    assert not list(tmp_path.iterdir())
+def test_gptq_onto_codebooks(tiny_gemma3, tmp_path):
+    """quantize --method gptq --format gguf --type iq2_m: on rows of 256 its weights are IQ2_S and IQ3_S
+    (attn_v, ffn_down of the first layers): GPTQ chooses their points (block LDLQ), below the encoder's output
+    error on the same scales, and the GGUF holds the types llama-quantize's rules give."""
+    from quantkit.formats.gguf.policy import plan_tensors
+
+    out = tmp_path / "iq2_m.gguf"
+    args = ["quantize", str(tiny_gemma3), "-o", str(out), "--format", "gguf", "--type", "iq2_m", *GPTQ, "--json"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    lin = report["linears"].values()
+    assert {s["ggml_type"] for s in lin} == {"IQ2_S", "IQ3_S"}
+    assert sum(s["output_rel_err"] for s in lin) < 0.9 * sum(s["rtn_output_rel_err"] for s in lin)
+    plan = {t.gguf_name: t.qtype for t in plan_tensors(open_checkpoint(tiny_gemma3).config, "iq2_m")}
+    assert {t.name: t.tensor_type for t in GGUFReader(out).tensors} == plan
+    assert [p.name for p in tmp_path.iterdir()] == ["iq2_m.gguf"]
+    # llama.cpp decodes the points GPTQ chose as quantkit does: its logits follow quantkit's on the file
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantkit.formats.gguf.model import GGUFModel
+    from quantkit.model import build_model
+
+    ids = [2, *range(100, 124)]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = build_model(GGUFModel(out))(torch.tensor([ids]))[0]
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()

@@ -98,10 +98,6 @@ def test_refusals_are_one_line_and_leave_nothing(tiny_gemma2, ladder, tmp_path, 
             f"(supported: {', '.join(FILE_TYPES)})",
         ),
         (
-            ["ladder", str(tiny_gemma2), "--types", "q4_0,iq2_m", "-o", str(new)],
-            "GPTQ cannot write IQ2_S, IQ3_S blocks",
-        ),
-        (
             ["ladder", str(tiny_gemma2), "--types", "q4_0,iq2_m", "--method", "rtn", "-o", str(new)],
             "--type iq2_m requires an importance matrix",
         ),

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from gguf import GGMLQuantizationType
 
-from quantkit.formats.gguf.grids import BlockGrid, GridWeight, choose_grid, rtn_on_grid
+from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES, BlockWeight, CodebookGrid, choose_codebook_grid
+from quantkit.formats.gguf.grids import BlockGrid, choose_grid, rtn_on_grid
 from quantkit.formats.gguf.imatrix import ImportanceStats
 from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linear, holding_weights
 from quantkit.io.checkpoint import Checkpoint
@@ -25,6 +26,7 @@ from quantkit.model import LINEAR_NAMES, Gemma
 from quantkit.quant.gptq import GPTQResult, fp_target, gptq_quantize, inverse_factor, weighted_norms
 from quantkit.quant.grid_refine import gptq_refined
 from quantkit.quant.hessian import Drift, Hessian
+from quantkit.quant.ldlq import ldlq_quantize
 from quantkit.quant.memory import peak_rss_gib, release_freed_memory
 from quantkit.quant.primitives import QuantizedWeight, rtn
 from quantkit.quant.recipes import QuantizeOptions
@@ -37,14 +39,21 @@ SUBSETS = (
     ("mlp.down_proj",),
 )
 
-Emit = Callable[[str, QuantizedWeight | GridWeight], None]  # (module path, its quantized weight)
+Emit = Callable[[str, QuantizedWeight | BlockWeight], None]  # (module path, its quantized weight)
 Pair = tuple[torch.Tensor, torch.Tensor | None]  # a stage's output on the quantized and the unquantized path
 
 
-def weight_rel_err(w: torch.Tensor, qw: QuantizedWeight | GridWeight) -> float:
+def weight_rel_err(w: torch.Tensor, qw: QuantizedWeight | BlockWeight) -> float:
     """‖W − dequant(W)‖² / ‖W‖²."""
     w = w.float()
     return float(((w - qw.dequantize()) ** 2).sum() / (w**2).sum().clamp_min(1e-30))
+
+
+def _rtn(w: torch.Tensor, grid: BlockGrid | CodebookGrid | None, o: QuantizeOptions, sdt: torch.dtype):
+    """The round-to-nearest baseline on the grid GPTQ uses (a codebook type's: its encoder's own choice)."""
+    if grid is None:
+        return rtn(w.float(), o.spec, sdt)
+    return grid.rtn() if isinstance(grid, CodebookGrid) else rtn_on_grid(w, grid)
 
 
 @dataclass(frozen=True)
@@ -206,8 +215,7 @@ class LayerCalibrator:
         w0 = next(iter(ws.values()))
         with self.dia:  # the grids, tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
             grids = {n: self._grid(p + n, w, hess.H) for n, w in ws.items()}
-            rtns = {n: rtn(w.float(), o.spec, cal.sdt) if grids[n] is None else rtn_on_grid(w, grids[n])
-                    for n, w in ws.items()}  # fmt: skip
+            rtns = {n: _rtn(w, grids[n], o, cal.sdt) for n, w in ws.items()}
             norms = {
                 n: weighted_norms([w, w.float() - rtns[n].dequantize()], hess.H) for n, w in ws.items()
             }  # [den, rtn num]
@@ -217,7 +225,8 @@ class LayerCalibrator:
             H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
         with self.sol:
             wds = {} if drift is None else drift.products(ws)  # D gone before the factor's two I x I buffers
-            fac = inverse_factor(hess, o.damp, o.act_order)  # one factor for the whole subset
+            group = 8 if any(isinstance(g, CodebookGrid) for g in grids.values()) else 1  # slabs stay together
+            fac = inverse_factor(hess, o.damp, o.act_order, group)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
                 target = w.to(cal.device) if drift is None else fp_target(w, wds.pop(name), fac)
@@ -237,20 +246,24 @@ class LayerCalibrator:
         release_freed_memory()
         self.peaks["+".join(n.split(".")[-1] for n in names)] = peak_rss_gib()
 
-    def _module(self, qw: QuantizedWeight | GridWeight) -> torch.nn.Module:
+    def _module(self, qw: QuantizedWeight | BlockWeight) -> torch.nn.Module:
         """The linear that runs ``qw`` in the following stages: packed codes, or a GGUF grid's weights."""
         return PackedLinear(qw) if isinstance(qw, QuantizedWeight) else dense_linear(qw.dequantize(self.model.dtype))
 
-    def _grid(self, path: str, w: torch.Tensor, H: torch.Tensor) -> BlockGrid | None:
+    def _grid(self, path: str, w: torch.Tensor, H: torch.Tensor) -> BlockGrid | CodebookGrid | None:
         """The fixed ggml grid this linear is rounded onto when the target is a GGUF type (else None),
         chosen from the original weights weighted by diag(H)."""
         qtype = self.cal.block_types.get(path + ".weight")
+        if qtype in CODEBOOK_TYPES:
+            return choose_codebook_grid(w, qtype, H.diagonal())
         return None if qtype is None else choose_grid(w, qtype, H.diagonal())
 
-    def _solve(self, w: torch.Tensor, fac, grid: BlockGrid | None, imp, H_kept) -> GPTQResult:
+    def _solve(self, w: torch.Tensor, fac, grid: BlockGrid | CodebookGrid | None, imp, H_kept) -> GPTQResult:
         """GPTQ of one linear: onto ``grid`` (a GGUF type's), else on the recipe's grid (searched scales,
         optionally refitted)."""
         o, sdt = self.cal.opts, self.cal.sdt
+        if isinstance(grid, CodebookGrid):
+            return ldlq_quantize(w, fac, grid, o.blocksize)
         if grid is not None:
             return gptq_quantize(w, fac, o.spec, sdt, o.blocksize, grid=grid)
         if o.refine_iters:

@@ -52,7 +52,7 @@ def _times_triangular(M: torch.Tensor, T: torch.Tensor, upper: bool, block: int 
 
 @dataclass(frozen=True)
 class GPTQResult:
-    weight: QuantizedWeight | GridWeight
+    weight: QuantizedWeight | GridWeight  # or a CodebookWeight (quant.ldlq)
     loss: float  # Σ (w - q)² / (2 d²), the paper's objective
     damp: float  # the damping fraction that made H positive definite
     sq_output_err: float  # tr(D H Dᵀ) with D = W - Q and the undamped H: the output error, free from the solver
@@ -73,9 +73,11 @@ class InverseFactor:
     actorder: bool
 
 
-def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False) -> InverseFactor:
+def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False, group: int = 1) -> InverseFactor:
     """The ``InverseFactor`` of ``hess.H`` [I, I], which is taken from ``hess`` (set to None) and whose
-    storage is reused: at most two I x I buffers are alive at any time.
+    storage is reused: at most two I x I buffers are alive at any time. With act-order and ``group`` > 1,
+    runs of ``group`` consecutive columns keep their order and move together, by decreasing sum of diag(H)
+    (the codebook types choose ``group`` columns jointly: ``quantkit.quant.ldlq``).
 
     With J the reversal permutation and J Hd J = L Lᵀ (Hd the damped H), Hd⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J) and
     J L⁻¹ J is upper triangular with a positive diagonal: it is the upper Cholesky factor of Hd⁻¹. So one
@@ -85,7 +87,7 @@ def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False
     diag = H.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
-    perm = torch.argsort(diag, descending=True) if actorder else torch.arange(n, device=H.device)
+    perm = _act_order(diag, group) if actorder else torch.arange(n, device=H.device)
     if actorder:
         H = H[perm]
         H = H[:, perm]
@@ -106,6 +108,14 @@ def inverse_factor(hess: Hessian, percdamp: float = 0.01, actorder: bool = False
         del L
         damp = damp * 2 if damp >= 0.01 else damp + 0.01
     raise QuantkitError("GPTQ: the Hessian is not positive definite even with damping 1.0 (are the inputs NaN?)")
+
+
+def _act_order(diag: torch.Tensor, group: int) -> torch.Tensor:
+    """Columns by decreasing diag(H), runs of ``group`` columns as one (their sum), in order inside."""
+    if group == 1:
+        return torch.argsort(diag, descending=True)
+    runs = torch.argsort(diag.reshape(-1, group).sum(1), descending=True)  # [I / group]
+    return (runs[:, None] * group + torch.arange(group, device=diag.device)).reshape(-1)
 
 
 def _invert_lower_into(L: torch.Tensor, X: torch.Tensor, base: int = 512) -> None:
@@ -232,11 +242,18 @@ def gptq_quantize(
             scale = torch.cat(scales, dim=1)
             zero = None if spec.sym else torch.cat(zeros, dim=1)
         qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
-    # W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs' diagonal
-    D = W0.sub_(qw.dequantize().to(dev))  # [O, I]; its squares summed in fp64 a block of rows at a time
+    return gptq_result(qw, W0, float(sq_err), fac)
+
+
+def gptq_result(qw, W0: torch.Tensor, sq_err: float, fac: InverseFactor) -> GPTQResult:
+    """The result of quantizing W0 [O, I] (overwritten) to ``qw``, from ‖E‖² (E the scaled errors).
+
+    W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs'
+    diagonal: the output error against the undamped H is ‖E‖² less those."""
+    D = W0.sub_(qw.dequantize().to(W0.device))  # [O, I]; its squares summed in fp64 a block of rows at a time
     sq = sum(float(d.double().square_().sum()) for d in D.split(1024))
-    sq_out = float(sq_err) - fac.lam * sq - float(D[:, fac.dead].double().square_().sum())
-    return GPTQResult(qw, float(sq_err) / 2, fac.damp, max(sq_out, 0.0))
+    sq_out = sq_err - fac.lam * sq - float(D[:, fac.dead].double().square_().sum())
+    return GPTQResult(qw, sq_err / 2, fac.damp, max(sq_out, 0.0))
 
 
 def weighted_norms(Ws: list[torch.Tensor], H: torch.Tensor, rows: int = 2048) -> list[float]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats.card import CARD_NAME, artifact_card, source_provenance
+from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES
 from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.grids import LAYOUTS
 from quantkit.formats.gguf.imatrix import write_imatrix
@@ -230,7 +231,7 @@ def gptq_block_types(
     its own) stores each decoder-layer linear in."""
     plan = retype(plan_tensors(ckpt.config, gguf_type), types or {})
     plan = [t for t in plan if t.hf_name.startswith("model.layers.") and not t.is_norm]
-    unsupported = sorted({t.qtype.name for t in plan if t.qtype not in LAYOUTS})
+    unsupported = sorted({t.qtype.name for t in plan if t.qtype not in LAYOUTS and t.qtype not in CODEBOOK_TYPES})
     if unsupported:
         raise QuantkitError(f"--type {gguf_type}: GPTQ cannot write {', '.join(unsupported)} blocks (use --method rtn)")
     return {t.hf_name: t.qtype for t in plan}

@@ -37,7 +37,15 @@ from quantkit.formats.gguf.ggml_float import Scratch, columns
 from quantkit.formats.gguf.iquants import importance_weights
 from quantkit.formats.gguf.layouts import pack_iq3_s, pack_iq3_xxs
 
-__all__ = ["CodebookOverflowError", "codebook", "quantize_codebook", "quantize_iq3_s", "quantize_iq3_xxs"]
+__all__ = [
+    "PACK",
+    "CodebookOverflowError",
+    "codebook",
+    "codebook_fields",
+    "quantize_codebook",
+    "quantize_iq3_s",
+    "quantize_iq3_xxs",
+]
 
 
 @cache
@@ -52,10 +60,11 @@ def codebook(qtype: QT) -> Codebook:
     return Codebook(qtype, kmax=8, step=0.2, trials=trials, eps=eps, fudge=fudge, **flags, **tables)
 
 
-def quantize_codebook(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
-    """float32 [B, 256] super-blocks -> uint8 [B, 98] IQ3_XXS or [B, 110] IQ3_S blocks. ``qw`` [B, 256]: an
-    importance (llama-quantize --imatrix): weights qw * sqrt(sigma2 + x^2), sigma2 = 2 sum(x^2) / 256 per
-    super-block, as for IQ4_XS."""
+def codebook_fields(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> dict:
+    """float32 [B, 256] super-blocks -> the IQ3_XXS / IQ3_S block fields ``PACK[qtype]`` writes: fp16 d [B],
+    points [B, 8 runs, 8 groups], sign bytes [B, 8, 4], 4-bit run scales [B, 8] (IQ3_S: and which runs are
+    written [B, 8]). ``qw`` [B, 256]: an importance (llama-quantize --imatrix): weights qw * sqrt(sigma2 + x^2),
+    sigma2 = 2 sum(x^2) / 256 per super-block, as for IQ4_XS."""
     cb = codebook(qtype)
     ws = ws or Scratch()
     B = x.shape[0]
@@ -68,9 +77,17 @@ def quantize_codebook(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: n
     signs = signs.T.reshape(B, 8, 4)  # [B, run, byte]
     zero = zero.reshape(B, 8)
     if qtype == QT.IQ3_XXS:  # all-zero runs store point 0 and no signs; an all-zero super-block stores nothing
-        blank = zero | empty[:, None]
-        return pack_iq3_xxs(dh, np.where(blank[..., None], 0, pts), np.where(blank[..., None], 0, signs), sc)
-    return pack_iq3_s(dh, pts, signs, sc, ~zero)
+        blank = (zero | empty[:, None])[..., None]
+        return dict(d=dh, points=np.where(blank, 0, pts), signs=np.where(blank, 0, signs), sc=sc)
+    return dict(d=dh, points=pts, signs=signs, sc=sc, written=~zero)
+
+
+PACK = {QT.IQ3_XXS: pack_iq3_xxs, QT.IQ3_S: pack_iq3_s}
+
+
+def quantize_codebook(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, 256] super-blocks -> uint8 [B, 98] IQ3_XXS or [B, 110] IQ3_S blocks (``codebook_fields``)."""
+    return PACK[qtype](**codebook_fields(x, qtype, ws, qw))
 
 
 def quantize_iq3_xxs(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:

@@ -185,8 +185,9 @@ def _run_scales(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return d, np.where(empty[:, None], 0, nearest_int(f, 0, 7).astype(np.int64)), empty
 
 
-def quantize_iq1_s(x: np.ndarray, qw: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
-    """Super-blocks x float32 [B, 256] with importance qw [B, 256] -> IQ1_S blocks uint8 [B, 50]."""
+def iq1_s_fields(x: np.ndarray, qw: np.ndarray, ws: Scratch | None = None) -> dict:
+    """Super-blocks x float32 [B, 256] with importance qw [B, 256] -> the fields ``pack_iq1_s`` writes: fp16 d
+    [B], points [B, 8 runs, 4], 3-bit run scales [B, 8], whether a run's shift is -delta [B, 8]."""
     ws = ws or Scratch()
     B = x.shape[0]
     w = np.array(importance_weights(x, qw, ws))  # [32, 8B]
@@ -195,12 +196,19 @@ def quantize_iq1_s(x: np.ndarray, qw: np.ndarray, ws: Scratch | None = None) -> 
         d, sc, empty = _run_scales(scale.reshape(B, 8))
         dh = np.where(empty, F32(0), d * F32(1.125)).astype(np.float16)
     minus = np.where(empty[:, None], False, minus[0].reshape(B, 8))
-    return pack_iq1_s(dh, pts.T.reshape(B, 8, 4), sc, minus)
+    return dict(d=dh, points=pts.T.reshape(B, 8, 4), sc=sc, minus=minus)
 
 
-def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None, ws: Scratch | None = None) -> np.ndarray:
-    """Super-blocks x float32 [B, 256] (importance qw [B, 256], or None: weights x^2) -> IQ1_M uint8 [B, 56].
-    The super-scale is refitted by least squares over the whole super-block on the stored levels and scales."""
+def quantize_iq1_s(x: np.ndarray, qw: np.ndarray, ws: Scratch | None = None) -> np.ndarray:
+    """Super-blocks x float32 [B, 256] with importance qw [B, 256] -> IQ1_S blocks uint8 [B, 50]."""
+    return pack_iq1_s(**iq1_s_fields(x, qw, ws))
+
+
+def iq1_m_fields(x: np.ndarray, qw: np.ndarray | None, ws: Scratch | None = None) -> dict:
+    """Super-blocks x float32 [B, 256] (importance qw [B, 256], or None: weights x^2) -> the fields
+    ``pack_iq1_m`` writes: fp16 dh [B], points [B, 16 runs, 2], 3-bit run scales [B, 16], whether a group's
+    shift is -delta [B, 16, 2]. The super-scale is refitted by least squares over the whole super-block on the
+    stored levels and scales."""
     ws = ws or Scratch()
     B = x.shape[0]
     xs = np.array(columns(x, 16, ws))  # [16, 16B]
@@ -219,7 +227,12 @@ def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None, ws: Scratch | None = No
         d = np.where(sq2 > 0, sqx / np.where(sq2 > 0, sq2, F32(1)), d)
         dh = np.where(empty, F32(0), d * F32(1.1125)).astype(np.float16)
     minus = np.where(empty[:, None, None], False, minus.T.reshape(B, 16, 2))
-    return pack_iq1_m(dh, pts.T.reshape(B, 16, 2), sc, minus)
+    return dict(dh=dh, points=pts.T.reshape(B, 16, 2), sc=sc, minus=minus)
+
+
+def quantize_iq1_m(x: np.ndarray, qw: np.ndarray | None, ws: Scratch | None = None) -> np.ndarray:
+    """Super-blocks x float32 [B, 256] (importance qw [B, 256], or None: weights x^2) -> IQ1_M uint8 [B, 56]."""
+    return pack_iq1_m(**iq1_m_fields(x, qw, ws))
 
 
 def refuse_without_importance(x: np.ndarray, ws: Scratch | None = None) -> np.ndarray:

@@ -75,9 +75,9 @@ def _weights(x: np.ndarray, qtype: QT, qw: np.ndarray | None, ws: Scratch) -> np
     return np.repeat(F32(0.25) * sigma2, 256 // run) + xs * xs
 
 
-def quantize_iq2(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
-    """float32 [B, 256] super-blocks (``qw`` [B, 256]: the importance) -> uint8 [B, 66] IQ2_XXS, [B, 74]
-    IQ2_XS or [B, 82] IQ2_S blocks."""
+def iq2_fields(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> dict:
+    """float32 [B, 256] super-blocks (``qw`` [B, 256]: the importance) -> the block fields ``PACK[qtype]``
+    writes: fp16 d [B], points [B, runs, groups], sign bytes [B, runs, groups], 4-bit run scales [B, runs]."""
     cb = codebook(qtype)
     ws = ws or Scratch()
     B, run = x.shape[0], RUN[qtype]
@@ -89,8 +89,13 @@ def quantize_iq2(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.nda
     # all-zero runs are never written; IQ2_XXS / IQ2_XS also clear an all-zero super-block
     blank = (zero.reshape(B, R) | (empty[:, None] if qtype in NEEDS_IMPORTANCE else False))[..., None]
     pts = np.where(blank, 0, points(cb, lv).T.reshape(B, R, g))  # [B, run, group]
-    signs = np.where(blank, 0, signs.T.reshape(B, R, g))
-    return PACK[qtype](dh, pts, signs, sc)
+    return dict(d=dh, points=pts, signs=np.where(blank, 0, signs.T.reshape(B, R, g)), sc=sc)
+
+
+def quantize_iq2(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """float32 [B, 256] super-blocks (``qw`` [B, 256]: the importance) -> uint8 [B, 66] IQ2_XXS, [B, 74]
+    IQ2_XS or [B, 82] IQ2_S blocks (``iq2_fields``)."""
+    return PACK[qtype](**iq2_fields(x, qtype, ws, qw))
 
 
 def _u8(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -104,26 +109,26 @@ def _nibbles(sc: np.ndarray) -> np.ndarray:
     return u[:, 0::2] | (u[:, 1::2] << 4)
 
 
-def pack_iq2_xxs(d: np.ndarray, pts: np.ndarray, signs: np.ndarray, sc: np.ndarray) -> np.ndarray:
+def pack_iq2_xxs(d: np.ndarray, points: np.ndarray, signs: np.ndarray, sc: np.ndarray) -> np.ndarray:
     """fp16 d [B], points [B, 8 runs, 4] (0..255), 7-bit signs [B, 8, 4], scales [B, 8] -> [B, 66]: d | per run
     two u32: its four points' bytes, then its sign bytes at bits 0, 7, 14, 21 and its scale at bit 28."""
     s = signs.astype(np.uint32)
     aux = s[..., 0] | (s[..., 1] << 7) | (s[..., 2] << 14) | (s[..., 3] << 21) | (sc.astype(np.uint32) << 28)
-    q = np.concatenate([pts.astype(np.uint8), _u8(aux, "<u4").reshape(-1, 8, 4)], axis=2)  # [B, 8, 8]
+    q = np.concatenate([points.astype(np.uint8), _u8(aux, "<u4").reshape(-1, 8, 4)], axis=2)  # [B, 8, 8]
     return np.concatenate([fp16_bytes(d), q.reshape(-1, 64)], axis=1)
 
 
-def pack_iq2_xs(d: np.ndarray, pts: np.ndarray, signs: np.ndarray, sc: np.ndarray) -> np.ndarray:
+def pack_iq2_xs(d: np.ndarray, points: np.ndarray, signs: np.ndarray, sc: np.ndarray) -> np.ndarray:
     """fp16 d [B], points [B, 16 runs, 2] (0..511), 7-bit signs [B, 16, 2], scales [B, 16] -> [B, 74]:
     d | qs u16[32] (point | signs << 9) | scales[8]."""
-    qs = pts.astype(np.uint16) | (signs.astype(np.uint16) << 9)
+    qs = points.astype(np.uint16) | (signs.astype(np.uint16) << 9)
     return np.concatenate([fp16_bytes(d), _u8(qs.reshape(-1, 32), "<u2"), _nibbles(sc)], axis=1)
 
 
-def pack_iq2_s(d: np.ndarray, pts: np.ndarray, signs: np.ndarray, sc: np.ndarray) -> np.ndarray:
+def pack_iq2_s(d: np.ndarray, points: np.ndarray, signs: np.ndarray, sc: np.ndarray) -> np.ndarray:
     """fp16 d [B], points [B, 16 runs, 2] (0..1023), sign bytes [B, 16, 2], scales [B, 16] -> [B, 82]: d |
     qs[32] (the points' low 8 bits) | signs[32] | qh[8] (bits 2j of byte i: group 4i + j's bits 8-9) | scales[8]."""
-    p = pts.reshape(-1, 32).astype(np.int64)
+    p = points.reshape(-1, 32).astype(np.int64)
     qh = ((p >> 8).reshape(-1, 8, 4) << (2 * np.arange(4))).sum(-1)
     parts = [(p & 255), signs.reshape(-1, 32), qh]
     return np.concatenate([fp16_bytes(d), *(a.astype(np.uint8) for a in parts), _nibbles(sc)], axis=1)

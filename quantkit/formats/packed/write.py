@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from quantkit.formats.gguf.grids import GridWeight
+from quantkit.formats.gguf.codebook_grid import BlockWeight
 from quantkit.io import tensorio
 from quantkit.io.atomic import RESUME_KEY, atomic_dir, atomic_file, resumable_dir
 from quantkit.quant.primitives import QuantizedWeight, QuantSpec, pack_int32
@@ -51,9 +51,9 @@ def ct_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
 GGML_BLOCKS = "ggml-blocks"  # quantkit's own format: linears as the raw blocks of their GGUF types
 
 
-def block_tensors(prefix: str, gw: GridWeight) -> dict[str, torch.Tensor]:
-    """One linear written by GPTQ onto a ggml type's grid: its blocks as GGUF stores them (uint8
-    [O, row bytes]), the ggml type id and the shape. Only ``export --format gguf`` reads these."""
+def block_tensors(prefix: str, gw: BlockWeight) -> dict[str, torch.Tensor]:
+    """One linear written by GPTQ onto a ggml type's grid (or a codebook type's points): its blocks as GGUF
+    stores them (uint8 [O, row bytes]), the ggml type id and the shape. Only ``export --format gguf`` reads these."""
     return {
         f"{prefix}.ggml_blocks": torch.from_numpy(gw.blocks()),
         f"{prefix}.ggml_type": torch.tensor([int(gw.grid.qtype)], dtype=torch.int32),
@@ -169,8 +169,8 @@ class ArtifactWriter:
         if self._pending_bytes >= self.shard_bytes:
             self.flush()
 
-    def add_quantized(self, prefix: str, qw: QuantizedWeight | GridWeight) -> None:
-        tensors = block_tensors(prefix, qw) if isinstance(qw, GridWeight) else ct_tensors(prefix, qw)
+    def add_quantized(self, prefix: str, qw: QuantizedWeight | BlockWeight) -> None:
+        tensors = ct_tensors(prefix, qw) if isinstance(qw, QuantizedWeight) else block_tensors(prefix, qw)
         for name, t in tensors.items():
             self.add(name, t)
 

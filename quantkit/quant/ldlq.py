@@ -1,0 +1,141 @@
+"""GPTQ onto the codebook i-quants (IQ3_*, IQ2_*, IQ1_*): block LDLQ (Chee, Cai, Kuleshov, De Sa, "QuIP: 2-Bit
+Quantization of Large Language Models With Guarantees", 2023; Tseng et al., "QuIP#", 2024), on ggml's grids.
+
+A codebook type stores ``dim`` consecutive weights of a row as one point (``CodebookGrid``), so GPTQ's
+column-by-column rounding becomes slab-by-slab: the ``k = dim`` columns of a slab are chosen jointly, then
+their error is fed forward to the columns not yet chosen, as GPTQ feeds one column's. With U the upper
+Cholesky factor of H⁻¹ (``InverseFactor``) and U_ss its k x k diagonal block at the slab, GPTQ's scaled
+errors of the slab are E = (w − q) U_ss⁻¹, the rest of the row moves by −E U_s,rest, and the objective
+‖E‖² = (w − q) M (w − q)ᵀ with M = U_ss⁻¹ U_ss⁻ᵀ (the inverse of the remaining columns' H⁻¹ block): each
+row's point is the one of least error in that metric, not the nearest.
+
+For the sign types, with σ the signs of the (error-updated) w, q = s σ ⊙ p (s the run's scale, p a point):
+
+    err(p) = s² pᵀ (σσᵀ ⊙ M) p − 2 s pᵀ (σ ⊙ M w)      (+ wᵀ M w)
+
+— the quadratic term is one GEMM of the rows' σσᵀ ⊙ M [O, k²] against the points' p pᵀ [G, k²]. Where the
+7-bit types need an even count of negatives and σ has an odd one, every single flip j of the slab is scored
+too (err changes by 4 s p_j (v_j − s u_j), v = σ ⊙ M w, u = (σσᵀ ⊙ M, diagonal 0) p), and the best is kept;
+IQ3_XXS's 4-weight slabs settle the parity of their 8-weight sign byte in its second half. IQ1's points have
+no signs: err(p) = s² (p+δ)ᵀ M (p+δ) − 2 s (p+δ)ᵀ M w, with IQ1_M's shift δ = ±1/8 chosen per slab and
+IQ1_S's fixed per run with the scales. Act-order moves runs of 8 columns together (``inverse_factor``'s
+``group``), so a slab is always k consecutive columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.codebook_grid import DELTA, CodebookGrid, CodebookWeight
+from quantkit.quant.gptq import GPTQResult, InverseFactor, gptq_result
+
+ROWS = 2048  # rows scored together: the flip scores are [ROWS, k, G] float32
+
+
+def ldlq_quantize(W: torch.Tensor, fac: InverseFactor, grid: CodebookGrid, blocksize: int = 128) -> GPTQResult:
+    """Quantize W [O, I] onto ``grid`` against the Hessian whose ``InverseFactor`` is ``fac``."""
+    sp = grid.spec
+    k, n = sp.dim, W.shape[1]
+    perm = fac.perm
+    if fac.actorder and not bool((perm.reshape(-1, 8) == perm.reshape(-1, 8)[:, :1] + torch.arange(8)).all()):
+        raise QuantkitError(f"{sp.qtype.name}: act-order must keep runs of 8 columns (inverse_factor group=8)")
+    dev = fac.U.device
+    W = W.detach().to(dev, torch.float32, copy=True)
+    W[:, fac.dead] = 0.0
+    W0 = W.clone()
+    if fac.actorder:
+        W = W[:, perm]
+    o = W.shape[0]
+    table = grid.table(dev)  # [G, k]
+    pick = _Picker(grid, table, dev)
+    points = torch.zeros(o, n // k, dtype=torch.int64, device=dev)
+    bits = torch.zeros(o, n // 8, dtype=torch.int64, device=dev)
+    starts = perm[::k].tolist()  # the natural column each slab starts at, in processing order
+    blocksize = max(8, blocksize // 8 * 8)
+    Hinv = fac.U
+    eye = torch.eye(k, dtype=torch.float32, device=dev)
+    sq_err = torch.zeros((), dtype=torch.float64, device=dev)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for t in range(0, i2 - i1, k):
+            c = starts[(i1 + t) // k]
+            Ui = torch.linalg.solve_triangular(Hinv1[t : t + k, t : t + k], eye, upper=True)  # U_ss⁻¹
+            w = W1[:, t : t + k]
+            q, pt, b = pick(w, Ui @ Ui.T, c, bits[:, c // 8])
+            points[:, c // k] = pt
+            bits[:, c // 8] = b
+            E = (w - q) @ Ui
+            W1[:, t + k :] -= E @ Hinv1[t : t + k, t + k :]
+            Err1[:, t : t + k] = E
+        sq_err += (Err1.double() ** 2).sum()
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    del W
+    return gptq_result(CodebookWeight(grid, points.cpu(), bits.cpu()), W0, float(sq_err), fac)
+
+
+class _Picker:
+    """Each row's best point (and signs or shift) for one slab: ``(w [O, k], M [k, k], c, the slab's 8-weight
+    bits so far [O]) -> values q [O, k], points [O], the new bits [O]``."""
+
+    def __init__(self, grid: CodebookGrid, table: torch.Tensor, dev: torch.device) -> None:
+        self.grid, self.sp, self.P = grid, grid.spec, table
+        self.scale = grid.scale.to(dev)  # [O, I / run]
+        G, k = table.shape
+        if self.sp.signs == "shift":
+            self.C = torch.cat([table + DELTA, table - DELTA])  # [2G, k]: shift +1/8, then -1/8
+            self.minus = grid.run_minus().to(dev) if self.sp.qtype.name == "IQ1_S" else None
+        else:
+            self.P2 = (table[:, :, None] * table[:, None, :]).reshape(G, k * k)  # [G, k²]
+
+    def __call__(self, w, M, c, prior):
+        s = self.scale[:, c // self.sp.run]  # [O]
+        shift = self.sp.signs == "shift"
+        out = [self._shift(w[r], M, s[r], c, r) if shift else self._signed(w[r], M, s[r], c, prior[r])
+               for r in _row_blocks(w.shape[0])]  # fmt: skip
+        return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
+
+    def _shift(self, w, M, s, c, rows):
+        """IQ1: candidates p ± 1/8, IQ1_S's shift fixed by its run."""
+        G = self.P.shape[0]
+        s_ = s[:, None]
+        quad = ((self.C @ M) * self.C).sum(1)  # [2G]
+        err = (s_ * s_) * quad - 2 * s_ * ((w @ M) @ self.C.T)  # [O, 2G]
+        if self.minus is not None:
+            minus = self.minus[rows, c // 32][:, None]  # [O, 1]
+            half = torch.arange(2 * G, device=w.device)[None] >= G
+            err = err.masked_fill(half != minus, float("inf"))
+        idx = err.argmin(1)
+        return s_ * self.C[idx], idx % G, (idx >= G).long()
+
+    def _signed(self, w, M, s, c, prior):
+        """IQ3 / IQ2: signs from w, the point by the M-metric; with parity, the best single flip where odd."""
+        G, k = self.P.shape
+        sigma = torch.where(w < 0, -1.0, 1.0)  # [O, k]
+        s_ = s[:, None]
+        v = sigma * (w @ M)  # [O, k]
+        ss = sigma[:, :, None] * sigma[:, None, :]  # [O, k, k]
+        err = (s_ * s_) * ((ss * M).reshape(-1, k * k) @ self.P2.T) - 2 * s_ * (v @ self.P.T)  # [O, G]
+        best, pt = err.min(1)
+        shift = c % 8  # where the slab's signs go in its 8-weight byte
+        closes = shift + k == 8
+        if self.sp.signs == "parity" and closes:
+            neg = (sigma < 0).long().sum(1) + ((prior[:, None] >> torch.arange(shift, device=w.device)) & 1).sum(1)
+            odd = neg % 2 == 1
+            if bool(odd.any()):
+                u = (ss * (M - torch.diag(M.diagonal()))) @ self.P.T  # [O, k, G]
+                errf = err[:, None, :] + (4 * s_[:, :, None]) * self.P.T[None] * (v[:, :, None] - s_[:, :, None] * u)
+                fbest, fidx = errf.reshape(w.shape[0], -1).min(1)
+                flip = torch.where(odd, fidx // G, -1)
+                pt = torch.where(odd, fidx % G, pt)
+                sigma = torch.where(torch.arange(k, device=w.device)[None] == flip[:, None], -sigma, sigma)
+        q = (s_ * self.P[pt]) * sigma
+        negs = ((sigma < 0).long() << (shift + torch.arange(k, device=w.device))).sum(1)
+        return q, pt, (prior if shift else torch.zeros_like(prior)) | negs
+
+
+def _row_blocks(o: int) -> list[slice]:
+    return [slice(r, min(r + ROWS, o)) for r in range(0, o, ROWS)]
