@@ -28,18 +28,23 @@ from bench_compare import LLAMA_TYPES, llama_kld, quantkit, sh  # noqa: E402
 from demo import fetch_model  # noqa: E402
 from wikitext import WIKI_TEST, WIKI_VALID  # noqa: E402
 
-from quantkit.io.calibration import calibration_set_windows  # noqa: E402
+from quantkit.io.calibration import DEFAULT_CALIB, calibration_set_windows  # noqa: E402
 from quantkit.io.texts import resolve_dataset  # noqa: E402
 from quantkit.io.tokenizer import Tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_TYPES = {**LLAMA_TYPES, "q3_k_s": "Q3_K_S", "q4_k_s": "Q4_K_S", "q2_k": "Q2_K", "iq4_xs": "IQ4_XS"}
+
+
+def llama_name(t: str) -> str:
+    """llama-quantize's name of a file type (Q4_0, IQ2_M, ...)."""
+    return LLAMA_TYPES.get(t, t.upper())
 
 
 def calib_spec(name: str) -> str:
-    """A --calibs entry as a --calib value: 'wiki' is the full WikiText-2 validation when it is here."""
+    """A --calibs entry as a --calib value: 'wiki' is the full WikiText-2 validation when it is here, 'mix'
+    that with the shipped code, chat and multilingual texts, 'default' quantkit's default set as shipped."""
     wiki = str(WIKI_VALID) if WIKI_VALID.is_file() else "wiki"
-    return {"wiki": wiki, "mix": f"{wiki},code,chat,multilingual"}.get(name, name)
+    return {"wiki": wiki, "mix": f"{wiki},code,chat,multilingual", "default": DEFAULT_CALIB}.get(name, name)
 
 
 def windows_text(tok: Tokenizer, spec: str, nsamples: int, dest: Path) -> Path:
@@ -67,9 +72,16 @@ def build(args: argparse.Namespace) -> dict:
     files: list[tuple[str, str, str, Path]] = []  # (type, source, calibration, path)
     for t in args.types.split(","):
         plain = out / f"llama-quantize-{t}.gguf"
-        if not plain.is_file():
-            sh([str(bin_dir / "llama-quantize"), str(f32), str(plain), LLAMA_TYPES[t]])
-        files.append((t, "llama-quantize", "-", plain))
+        refused = out / f"llama-quantize-{t}.refused"  # IQ2_* / IQ1_* files: llama-quantize wants an imatrix
+        if not plain.is_file() and not refused.is_file():
+            try:
+                sh([str(bin_dir / "llama-quantize"), str(f32), str(plain), llama_name(t)], refused)
+            except SystemExit:
+                print(f"llama-quantize refuses {t} without an imatrix", flush=True)
+            else:
+                refused.unlink()
+        if plain.is_file():
+            files.append((t, "llama-quantize", "-", plain))
     for c in args.calibs.split(","):
         spec = calib_spec(c)
         text = windows_text(tok, spec, args.nsamples, out / f"calib-{c}.txt")
@@ -80,13 +92,20 @@ def build(args: argparse.Namespace) -> dict:
         for t in args.types.split(","):
             dest = out / f"llama-imatrix-{c}-{t}.gguf"
             if not dest.is_file():
-                sh([str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix), str(f32), str(dest), LLAMA_TYPES[t]])
+                sh([str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix), str(f32), str(dest), llama_name(t)])
             files.append((t, "llama-quantize+imatrix", c, dest))
             dest = out / f"quantkit-{c}-{t}.gguf"
             if not dest.is_file():
                 sh(quantkit("quantize", str(model), "--format", "gguf", "--type", t, "--nsamples", str(args.nsamples),
                             "--calib", spec, "-o", str(dest)), out / f"quantkit-{c}-{t}.log")  # fmt: skip
             files.append((t, "quantkit gptq", c, dest))
+        for b in [x for x in args.mixes.split(",") if x]:
+            dest = out / f"quantkit-{c}-mix{b}.gguf"
+            if not dest.is_file():
+                sh(quantkit("quantize", str(model), "--format", "gguf", "--type", args.mix_type, "--target-bpw", b,
+                            "--nsamples", str(args.nsamples), "--calib", spec, "-o", str(dest)),
+                   out / f"quantkit-{c}-mix{b}.log")  # fmt: skip
+            files.append((f"mix {b}", "quantkit gptq mix", c, dest))
     rows = [{"type": t, "source": s, "calib": c, "file": p.name, "bytes": p.stat().st_size} for t, s, c, p in files]
     for d in args.domains.split(","):
         text = domain_path(d)
@@ -98,24 +117,68 @@ def build(args: argparse.Namespace) -> dict:
             row[d] = llama_kld(bin_dir, p, base, text, args.chunks, out / f"{p.stem}.{d}.kld.log")
     calibs = {c: calib_spec(c) for c in args.calibs.split(",")}
     return {"model": str(model), "nsamples": args.nsamples, "chunks": args.chunks, "rows": rows,
+            "f32_bytes": f32.stat().st_size,
             "domains": args.domains.split(","), "calibs": calibs}  # fmt: skip
 
 
+def _peer(d: dict, r: dict, dom: str) -> float | None:
+    """The KLD quantkit's row is compared with: llama-quantize + imatrix at the same type, or for a mix the
+    best llama-quantize + imatrix file of equal or larger size."""
+    imx = [x for x in d["rows"] if x["source"] == "llama-quantize+imatrix" and x["calib"] == r["calib"]]
+    if r["source"] == "quantkit gptq":
+        same = [x[dom]["llama_kld"] for x in imx if x["type"] == r["type"]]
+        return same[0] if same else None
+    if r["source"] == "quantkit gptq mix":
+        larger = [x[dom]["llama_kld"] for x in imx if x["bytes"] >= r["bytes"]]
+        return min(larger) if larger else None
+    return None
+
+
 def markdown(d: dict) -> str:
+    """One row per file: size, bits per weight (over every tensor, from the F32 file's size), and per domain
+    KLD mean (quantkit's ratio to its peer) / p99 / same top token %."""
     doms = d["domains"]
-    head = "| type | file | calibration | MiB | " + " | ".join(f"KLD {x}" for x in doms) + " |"
-    lines = [head, "|" + "---|" * (4 + len(doms))]
-    peer = {(r["type"], r["calib"]): r for r in d["rows"] if r["source"] == "llama-quantize+imatrix"}
+    head = "| type | file | calibration | MiB | bpw | " + " | ".join(f"{x}: KLD (ratio) / p99 / top %" for x in doms)
+    lines = [head + " |", "|" + "---|" * (5 + len(doms))]
     for r in d["rows"]:
         cells = []
         for x in doms:
-            kld = r[x]["llama_kld"]
-            p = peer.get((r["type"], r["calib"])) if r["source"] == "quantkit gptq" else None
-            cells.append(f"{kld:.4f}" + (f" ({kld / p[x]['llama_kld']:.2f}×)" if p else ""))
+            k, peer = r[x], _peer(d, r, x)
+            ratio = f" ({k['llama_kld'] / peer:.2f}×)" if peer else ""
+            cells.append(f"{k['llama_kld']:.4f}{ratio} / {k['llama_kld_p99']:.3f} / {k['llama_same_top']:.1f}")
+        bpw = 32 * r["bytes"] / d["f32_bytes"]
         lines.append(
-            f"| {r['type']} | {r['source']} | {r['calib']} | {r['bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |"
+            f"| {r['type']} | {r['source']} | {r['calib']} | {r['bytes'] / 2**20:.1f} | {bpw:.2f} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
+
+
+def plot(d: dict, path: Path) -> None:
+    """Mean KLD against file size, one panel per domain, one line per source (log KLD)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doms = d["domains"]
+    fig, axes = plt.subplots(1, len(doms), figsize=(4.2 * len(doms), 4), squeeze=False)
+    for ax, dom in zip(axes[0], doms, strict=True):
+        for src in dict.fromkeys(r["source"] for r in d["rows"]):
+            pts = sorted((r["bytes"] / 2**20, r[dom]["llama_kld"], r["type"]) for r in d["rows"] if r["source"] == src)
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", alpha=0.7, label=src)
+            for x, y, t in pts:
+                ax.annotate(t, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points", color=line.get_color())
+        ax.set_title(dom)
+        ax.set_xlabel("file MiB")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("mean KLD vs F32 (llama-perplexity)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--out", default="build/domains")
+    ap.add_argument("--mixes", default="", help="quantkit budget mixes, bits per weight (2.5,3.0,...)")
+    ap.add_argument("--mix-type", default="q4_k_m", help="the mixes' --type (the token embedding's type)")
+    ap.add_argument("--plot", help="write KLD against file size, one panel per domain, to this PNG/SVG")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     d = build(args)
     (Path(args.out) / "results.json").write_text(json.dumps(d, indent=2))
     print(json.dumps(d, indent=2) if args.json else markdown(d))
+    if args.plot:
+        plot(d, Path(args.plot))
     return 0
 
 

@@ -30,7 +30,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.codebook_grid import DELTA, CodebookGrid, CodebookWeight
 from quantkit.quant.gptq import GPTQResult, InverseFactor, gptq_result
 
-ROWS = 2048  # rows scored together: the flip scores are [ROWS, k, G] float32
+ROWS = 2048  # rows scored together: the flip scores are [ROWS, k G] float32
 
 
 def ldlq_quantize(W: torch.Tensor, fac: InverseFactor, grid: CodebookGrid, blocksize: int = 128) -> GPTQResult:
@@ -79,17 +79,26 @@ def ldlq_quantize(W: torch.Tensor, fac: InverseFactor, grid: CodebookGrid, block
 
 class _Picker:
     """Each row's best point (and signs or shift) for one slab: ``(w [O, k], M [k, k], c, the slab's 8-weight
-    bits so far [O]) -> values q [O, k], points [O], the new bits [O]``."""
+    bits so far [O]) -> values q [O, k], points [O], the new bits [O]``.
+
+    The error divided by the row's scale s > 0 (the argmin is the same) is linear in the point's monomials:
+    e(p) = s pᵀ A p − 2 vᵀ p = [s vec(A), −2 v] · [vec(p pᵀ), p], so every row's candidates are scored by one
+    GEMM of [rows, k² + k] against the points' [k² + k, G], with no pass over [rows, G] but the argmin.
+    A flip of sign j negates row and column j of A = σσᵀ ⊙ M off its diagonal, and v_j: one more left row per
+    option (rows with an odd count only)."""
 
     def __init__(self, grid: CodebookGrid, table: torch.Tensor, dev: torch.device) -> None:
-        self.grid, self.sp, self.P = grid, grid.spec, table
+        self.sp, self.P = grid.spec, table
         self.scale = grid.scale.to(dev)  # [O, I / run]
         G, k = table.shape
         if self.sp.signs == "shift":
             self.C = torch.cat([table + DELTA, table - DELTA])  # [2G, k]: shift +1/8, then -1/8
             self.minus = grid.run_minus().to(dev) if self.sp.qtype.name == "IQ1_S" else None
         else:
-            self.P2 = (table[:, :, None] * table[:, None, :]).reshape(G, k * k)  # [G, k²]
+            P2 = (table[:, :, None] * table[:, None, :]).reshape(G, k * k)  # [G, k²]
+            self.rhs = torch.cat([P2, table], 1).T.contiguous()  # [k² + k, G]
+            self.f = 1.0 - 2.0 * torch.eye(k, device=dev)  # [k (option j), k]: sign j flipped
+            self.ff = (self.f[:, :, None] * self.f[:, None, :]).reshape(k, k * k)  # [k, k²]
 
     def __call__(self, w, M, c, prior):
         s = self.scale[:, c // self.sp.run]  # [O]
@@ -99,40 +108,41 @@ class _Picker:
         return tuple(torch.cat(parts) for parts in zip(*out, strict=True))
 
     def _shift(self, w, M, s, c, rows):
-        """IQ1: candidates p ± 1/8, IQ1_S's shift fixed by its run."""
+        """IQ1: candidates p ± 1/8 (IQ1_S: the run's shift only)."""
         G = self.P.shape[0]
-        s_ = s[:, None]
-        quad = ((self.C @ M) * self.C).sum(1)  # [2G]
-        err = (s_ * s_) * quad - 2 * s_ * ((w @ M) @ self.C.T)  # [O, 2G]
-        if self.minus is not None:
-            minus = self.minus[rows, c // 32][:, None]  # [O, 1]
-            half = torch.arange(2 * G, device=w.device)[None] >= G
-            err = err.masked_fill(half != minus, float("inf"))
-        idx = err.argmin(1)
-        return s_ * self.C[idx], idx % G, (idx >= G).long()
+        rhs = torch.cat([((self.C @ M) * self.C).sum(1)[None], self.C.T])  # [1 + k, 2G]
+        lhs = torch.cat([s[:, None], -2 * (w @ M)], 1)  # [O, 1 + k]
+        if self.minus is None:
+            idx = (lhs @ rhs).argmin(1)
+        else:
+            minus = self.minus[rows, c // 32]  # [O]
+            idx = torch.empty_like(minus, dtype=torch.int64)
+            for m in (False, True):
+                sel = minus == m
+                idx[sel] = (lhs[sel] @ rhs[:, m * G : (m + 1) * G]).argmin(1) + m * G
+        return s[:, None] * self.C[idx], idx % G, (idx >= G).long()
 
     def _signed(self, w, M, s, c, prior):
         """IQ3 / IQ2: signs from w, the point by the M-metric; with parity, the best single flip where odd."""
         G, k = self.P.shape
         sigma = torch.where(w < 0, -1.0, 1.0)  # [O, k]
-        s_ = s[:, None]
+        A = ((sigma[:, :, None] * sigma[:, None, :]) * M).reshape(-1, k * k)  # [O, k²]
         v = sigma * (w @ M)  # [O, k]
-        ss = sigma[:, :, None] * sigma[:, None, :]  # [O, k, k]
-        err = (s_ * s_) * ((ss * M).reshape(-1, k * k) @ self.P2.T) - 2 * s_ * (v @ self.P.T)  # [O, G]
-        best, pt = err.min(1)
         shift = c % 8  # where the slab's signs go in its 8-weight byte
-        closes = shift + k == 8
-        if self.sp.signs == "parity" and closes:
-            neg = (sigma < 0).long().sum(1) + ((prior[:, None] >> torch.arange(shift, device=w.device)) & 1).sum(1)
-            odd = neg % 2 == 1
-            if bool(odd.any()):
-                u = (ss * (M - torch.diag(M.diagonal()))) @ self.P.T  # [O, k, G]
-                errf = err[:, None, :] + (4 * s_[:, :, None]) * self.P.T[None] * (v[:, :, None] - s_[:, :, None] * u)
-                fbest, fidx = errf.reshape(w.shape[0], -1).min(1)
-                flip = torch.where(odd, fidx // G, -1)
-                pt = torch.where(odd, fidx % G, pt)
-                sigma = torch.where(torch.arange(k, device=w.device)[None] == flip[:, None], -sigma, sigma)
-        q = (s_ * self.P[pt]) * sigma
+        odd = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
+        if self.sp.signs == "parity" and shift + k == 8:  # the slab closes a sign byte: its parity must be even
+            before = ((prior[:, None] >> torch.arange(shift, device=w.device)) & 1).sum(1)
+            odd = ((sigma < 0).long().sum(1) + before) % 2 == 1
+        pt = torch.empty(w.shape[0], dtype=torch.int64, device=w.device)
+        even = ~odd
+        pt[even] = (torch.cat([s[even, None] * A[even], -2 * v[even]], 1) @ self.rhs).argmin(1)
+        if bool(odd.any()):
+            n = int(odd.sum())
+            lhs = torch.cat([(s[odd, None] * A[odd])[:, None] * self.ff, -2 * v[odd][:, None] * self.f], 2)
+            idx = (lhs.reshape(n * k, -1) @ self.rhs).reshape(n, k * G).argmin(1)  # [n]: option j, point
+            pt[odd] = idx % G
+            sigma[odd] = sigma[odd] * self.f[idx // G]
+        q = (s[:, None] * self.P[pt]) * sigma
         negs = ((sigma < 0).long() << (shift + torch.arange(k, device=w.device))).sum(1)
         return q, pt, (prior if shift else torch.zeros_like(prior)) | negs
 
