@@ -74,10 +74,11 @@ def _MIX_OPTIONS(f):  # noqa: N802 (a decorator, named as the other option const
     return f
 
 
-def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=False):
+def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=False, gptq=False):
     """The GGUF's per-tensor types from the mix options (policy's rules when none is given) and the
     importance matrix, read once (None without one, or for an empty one, as llama-quantize treats it).
-    ``encodes``: the imatrix also weighs the rounding (export), so it is welcome without a budget."""
+    ``encodes``: the imatrix also weighs the rounding (export), so it is welcome without a budget. A mix
+    takes the codebook i-quants where it is written with calibration: ``gptq``, or an export's imatrix."""
     from quantkit.formats.gguf.imatrix import load_imatrix
     from quantkit.formats.gguf.mix import choose_types, parse_size
     from quantkit.formats.gguf.policy import check_overrides, parse_override
@@ -92,7 +93,8 @@ def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encod
     imp = load_imatrix(imatrix) if imatrix else None
     imp = imp if imp is not None and imp.vectors else None
     vectors = imp.vectors if imp is not None else None
-    return choose_types(ckpt, qtype, overrides, target_bpw, size, vectors, _progress()), imp
+    codebooks = gptq or (encodes and vectors is not None)
+    return choose_types(ckpt, qtype, overrides, target_bpw, size, vectors, _progress(), codebooks), imp
 
 
 _OVERWRITE = click.option(
@@ -360,7 +362,7 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out, mix)
     from quantkit.quant.quantize import quantize_to_gguf
 
     ckpt = open_checkpoint(model_dir)
-    choice, imp = _type_choice(ckpt, gguf_type, **mix)
+    choice, imp = _type_choice(ckpt, gguf_type, **mix, gptq=opts.method == "gptq")
     report = quantize_to_gguf(model_dir, out, opts, gguf_type, device, _progress(), imatrix_out, choice.types)
     report["gguf"] |= describe(choice, report["gguf"], ckpt, Path(out), imp and imp.vectors)
     if "mix" in report["gguf"]:

@@ -258,3 +258,42 @@ def test_gptq_writes_a_mix_into_its_blocks(tiny_gemma2, tmp_path):
     n_linear = sum(n.startswith("blk.") and not n.endswith("norm.weight") for n in stored)
     assert r["counts"]["lossless"] == n_linear
     assert r["bits_per_weight"] <= 5
+
+
+def test_codebook_types_are_candidates_only_with_calibration():
+    """Without an importance matrix llama-quantize refuses most codebook i-quants: a plain export's mix leaves
+    them out; GPTQ (or an export's imatrix) takes them, and a 640-wide row still falls back as llama.cpp's."""
+    from quantkit.formats.gguf.mix import CODEBOOKS, candidates
+
+    assert not set(CODEBOOKS) & set(candidates(512))
+    assert set(CODEBOOKS) <= set(candidates(512, codebooks=True))
+    assert candidates(640, codebooks=True) == candidates(640)
+
+
+def test_gptq_mix_below_q2_k_takes_codebook_types(tiny_gemma2, tmp_path):
+    """A GPTQ mix at 2.6 bits per weight, below what Q2_K..Q8_0 reach: IQ2 weights written by LDLQ, within
+    budget, and llama.cpp's logits on the file follow quantkit's."""
+    from conftest import CALIB_TEXT
+
+    from quantkit.formats.gguf.mix import CODEBOOKS
+
+    out = tmp_path / "low.gguf"
+    r = _run(["quantize", tiny_gemma2, "--method", "gptq", "--fast", "--nsamples", "8", "--seqlen", "32",
+              "--calib", CALIB_TEXT, "--format", "gguf", "--type", "q4_k_m", "--target-bpw", "2.6",
+              "-o", out])["gguf"]  # fmt: skip
+    mixed = {t["type"] for t in r["mix"]["tensors"] if t["mixed"]}
+    assert mixed & {q.name for q in CODEBOOKS} and r["bits_per_weight"] <= 2.6
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantkit.formats.gguf.model import GGUFModel
+    from quantkit.model import build_model
+
+    ids = [2, *range(100, 124)]
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = build_model(GGUFModel(out))(torch.tensor([ids]))[0]
+    # mean, not max: on this 4-layer random model llama.cpp's 8-bit activations move single logits by up to
+    # 0.4 in every type (measured: plain Q2_K 0.32, this mix 0.43; means 0.038 of 4.0 for both)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    assert (theirs - ours).abs().mean() <= 0.02 * ours.abs().mean()

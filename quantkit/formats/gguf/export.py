@@ -31,7 +31,6 @@ from quantkit.formats.gguf.encode import encode_rows, encode_tensor
 from quantkit.formats.gguf.imatrix import Importance, load_imatrix
 from quantkit.formats.gguf.iquants_codebook import CodebookOverflowError
 from quantkit.formats.gguf.iquants_iq2 import ImportanceRequiredError
-from quantkit.formats.gguf.layouts import LAYOUTS
 from quantkit.formats.gguf.metadata import (
     add_imatrix_keys,
     add_model_metadata,
@@ -253,7 +252,7 @@ def check_importance(
         gptq = f", or use quantize --method gptq --format gguf --type {qtype}, which calibrates it"
         raise QuantkitError(
             f"--type {qtype} requires an importance matrix ({t.gguf_name} would be {t.qtype.name}, as in "
-            f"llama-quantize); give one with --imatrix FILE{gptq if t.qtype in LAYOUTS else ''}"
+            f"llama-quantize); give one with --imatrix FILE{gptq}"
         )
 
 

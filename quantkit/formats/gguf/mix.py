@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
+from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.export import overhead_bytes
 from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
 from quantkit.io.checkpoint import Checkpoint
@@ -36,6 +36,10 @@ from quantkit.io.checkpoint import Checkpoint
 # the block types a mix picks from (quantkit encodes them all; llama.cpp loads them all)
 CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K,
               QT.Q6_K, QT.Q8_0)  # fmt: skip
+# and where the mix is written with calibration (GPTQ, or export --imatrix: llama-quantize refuses most of these
+# without an importance matrix), the codebook i-quants, which reach below Q2_K's 2.625 bits per weight
+CODEBOOKS = (QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_M, QT.IQ1_S)
+NEEDS_WEIGHTS = (QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_S)  # encoders that take no unweighted rows (as libggml's)
 BINS = 1 << 15  # budget units of the knapsack
 SAMPLE_ROWS = 256  # rows of each weight quantized per candidate type to predict its loss
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -76,9 +80,10 @@ def budget_for(plan: Sequence[PlannedTensor], target_bpw: float | None, max_size
     return Budget(max_size - overhead, f"--max-size {max_size} (bytes)")
 
 
-def candidates(row_len: int) -> list[QT]:
-    """The distinct types a row of ``row_len`` can take: each candidate through the row-length fallback."""
-    out = [fallback_type(t, row_len) for t in CANDIDATES]
+def candidates(row_len: int, codebooks: bool = False) -> list[QT]:
+    """The distinct types a row of ``row_len`` can take: each candidate (with ``codebooks``, the codebook
+    i-quants too) through the row-length fallback."""
+    out = [fallback_type(t, row_len) for t in CANDIDATES + (CODEBOOKS if codebooks else ())]
     return [t for t in dict.fromkeys(out) if t != QT.F16]
 
 
@@ -91,11 +96,17 @@ def relative_error(w: np.ndarray, q: np.ndarray, importance: np.ndarray | None) 
 
 def weight_loss(w: np.ndarray, qtype: QT, importance: np.ndarray | None, sample_rows: int = SAMPLE_ROWS) -> float:
     """Predicted relative output error of W float32 [O, I] round-to-nearest in ``qtype`` (importance: [I] or
-    None), from ``sample_rows`` evenly spaced rows."""
+    None), from ``sample_rows`` evenly spaced rows. The encoders that need importance weights (IQ2_XS,
+    IQ2_XXS, IQ1_S) get the importance, or unit weights without one."""
     o = w.shape[0]
     rows = np.unique(np.linspace(0, o - 1, min(o, sample_rows)).round().astype(np.int64))
     x = np.ascontiguousarray(w[rows], dtype=np.float32)  # [S, I]
-    return relative_error(x, dequantize_rows(quantize_rows(x, qtype), qtype), importance)
+    if qtype in NEEDS_WEIGHTS:
+        qw = np.ones(x.shape[1], np.float32) if importance is None else importance.astype(np.float32)
+        blocks = quantize_rows_weighted(x, qtype, qw)
+    else:
+        blocks = quantize_rows(x, qtype)
+    return relative_error(x, dequantize_rows(blocks, qtype), importance)
 
 
 def mixable(plan: Sequence[PlannedTensor], overrides: Sequence[Override]) -> list[PlannedTensor]:
@@ -104,14 +115,18 @@ def mixable(plan: Sequence[PlannedTensor], overrides: Sequence[Override]) -> lis
             and not any(o.matches(t.gguf_name) for o in overrides)]  # fmt: skip
 
 
-def priced(weights: Sequence[PlannedTensor]) -> dict[str, list[Choice]]:
+def priced(weights: Sequence[PlannedTensor], codebooks: bool = False) -> dict[str, list[Choice]]:
     """GGUF name -> every candidate type with its bytes (losses unknown: 0)."""
     return {t.gguf_name: [Choice(q, PlannedTensor(t.gguf_name, t.hf_name, t.shape, q).nbytes, 0.0)
-                          for q in candidates(t.shape[1])] for t in weights}  # fmt: skip
+                          for q in candidates(t.shape[1], codebooks)] for t in weights}  # fmt: skip
 
 
 def measure(
-    ckpt: Checkpoint, weights: Sequence[PlannedTensor], importance: Mapping[str, np.ndarray] | None, bar=None
+    ckpt: Checkpoint,
+    weights: Sequence[PlannedTensor],
+    importance: Mapping[str, np.ndarray] | None,
+    bar=None,
+    codebooks: bool = False,
 ) -> dict[str, list[Choice]]:
     """GGUF name -> every candidate type's (bytes, predicted loss) for each weight (read one at a time)."""
     out = {}
@@ -121,7 +136,7 @@ def measure(
         if importance is not None and (d is None or d.shape != (t.shape[1],)):
             raise QuantkitError(f"the importance matrix has no {t.shape[1]}-column entry for {t.gguf_name}")
         opts = []
-        for q in candidates(t.shape[1]):
+        for q in candidates(t.shape[1], codebooks):
             p = PlannedTensor(t.gguf_name, t.hf_name, t.shape, q)
             opts.append(Choice(q, p.nbytes, weight_loss(w, q, d)))
         out[t.gguf_name] = opts
@@ -185,16 +200,18 @@ def plan_mix(
     budget: Budget,
     importance: Mapping[str, np.ndarray] | None = None,
     bar=None,
+    codebooks: bool = False,
 ) -> tuple[dict[str, QT], dict[str, Choice]]:
-    """(GGUF name -> type for every tensor, GGUF name -> the mix's choice for each mixed weight)."""
+    """(GGUF name -> type for every tensor, GGUF name -> the mix's choice for each mixed weight); ``codebooks``:
+    the codebook i-quants are candidates too."""
     if ckpt.quant_spec is not None:
         raise QuantkitError(f"{ckpt.path}: a budget mix quantizes from the original weights; give the dense checkpoint")
     plan = plan_tensors(ckpt.config, qtype, importance is not None, overrides)
     free = mixable(plan, overrides)
     names = {t.gguf_name for t in free}
     fixed = sum(t.nbytes for t in plan if t.gguf_name not in names)
-    choose(priced(free), budget, fixed)  # refuses a budget nothing fits before the measuring starts
-    chosen = choose(measure(ckpt, free, importance, bar), budget, fixed)
+    choose(priced(free, codebooks), budget, fixed)  # refuses a budget nothing fits before the measuring starts
+    chosen = choose(measure(ckpt, free, importance, bar, codebooks), budget, fixed)
     types = {t.gguf_name: t.qtype for t in plan} | {n: c.qtype for n, c in chosen.items()}
     return types, chosen
 
@@ -251,9 +268,10 @@ def choose_types(
     max_size: int | None = None,
     importance: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
+    codebooks: bool = False,
 ) -> TypeChoice:
     """The file type's types, edited by the overrides (``--tensor-type``) and then by a budget mix
-    (``--target-bpw`` / ``--max-size``, if given)."""
+    (``--target-bpw`` / ``--max-size``, if given; ``codebooks``: the codebook i-quants are candidates too)."""
     plan = plan_tensors(ckpt.config, qtype, importance is not None, overrides)
     types = {t.gguf_name: t.qtype for t in plan}
     if target_bpw is None and max_size is None:
@@ -261,7 +279,7 @@ def choose_types(
     budget = budget_for(plan, target_bpw, max_size, overhead_bytes(ckpt, qtype))
     free = mixable(plan, overrides)
     with tqdm(total=len(free), desc="Measuring sensitivity", unit="weight", disable=not progress) as bar:
-        types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar)
+        types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar, codebooks)
     return TypeChoice(types, tuple(overrides), budget, chosen)
 
 
