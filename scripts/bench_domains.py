@@ -80,7 +80,7 @@ def build(args: argparse.Namespace) -> dict:
                 print(f"llama-quantize refuses {t} without an imatrix", flush=True)
             else:
                 refused.unlink()
-        if plain.is_file():
+        if plain.is_file() and not args.no_plain:
             files.append((t, "llama-quantize", "-", plain))
     for c in args.calibs.split(","):
         spec = calib_spec(c)
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixes", default="", help="quantkit budget mixes, bits per weight (2.5,3.0,...)")
     ap.add_argument("--mix-type", default="q4_k_m", help="the mixes' --type (the token embedding's type)")
     ap.add_argument("--plot", help="write KLD against file size, one panel per domain, to this PNG/SVG")
+    ap.add_argument("--no-plain", action="store_true", help="score only the calibrated files (faster)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     d = build(args)
