@@ -68,3 +68,21 @@ def libggml() -> Path:
     if path is None:
         pytest.skip("llama_cpp is installed but its libggml-base was not found")
     return path
+
+
+def llama_and_quantkit_logits(path: Path, ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [T, vocab] of llama.cpp (llama-cpp-python; the test is skipped without it) and of quantkit's
+    forward on the same GGUF's weights, for ``ids`` (default: BOS then 24 plain tokens)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from quantkit.formats.gguf.model import GGUFModel
+    from quantkit.model import build_model
+
+    ids = ids or [2, *range(100, 124)]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with torch.no_grad():
+        ours = build_model(GGUFModel(path))(torch.tensor([ids]))[0]
+    return theirs, ours

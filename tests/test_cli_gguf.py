@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 from conftest import CALIB_TEXT
@@ -71,15 +70,8 @@ def test_gptq_onto_codebooks(tiny_gemma3, tmp_path):
     assert {t.name: t.tensor_type for t in GGUFReader(out).tensors} == plan
     assert [p.name for p in tmp_path.iterdir()] == ["iq2_m.gguf"]
     # llama.cpp decodes the points GPTQ chose as quantkit does: its logits follow quantkit's on the file
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from quantkit.formats.gguf.model import GGUFModel
-    from quantkit.model import build_model
+    from conftest import llama_and_quantkit_logits
 
-    ids = [2, *range(100, 124)]
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    with torch.no_grad():
-        ours = build_model(GGUFModel(out))(torch.tensor([ids]))[0]
+    theirs, ours = llama_and_quantkit_logits(out)
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
     assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()

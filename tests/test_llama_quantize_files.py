@@ -207,19 +207,13 @@ def test_q1_0_rows_without_a_fallback_are_refused(f32_files, tmp_path):
 def test_llama_cpp_loads_the_low_bit_files(qtype, f32_files, tmp_path):
     """llama.cpp (llama-cpp-python) loads quantkit's Q1_0 / Q2_0 files and its logits follow quantkit's
     forward on the same file's weights (it decodes the blocks quantkit wrote as quantkit does)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from quantkit.formats.gguf.model import GGUFModel
-    from quantkit.model import build_model
+    pytest.importorskip("llama_cpp")
+    from conftest import llama_and_quantkit_logits
 
     ckpt_dir, _ = f32_files("gemma3")
     path = tmp_path / f"{qtype}.gguf"
     export_gguf(ckpt_dir, path, qtype, progress=False, workers=2)
-    ids = [2, *range(100, 124)]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    with torch.no_grad():
-        ours = build_model(GGUFModel(path))(torch.tensor([ids]))[0]
+    theirs, ours = llama_and_quantkit_logits(path)
     assert torch.isfinite(theirs).all()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
     assert (theirs - ours).abs().max() <= 0.02 * ours.abs().max()

@@ -283,16 +283,9 @@ def test_gptq_mix_below_q2_k_takes_codebook_types(tiny_gemma2, tmp_path):
               "-o", out])["gguf"]  # fmt: skip
     mixed = {t["type"] for t in r["mix"]["tensors"] if t["mixed"]}
     assert mixed & {q.name for q in CODEBOOKS} and r["bits_per_weight"] <= 2.6
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from quantkit.formats.gguf.model import GGUFModel
-    from quantkit.model import build_model
+    from conftest import llama_and_quantkit_logits
 
-    ids = [2, *range(100, 124)]
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=32, n_batch=32, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    with torch.no_grad():
-        ours = build_model(GGUFModel(out))(torch.tensor([ids]))[0]
+    theirs, ours = llama_and_quantkit_logits(out)
     # mean, not max: on this 4-layer random model llama.cpp's 8-bit activations move single logits by up to
     # 0.4 in every type (measured: plain Q2_K 0.32, this mix 0.43; means 0.038 of 4.0 for both)
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
