@@ -77,8 +77,9 @@ def _MIX_OPTIONS(f):  # noqa: N802 (a decorator, named as the other option const
 def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=False, gptq=False):
     """The GGUF's per-tensor types from the mix options (policy's rules when none is given) and the
     importance matrix, read once (None without one, or for an empty one, as llama-quantize treats it).
-    ``encodes``: the imatrix also weighs the rounding (export), so it is welcome without a budget. A mix
-    takes the codebook i-quants where it is written with calibration: ``gptq``, or an export's imatrix."""
+    ``encodes``: the imatrix also weighs the rounding (export), so it is welcome without a budget. A file
+    written with calibration (``gptq``, or an export's imatrix) takes llama-quantize's imatrix rules, and its
+    mix the codebook i-quants."""
     from quantkit.formats.gguf.imatrix import load_imatrix
     from quantkit.formats.gguf.mix import choose_types, parse_size
     from quantkit.formats.gguf.policy import check_overrides, parse_override
@@ -93,8 +94,8 @@ def _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encod
     imp = load_imatrix(imatrix) if imatrix else None
     imp = imp if imp is not None and imp.vectors else None
     vectors = imp.vectors if imp is not None else None
-    codebooks = gptq or (encodes and vectors is not None)
-    return choose_types(ckpt, qtype, overrides, target_bpw, size, vectors, _progress(), codebooks), imp
+    calibrated = gptq or (encodes and vectors is not None)
+    return choose_types(ckpt, qtype, overrides, target_bpw, size, vectors, _progress(), calibrated), imp
 
 
 _OVERWRITE = click.option(

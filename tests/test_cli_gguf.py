@@ -55,7 +55,8 @@ def test_quantize_format_gguf(tiny_gemma3, tmp_path):
 def test_gptq_onto_codebooks(tiny_gemma3, tmp_path):
     """quantize --method gptq --format gguf --type iq2_m: on rows of 256 its weights are IQ2_S and IQ3_S
     (attn_v, ffn_down of the first layers): GPTQ chooses their points (block LDLQ), below the encoder's output
-    error on the same scales, and the GGUF holds the types llama-quantize's rules give."""
+    error on the same scales, and the GGUF holds the types llama-quantize's rules give with an imatrix (GPTQ
+    calibrates)."""
     from quantkit.formats.gguf.policy import plan_tensors
 
     out = tmp_path / "iq2_m.gguf"
@@ -66,7 +67,7 @@ def test_gptq_onto_codebooks(tiny_gemma3, tmp_path):
     lin = report["linears"].values()
     assert {s["ggml_type"] for s in lin} == {"IQ2_S", "IQ3_S"}
     assert sum(s["output_rel_err"] for s in lin) < 0.9 * sum(s["rtn_output_rel_err"] for s in lin)
-    plan = {t.gguf_name: t.qtype for t in plan_tensors(open_checkpoint(tiny_gemma3).config, "iq2_m")}
+    plan = {t.gguf_name: t.qtype for t in plan_tensors(open_checkpoint(tiny_gemma3).config, "iq2_m", imatrix=True)}
     assert {t.name: t.tensor_type for t in GGUFReader(out).tensors} == plan
     assert [p.name for p in tmp_path.iterdir()] == ["iq2_m.gguf"]
     # llama.cpp decodes the points GPTQ chose as quantkit does: its logits follow quantkit's on the file

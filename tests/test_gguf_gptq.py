@@ -46,7 +46,7 @@ def files(tiny_gemma2, tmp_path_factory) -> dict[str, Path | dict]:
 @pytest.mark.parametrize("qtype", ["q3_k_m", "q4_0"])
 def test_every_linear_goes_into_its_planned_type_losslessly(files, tiny_gemma2, qtype):
     ckpt = open_checkpoint(tiny_gemma2)
-    planned = {t.gguf_name: t.qtype for t in plan_tensors(ckpt.config, qtype)}
+    planned = {t.gguf_name: t.qtype for t in plan_tensors(ckpt.config, qtype, imatrix=True)}
     stored = {t.name: t.tensor_type for t in gguf.GGUFReader(files[qtype]).tensors}
     assert stored == planned
     report = files[f"{qtype}-report"]
@@ -104,7 +104,7 @@ def test_gptq_onto_q2_0_blocks(tiny_gemma2, tmp_path, libggml):
     out = tmp_path / "gptq-q2_0.gguf"
     report = _cli("quantize", str(tiny_gemma2), *GPTQ, "--format", "gguf", "--type", "q2_0", "-o", str(out))
     ckpt = open_checkpoint(tiny_gemma2)
-    planned = {t.gguf_name: t.qtype for t in plan_tensors(ckpt.config, "q2_0")}
+    planned = {t.gguf_name: t.qtype for t in plan_tensors(ckpt.config, "q2_0", imatrix=True)}
     assert {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors} == planned
     assert report["gguf"]["counts"]["lossless"] == len(LINEAR_NAMES) * ckpt.config.num_hidden_layers
     for t in read_gguf(out).tensors:

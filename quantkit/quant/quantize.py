@@ -200,8 +200,9 @@ def quantize_to_gguf(
     """``quantize --format gguf``: quantize into a hidden artifact beside ``out``, then write its codes into the
     GGUF's blocks (report["gguf"] is the export's report). The artifact resumes like any quantize output.
 
-    GPTQ rounds every linear onto the fixed grid of the ggml type the GGUF stores it in (any legacy or K
-    type); RTN quantizes with fp16 scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are.
+    GPTQ rounds every linear onto the grid of the ggml type the GGUF stores it in (any type; the file's own
+    types are llama-quantize's with an importance matrix, as GPTQ calibrates); RTN quantizes with fp16
+    scales, whose int4/int8 codes go into Q4_0/Q8_0/Q4_1 blocks as they are.
     The GGUF's general.name is the source's (its directory's, or a hub snapshot's repo), not the hidden
     artifact's."""
     out = Path(out)
@@ -212,6 +213,8 @@ def quantize_to_gguf(
         report = quantize_checkpoint(
             model_dir, artifact, opts, device, progress, gguf_type=gguf_type, imatrix_out=imatrix_out, types=types
         )
+        plan = plan_tensors(open_checkpoint(artifact).config, gguf_type, imatrix=True)
+        types = {t.gguf_name: t.qtype for t in plan} | dict(types or {})  # the types GPTQ rounded onto
     else:
         if opts.scale_dtype == "auto":
             opts = opts.replace(scale_dtype="float16")
@@ -228,8 +231,9 @@ def gptq_block_types(
     ckpt: Checkpoint, gguf_type: str, types: Mapping[str, GGMLQuantizationType] | None = None
 ) -> dict[str, GGMLQuantizationType]:
     """HF weight name -> the ggml type a ``gguf_type`` GGUF (with ``types``, GGUF name -> type, in place of
-    its own) stores each decoder-layer linear in."""
-    plan = retype(plan_tensors(ckpt.config, gguf_type), types or {})
+    its own) stores each decoder-layer linear in. GPTQ always calibrates, so the file's own types are
+    llama-quantize's with an importance matrix."""
+    plan = retype(plan_tensors(ckpt.config, gguf_type, imatrix=True), types or {})
     plan = [t for t in plan if t.hf_name.startswith("model.layers.") and not t.is_norm]
     unsupported = sorted({t.qtype.name for t in plan if t.qtype not in LAYOUTS and t.qtype not in CODEBOOK_TYPES})
     if unsupported:

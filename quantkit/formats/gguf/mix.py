@@ -200,18 +200,19 @@ def plan_mix(
     budget: Budget,
     importance: Mapping[str, np.ndarray] | None = None,
     bar=None,
-    codebooks: bool = False,
+    calibrated: bool = False,
 ) -> tuple[dict[str, QT], dict[str, Choice]]:
-    """(GGUF name -> type for every tensor, GGUF name -> the mix's choice for each mixed weight); ``codebooks``:
-    the codebook i-quants are candidates too."""
+    """(GGUF name -> type for every tensor, GGUF name -> the mix's choice for each mixed weight); ``calibrated``:
+    the file is written with calibration (GPTQ, or an imatrix), so the fixed tensors follow llama-quantize's
+    imatrix rules and the codebook i-quants are candidates too."""
     if ckpt.quant_spec is not None:
         raise QuantkitError(f"{ckpt.path}: a budget mix quantizes from the original weights; give the dense checkpoint")
-    plan = plan_tensors(ckpt.config, qtype, importance is not None, overrides)
+    plan = plan_tensors(ckpt.config, qtype, calibrated or importance is not None, overrides)
     free = mixable(plan, overrides)
     names = {t.gguf_name for t in free}
     fixed = sum(t.nbytes for t in plan if t.gguf_name not in names)
-    choose(priced(free, codebooks), budget, fixed)  # refuses a budget nothing fits before the measuring starts
-    chosen = choose(measure(ckpt, free, importance, bar, codebooks), budget, fixed)
+    choose(priced(free, calibrated), budget, fixed)  # refuses a budget nothing fits before the measuring starts
+    chosen = choose(measure(ckpt, free, importance, bar, calibrated), budget, fixed)
     types = {t.gguf_name: t.qtype for t in plan} | {n: c.qtype for n, c in chosen.items()}
     return types, chosen
 
@@ -268,18 +269,20 @@ def choose_types(
     max_size: int | None = None,
     importance: Mapping[str, np.ndarray] | None = None,
     progress: bool = True,
-    codebooks: bool = False,
+    calibrated: bool = False,
 ) -> TypeChoice:
     """The file type's types, edited by the overrides (``--tensor-type``) and then by a budget mix
-    (``--target-bpw`` / ``--max-size``, if given; ``codebooks``: the codebook i-quants are candidates too)."""
-    plan = plan_tensors(ckpt.config, qtype, importance is not None, overrides)
+    (``--target-bpw`` / ``--max-size``, if given). ``calibrated``: the file is written with calibration (GPTQ,
+    or an export's imatrix): its types are llama-quantize's with an imatrix (GPTQ's Hessian is one, richer),
+    and a mix may take the codebook i-quants."""
+    plan = plan_tensors(ckpt.config, qtype, calibrated or importance is not None, overrides)
     types = {t.gguf_name: t.qtype for t in plan}
     if target_bpw is None and max_size is None:
         return TypeChoice(types, tuple(overrides))
     budget = budget_for(plan, target_bpw, max_size, overhead_bytes(ckpt, qtype))
     free = mixable(plan, overrides)
     with tqdm(total=len(free), desc="Measuring sensitivity", unit="weight", disable=not progress) as bar:
-        types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar, codebooks)
+        types, chosen = plan_mix(ckpt, qtype, overrides, budget, importance, bar, calibrated)
     return TypeChoice(types, tuple(overrides), budget, chosen)
 
 
