@@ -36,6 +36,7 @@ Shapes: W [O, I]; s, b [O, I/g]; codes [O, I]; blocks uint8 [O, I/block * type_b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -88,8 +89,23 @@ def nearest_codes(t: torch.Tensor, lo: int, hi: int, levels: Levels) -> torch.Te
     index of the nearest level (ties to the upper one, as ggml's best_index_int8)."""
     if levels is None:
         return torch.round(t).clamp(lo, hi)
+    if t.device.type == "cpu" and t.dtype == torch.float32:  # 8x faster than bucketize, same codes
+        lim, table = _nearest_table(levels)
+        u = np.floor(t.detach().numpy() * 2)
+        return torch.from_numpy(table[(np.clip(u, -lim, lim, out=u) + lim).astype(np.int32)])
     lv = torch.tensor(levels, dtype=t.dtype, device=t.device)
     return torch.bucketize(t, (lv[:-1] + lv[1:]) / 2, right=True).to(t.dtype)
+
+
+@functools.cache
+def _nearest_table(levels: tuple[int, ...]) -> tuple[int, np.ndarray]:
+    """(lim, table): the code nearest t (ties to the upper one) is table[floor(2t) + lim] for floor(2t) clipped
+    to [-lim, lim]. Exact for integer levels: each midpoint m between two is a multiple of 1/2, so t >= m
+    exactly where floor(2t) >= 2m."""
+    lim = 2 * max(abs(v) for v in levels) + 2
+    lv = torch.tensor(levels, dtype=torch.float32)
+    u = torch.arange(-lim, lim + 1, dtype=torch.float32) / 2
+    return lim, torch.bucketize(u, (lv[:-1] + lv[1:]) / 2, right=True).float().numpy()
 
 
 def level_of(c: torch.Tensor, levels: Levels) -> torch.Tensor:
@@ -145,18 +161,37 @@ def _search_levels(x: torch.Tensor, w: torch.Tensor, levels: tuple[int, ...]) ->
     each refitted by weighted least squares on its levels and kept if re-rounding onto it is better.
     x, w [N, g] -> s [N] (0 for all-zero groups)."""
     m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
-    zero_b = torch.zeros_like(m)
-    lo, hi = 0, len(levels) - 1
+    wx = w * x
+    wxx = (wx * x).sum(-1).double()  # [N]
+
+    def rounded_error(s: torch.Tensor) -> torch.Tensor:  # Σ w (x - s q)², expanded: one pass less per term
+        q = _nearest_levels(x / torch.where(s == 0, torch.ones_like(s), s)[:, None], levels)
+        sd = s.double()
+        return wxx - 2 * sd * (wx * q).sum(-1).double() + sd * sd * (w * q * q).sum(-1).double()
+
     s0 = m / levels[0]
-    best = [s0, zero_b, _rounded_error(x, w, s0, zero_b, lo, hi, levels)]
+    best = [s0, rounded_error(s0)]
     safe_m = torch.where(m == 0, torch.ones_like(m), m)
     for end in (levels[0], levels[-1]):
         for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
-            q = level_of(nearest_codes(x * ((end + t) / safe_m)[:, None], lo, hi, levels), levels)
-            num, den = (w * x * q).sum(-1), (w * q * q).sum(-1)
+            q = _nearest_levels(x * ((end + t) / safe_m)[:, None], levels)
+            wq = w * q
+            num, den = (wq * x).sum(-1), (wq * q).sum(-1)
             s = num / den.clamp_min(1e-30)
-            best = _keep_better(best, [s, zero_b, _rounded_error(x, w, s, zero_b, lo, hi, levels)], den > 0)
-    return torch.where(m == 0, zero_b, best[0])
+            err = rounded_error(s)
+            better = (den > 0) & (err < best[1])
+            best = [torch.where(better, s, best[0]), torch.where(better, err, best[1])]
+    return torch.where(m == 0, torch.zeros_like(m), best[0])
+
+
+def _nearest_levels(t: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
+    """The level nearest t (float32 [..]), as ``level_of(nearest_codes(t))`` in one table lookup on CPU."""
+    if t.device.type != "cpu":
+        return level_of(nearest_codes(t, 0, len(levels) - 1, levels), levels)
+    lim, table = _nearest_table(levels)
+    u = np.floor(t.numpy() * 2)
+    idx = (np.clip(u, -lim, lim, out=u) + lim).astype(np.int32)
+    return torch.from_numpy(np.asarray(levels, dtype=np.float32)[table.astype(np.int32)][idx])
 
 
 def _search_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, offset_le_zero: bool):
