@@ -29,6 +29,7 @@ IQ1 the 8 weights' shift is -1/8).
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -41,6 +42,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gguf import iquants_codebook, iquants_iq1, iquants_iq2
 from quantkit.formats.gguf.grids import GridWeight
 from quantkit.formats.gguf.layouts import pack_iq1_m, pack_iq1_s
+from quantkit.formats.gguf.stream import default_workers
 
 SUPER = 256  # weights per block of every codebook type
 CHUNK = 1024  # super-blocks per encoder pass (the encoders' own chunking in blocks.py)
@@ -158,11 +160,14 @@ def choose_codebook_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor) -
     imp = importance.detach().to("cpu", torch.float32).clamp_min(0)
     imp = (imp + 1e-8 * imp.mean().clamp_min(1e-30)).numpy().reshape(1, -1, SUPER)  # [1, I / 256, 256]
     per_row = i // SUPER
-    parts: list[dict[str, np.ndarray]] = []
-    for a in range(0, x.shape[0], CHUNK):  # CHUNK is a multiple of per_row only by chance: tile per chunk
+
+    def chunk(a: int) -> dict[str, np.ndarray]:  # CHUNK is a multiple of per_row only by chance: tile per chunk
         b = min(a + CHUNK, x.shape[0])
         qw = np.ascontiguousarray(imp[0, np.arange(a, b) % per_row])  # [b - a, 256]
-        parts.append(_fields(np.ascontiguousarray(x[a:b]), qtype, qw))
+        return _fields(np.ascontiguousarray(x[a:b]), qtype, qw)
+
+    with ThreadPoolExecutor(default_workers()) as pool:  # numpy's passes release the GIL: one chunk per core
+        parts = list(pool.map(chunk, range(0, x.shape[0], CHUNK)))
     fields = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     d = fields["dh" if qtype == QT.IQ1_M else "d"]
     d32 = torch.from_numpy(np.asarray(d, dtype=np.float16).astype(np.float32).reshape(-1, 1))  # [B, 1]
