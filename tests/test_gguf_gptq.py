@@ -114,3 +114,22 @@ def test_gptq_onto_q2_0_blocks(tiny_gemma2, tmp_path, libggml):
     gptq = np.array([s["output_rel_err"] for s in report["linears"].values()])
     rtn = np.array([s["rtn_output_rel_err"] for s in report["linears"].values()])
     assert gptq.mean() < 0.6 * rtn.mean()
+
+
+def test_gptq_files_take_llama_quantizes_imatrix_rules(tiny_gemma2):
+    """GPTQ always calibrates, so its files hold the types llama-quantize gives with an importance matrix: for
+    iq3_xxs its ffn_down is IQ3_XXS there, Q3_K / Q4_K without one."""
+    from quantkit.formats.gguf.mix import choose_types
+    from quantkit.quant.quantize import gptq_block_types
+
+    ckpt = open_checkpoint(tiny_gemma2)
+
+    def plan(imatrix: bool) -> dict:
+        return {t.gguf_name: t.qtype for t in plan_tensors(ckpt.config, "iq3_xxs", imatrix=imatrix)}
+
+    assert plan(True) != plan(False)
+    assert choose_types(ckpt, "iq3_xxs", calibrated=True).types == plan(True)
+    assert choose_types(ckpt, "iq3_xxs").types == plan(False)
+    hf = {t.hf_name: t.qtype for t in plan_tensors(ckpt.config, "iq3_xxs", imatrix=True)}
+    got = gptq_block_types(ckpt, "iq3_xxs")
+    assert got == {n: hf[n] for n in got} and "IQ3_XXS" in {q.name for q in got.values()}
