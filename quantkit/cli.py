@@ -310,13 +310,15 @@ def quantize(model_dir, out, recipe, fast, fmt, gguf_type, device, imatrix_out, 
     from quantkit.io.checkpoint import open_checkpoint
     from quantkit.io.hub import resolve_model
     from quantkit.quant.quantize import quantize_checkpoint, resolved_compute
-    from quantkit.quant.recipes import resolve_options
+    from quantkit.quant.recipes import gguf_defaults, resolve_options
 
     mix = {k: flags.pop(k) for k in ("tensor_types", "target_bpw", "max_size", "imatrix")}
     if fmt != "gguf" and any(mix.values()):
         raise QuantkitError(
             "--tensor-type, --target-bpw, --max-size and --imatrix choose GGUF types: use --format gguf"
         )
+    if fmt == "gguf" and not recipe:  # flags not given (None) take the file type's defaults
+        flags |= {k: v for k, v in gguf_defaults(gguf_type).items() if flags.get(k) is None}
     opts = resolve_options(recipe, fast, **dict(flags, calib=",".join(flags["calib"]) or None))
     kind = "file" if fmt == "gguf" else "dir"
     inputs = [model_dir, *calibration_files(opts.calib)]

@@ -298,3 +298,27 @@ def test_report_of_gptq_into_gguf_blocks_says_what_was_written(tiny_gemma2, tmp_
     report = quantize_checkpoint(tiny_gemma2, tmp_path / "q", opts, progress=False, gguf_type="q4_0")
     assert report["format"] == "ggml blocks (q4_0)" and report["bits_per_weight"] == 18 * 8 / 32
     assert {s["ggml_type"] for s in report["linears"].values()} == {"Q4_0"}
+
+
+@pytest.mark.parametrize(
+    ("gguf_type", "extra", "fp_targets"),
+    [("iq3_xxs", [], False), ("iq2_m", [], False), ("q4_0", [], True), ("iq3_xxs", ["--fp-targets"], True)],
+)
+def test_codebook_gguf_files_default_to_no_fp_targets(tiny_gemma2, tmp_path, monkeypatch, gguf_type, extra, fp_targets):
+    """GPTQ into a codebook i-quant file runs without fp_targets unless asked (measured better on the 270M's
+    iq3_xxs in every domain, quant/recipes.py); other types keep the defaults, and a flag still wins."""
+    from quantkit import cli as cli_module
+    from quantkit.errors import QuantkitError
+
+    seen = {}
+
+    def capture(model_dir, out, opts, *args):
+        seen["opts"] = opts
+        raise QuantkitError("captured")
+
+    monkeypatch.setattr(cli_module, "_quantize_to_gguf", capture)
+    out = tmp_path / "x.gguf"
+    args = ["quantize", str(tiny_gemma2), "--format", "gguf", "--type", gguf_type, *extra, "-o", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert "captured" in res.output and seen["opts"].fp_targets is fp_targets
+    assert seen["opts"].act_order  # the rest of the defaults stay

@@ -20,7 +20,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.policy import FILE_TYPES
 from quantkit.io.atomic import ARTIFACT_MARKER, atomic_file
 from quantkit.io.checkpoint import Checkpoint
-from quantkit.quant.recipes import QuantizeOptions
+from quantkit.quant.recipes import QuantizeOptions, gguf_defaults
 
 FLOAT_TYPES = ("f32", "f16", "bf16")  # nothing to calibrate: always the plain export
 MARKER_KIND = "ladder"
@@ -64,14 +64,15 @@ def file_name(model: Path, qtype: str) -> str:
 
 
 def plan_jobs(model: Path, types: tuple[str, ...], method: str, opts: QuantizeOptions, threads: int) -> list[TypeJob]:
-    """One job per type: GPTQ into the type's blocks where there is a grid to calibrate, else the export."""
+    """One job per type: GPTQ into the type's blocks where there is a grid to calibrate (with the type's
+    defaults, ``gguf_defaults``), else the export."""
     model = model.resolve()
     return [
         TypeJob(
             model=str(model),
             qtype=t,
             method="gptq" if method == "gptq" and t not in FLOAT_TYPES else "export",
-            opts=opts,
+            opts=opts.replace(**gguf_defaults(t)),
             threads=threads,
             file_name=file_name(model, t),
         )
