@@ -32,11 +32,12 @@ from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES
 from quantkit.formats.gguf.export import export_gguf
 from quantkit.formats.gguf.grids import LAYOUTS
 from quantkit.formats.gguf.imatrix import write_imatrix
-from quantkit.formats.gguf.policy import plan_tensors, retype
+from quantkit.formats.gguf.policy import PlannedTensor, plan_tensors, retype
 from quantkit.formats.packed.write import ArtifactWriter, blocks_quantization_config, quantization_config
 from quantkit.io.atomic import is_artifact
 from quantkit.io.calibration import calibration_label, calibration_set_windows, check_sources
 from quantkit.io.checkpoint import Checkpoint, open_checkpoint
+from quantkit.io.config import ModelConfig
 from quantkit.io.dtypes import compute_dtype, torch_dtype
 from quantkit.io.layout import layer_prefix
 from quantkit.io.tokenizer import Tokenizer
@@ -213,8 +214,7 @@ def quantize_to_gguf(
         report = quantize_checkpoint(
             model_dir, artifact, opts, device, progress, gguf_type=gguf_type, imatrix_out=imatrix_out, types=types
         )
-        plan = plan_tensors(open_checkpoint(artifact).config, gguf_type, imatrix=True)
-        types = {t.gguf_name: t.qtype for t in plan} | dict(types or {})  # the types GPTQ rounded onto
+        types = {t.gguf_name: t.qtype for t in gptq_file_plan(open_checkpoint(artifact).config, gguf_type, types)}
     else:
         if opts.scale_dtype == "auto":
             opts = opts.replace(scale_dtype="float16")
@@ -227,13 +227,19 @@ def quantize_to_gguf(
     return report
 
 
+def gptq_file_plan(
+    cfg: ModelConfig, gguf_type: str, types: Mapping[str, GGMLQuantizationType] | None = None
+) -> list[PlannedTensor]:
+    """The tensors of a GPTQ ``gguf_type`` GGUF, with ``types`` (GGUF name -> type) in place of its own. GPTQ
+    always calibrates, so the file's own types are llama-quantize's with an importance matrix."""
+    return retype(plan_tensors(cfg, gguf_type, imatrix=True), types or {})
+
+
 def gptq_block_types(
     ckpt: Checkpoint, gguf_type: str, types: Mapping[str, GGMLQuantizationType] | None = None
 ) -> dict[str, GGMLQuantizationType]:
-    """HF weight name -> the ggml type a ``gguf_type`` GGUF (with ``types``, GGUF name -> type, in place of
-    its own) stores each decoder-layer linear in. GPTQ always calibrates, so the file's own types are
-    llama-quantize's with an importance matrix."""
-    plan = retype(plan_tensors(ckpt.config, gguf_type, imatrix=True), types or {})
+    """HF weight name -> the ggml type each decoder-layer linear of the GPTQ file (``gptq_file_plan``) is in."""
+    plan = gptq_file_plan(ckpt.config, gguf_type, types)
     plan = [t for t in plan if t.hf_name.startswith("model.layers.") and not t.is_norm]
     unsupported = sorted({t.qtype.name for t in plan if t.qtype not in LAYOUTS and t.qtype not in CODEBOOK_TYPES})
     if unsupported:

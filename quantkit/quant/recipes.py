@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES
+from quantkit.formats.gguf.policy import FILE_TYPES
 from quantkit.io.dtypes import COMPUTE_CHOICES
 from quantkit.io.texts import shipped
 from quantkit.quant.primitives import QuantSpec
@@ -127,12 +129,11 @@ BEST_INT4_GRID: dict[str, Any] = {"sym": False, "scale_dtype": "float16"}
 # chat / French): with fp_targets 0.255 / 0.151 / 0.100 / 0.241, without 0.194 / 0.105 / 0.095 / 0.196, where
 # llama-quantize --imatrix has 0.235 / 0.218 / 0.204 / 0.222. fp_targets moves each target away from the
 # weights the run scales were fitted to. The iq2 / iq1 files follow the same solver (not yet measured apart).
-CODEBOOK_FILE_TYPES = ("iq3_xxs", "iq3_xs", "iq3_s", "iq3_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m")
-
-
 def gguf_defaults(gguf_type: str | None) -> dict[str, Any]:
-    """What a ``quantize --format gguf --type gguf_type`` run changes in the defaults (no recipe named)."""
-    return {"fp_targets": False} if gguf_type in CODEBOOK_FILE_TYPES else {}
+    """What a ``quantize --format gguf --type gguf_type`` run changes in the defaults (no recipe named): a file
+    whose main type is a codebook i-quant goes without fp_targets."""
+    codebook = gguf_type in FILE_TYPES and FILE_TYPES[gguf_type][0] in CODEBOOK_TYPES
+    return {"fp_targets": False} if codebook else {}
 
 
 def best_defaults(method: str | None, bits: int | None, fast: bool = False) -> dict[str, Any]:
