@@ -141,7 +141,7 @@ def test_mix_meets_its_budget_and_the_file_says_so(mixes, tiny_gemma3):
         assert {t["name"]: (t["type"], t["bytes"]) for t in r["mix"]["tensors"]} == stored
         types = {t["type"] for t in r["mix"]["tensors"] if t["mixed"]}
         assert len(types) > 1  # a mix, not one type
-        assert stored["token_embd.weight"][0] == "Q6_K"  # llama-quantize's rule for the tied embedding
+        assert r["mix"]["tensors"][0]["name"] == "token_embd.weight" and r["mix"]["tensors"][0]["mixed"]
     assert 8 * sum(b for _, b in stored.values()) / n_params <= 5
     assert mixes["bpw"]["bits_per_weight"] <= 5
     assert path.stat().st_size <= 2_000_000
@@ -156,8 +156,9 @@ def _check_measured(r: dict, path: Path, ckpt_dir: Path, d: dict[str, np.ndarray
         w = ckpt.get(hf[t["name"]], torch.float32).numpy()
         s = stored[t["name"]]
         q = dequantize_rows(np.asarray(s.data).view(np.uint8).reshape(w.shape[0], -1), s.tensor_type)
-        weights = np.ones(w.shape[1]) if d is None else d[t["name"]]
-        assert t["measured_loss"] == pytest.approx(_relative(w, q, weights), rel=1e-9)
+        weights = np.ones(w.shape[1]) if d is None or t["name"] not in d else d[t["name"]]
+        uses = 2 if t["name"] == "token_embd.weight" else 1  # the tied embedding: lookup and output projection
+        assert t["measured_loss"] == pytest.approx(uses * _relative(w, q, weights), rel=1e-9)
         assert t["predicted_loss"] == pytest.approx(t["measured_loss"], rel=0.25)
 
 
@@ -203,6 +204,18 @@ def test_importance_weighs_the_losses(tiny_gemma3, tmp_path):
     r = _run(["export", tiny_gemma3, "--type", "q4_k_m", "--target-bpw", "5", "--imatrix", tmp_path / "im.gguf",
               "-o", out])  # fmt: skip
     _check_measured(r["mix"], out, tiny_gemma3, d)
+
+
+def test_an_override_keeps_the_embedding_out_of_the_mix(tiny_gemma3, tmp_path):
+    """--tensor-type token_embd=TYPE fixes the embedding's type; the mix chooses the layer weights alone and
+    counts the embedding's bytes against the budget."""
+    out = tmp_path / "fixed.gguf"
+    r = _run(["export", tiny_gemma3, "--type", "q4_k_m", "--tensor-type", "token_embd=q8_0", "--target-bpw", "6",
+              "-o", out])  # fmt: skip
+    rows = {t["name"]: t for t in r["mix"]["tensors"]}
+    assert rows["token_embd.weight"]["type"] == "Q8_0" and not rows["token_embd.weight"]["mixed"]
+    assert all(t["mixed"] for n, t in rows.items() if n.startswith("blk.") and not n.endswith("norm.weight"))
+    assert r["mix"]["tensor_bytes"] <= r["mix"]["budget_tensor_bytes"]
 
 
 def test_tensor_type_on_the_cli(tiny_gemma3, tmp_path):
@@ -290,3 +303,15 @@ def test_gptq_mix_below_q2_k_takes_codebook_types(tiny_gemma2, tmp_path):
     # 0.4 in every type (measured: plain Q2_K 0.32, this mix 0.43; means 0.038 of 4.0 for both)
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
     assert (theirs - ours).abs().mean() <= 0.02 * ours.abs().mean()
+
+
+def test_sensitivity_reads_sampled_rows_alone(tiny_gemma2):
+    """Checkpoint.get_rows (how the mix samples a weight, so a 9B embedding is never read whole): scattered and
+    consecutive rows equal those rows of the whole tensor, in its dtype or cast."""
+    ckpt = open_checkpoint(tiny_gemma2)
+    name = "model.embed_tokens.weight"
+    whole = ckpt.get(name)
+    for rows in ([0, 3, 4, 5, 9, whole.shape[0] - 1], list(range(2, 40))):
+        got = ckpt.get_rows(name, np.array(rows))
+        assert got.dtype == whole.dtype and torch.equal(got, whole[rows])
+    assert torch.equal(ckpt.get_rows(name, np.array([1, 2]), torch.float32), whole[1:3].float())

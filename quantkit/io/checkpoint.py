@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType
 from quantkit.errors import QuantkitError
 from quantkit.io import tensorio
 from quantkit.io.config import ModelConfig, load_config
+from quantkit.io.dtypes import ELEMENT_BYTES
 from quantkit.io.layout import canonical_name, check_layout, layer_members, quant_spec_from_config
 from quantkit.io.safetensors_header import read_header, tensor_names
 from quantkit.io.tokenizer import check_tokenizer_files
@@ -118,6 +119,21 @@ class Checkpoint:
         if check_finite and not tensorio.all_finite(t):
             raise QuantkitError(f"{self.path / shard}: tensor {name!r} contains NaN or inf values")
         return t
+
+    def get_rows(self, name: str, rows: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``rows`` [S] (ascending) of a tensor [O, ...] as [S, prod(...)], read alone: a sample of a large
+        embedding, or a slab of it."""
+        shard, key = self.locations[name]
+        f, start = self._handle(shard)
+        info = self.headers[shard][key]
+        width = math.prod(info["shape"][1:])
+        row_bytes = width * ELEMENT_BYTES[info["dtype"]]
+        base = start + info["data_offsets"][0]
+        rows = np.asarray(rows, dtype=np.int64)
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)  # consecutive rows: one read each
+        t = torch.cat([tensorio.read_tensor(f, base + int(r[0]) * row_bytes, info["dtype"], [len(r), width])
+                       for r in runs if len(r)])  # fmt: skip
+        return t if dtype is None else t.to(dtype)
 
     def layer_tensors(
         self, i: int, dtype: torch.dtype | None = None, exclude: set[str] = frozenset(), check_finite: bool = True
