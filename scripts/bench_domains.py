@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -53,6 +54,17 @@ def windows_text(tok: Tokenizer, spec: str, nsamples: int, dest: Path) -> Path:
         ids = calibration_set_windows(tok, spec, nsamples, 512, 0)
         dest.write_text("\n".join(tok.decode(row[1:]) for row in ids.tolist()) + "\n", encoding="utf-8")
     return dest
+
+
+def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``--variant NAME=FLAGS`` entries as (name, quantize flags): solver settings scored beside the defaults."""
+    out = []
+    for v in specs:
+        name, sep, flags = v.partition("=")
+        if not sep or not name.isidentifier():
+            raise SystemExit(f"--variant {v!r}: write NAME=FLAGS, e.g. nofp='--no-fp-targets'")
+        out.append((name, shlex.split(flags)))
+    return out
 
 
 def domain_path(name: str) -> Path:
@@ -99,6 +111,13 @@ def build(args: argparse.Namespace) -> dict:
                 sh(quantkit("quantize", str(model), "--format", "gguf", "--type", t, "--nsamples", str(args.nsamples),
                             "--calib", spec, "-o", str(dest)), out / f"quantkit-{c}-{t}.log")  # fmt: skip
             files.append((t, "quantkit gptq", c, dest))
+            for name, flags in variants(args.variant):
+                dest = out / f"quantkit-{c}-{t}-{name}.gguf"
+                if not dest.is_file():
+                    sh(quantkit("quantize", str(model), "--format", "gguf", "--type", t, "--nsamples",
+                                str(args.nsamples), "--calib", spec, *flags, "-o", str(dest)),
+                       out / f"quantkit-{c}-{t}-{name}.log")  # fmt: skip
+                files.append((t, f"quantkit gptq {name}", c, dest))
         for b in [x for x in args.mixes.split(",") if x]:
             dest = out / f"quantkit-{c}-mix{b}.gguf"
             if not dest.is_file():
@@ -125,7 +144,7 @@ def _peer(d: dict, r: dict, dom: str) -> float | None:
     """The KLD quantkit's row is compared with: llama-quantize + imatrix at the same type, or for a mix the
     best llama-quantize + imatrix file of equal or larger size."""
     imx = [x for x in d["rows"] if x["source"] == "llama-quantize+imatrix" and x["calib"] == r["calib"]]
-    if r["source"] == "quantkit gptq":
+    if r["source"].startswith("quantkit gptq") and not r["source"].endswith("mix"):
         same = [x[dom]["llama_kld"] for x in imx if x["type"] == r["type"]]
         return same[0] if same else None
     if r["source"] == "quantkit gptq mix":
@@ -194,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixes", default="", help="quantkit budget mixes, bits per weight (2.5,3.0,...)")
     ap.add_argument("--mix-type", default="q4_k_m", help="the mixes' --type (the token embedding's type)")
     ap.add_argument("--plot", help="write KLD against file size, one panel per domain, to this PNG/SVG")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=FLAGS: also quantize every type with these quantize flags (a solver sweep)",
+    )
     ap.add_argument("--no-plain", action="store_true", help="score only the calibrated files (faster)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
