@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 from conftest import CALIB_TEXT
 from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
 from huggingface_hub.repocard import metadata_load
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -302,11 +303,19 @@ def test_report_of_gptq_into_gguf_blocks_says_what_was_written(tiny_gemma2, tmp_
 
 @pytest.mark.parametrize(
     ("gguf_type", "extra", "fp_targets"),
-    [("iq3_xxs", [], False), ("iq2_m", [], False), ("q4_0", [], True), ("iq3_xxs", ["--fp-targets"], True)],
+    [
+        ("iq3_xxs", [], False),
+        ("iq2_m", [], False),
+        ("iq4_xs", [], False),
+        ("iq4_nl", [], False),
+        ("q4_0", [], True),
+        ("q3_k_m", [], True),
+        ("iq3_xxs", ["--fp-targets"], True),
+    ],  # fmt: skip
 )
-def test_codebook_gguf_files_default_to_no_fp_targets(tiny_gemma2, tmp_path, monkeypatch, gguf_type, extra, fp_targets):
-    """GPTQ into a codebook i-quant file runs without fp_targets unless asked (measured better on the 270M's
-    iq3_xxs in every domain, quant/recipes.py); other types keep the defaults, and a flag still wins."""
+def test_level_table_files_default_to_no_fp_targets(tiny_gemma2, tmp_path, monkeypatch, gguf_type, extra, fp_targets):
+    """GPTQ into a codebook or IQ4 file runs without fp_targets unless asked (measured better on the 270M's
+    iq3_xxs and iq4_xs, quant/recipes.py); other types keep the defaults, and a flag still wins."""
     from quantkit import cli as cli_module
     from quantkit.errors import QuantkitError
 
@@ -321,4 +330,25 @@ def test_codebook_gguf_files_default_to_no_fp_targets(tiny_gemma2, tmp_path, mon
     args = ["quantize", str(tiny_gemma2), "--format", "gguf", "--type", gguf_type, *extra, "-o", str(out)]
     res = CliRunner().invoke(cli, args)
     assert "captured" in res.output and seen["opts"].fp_targets is fp_targets
+    assert seen["opts"].damp == (0.1 if gguf_type.startswith("iq4") else 0.01)  # IQ4 files damp H more
     assert seen["opts"].act_order  # the rest of the defaults stay
+
+
+def test_fp_targets_leave_level_table_linears_towards_w(tiny_gemma2, tmp_path):
+    """With fp_targets, a linear on IQ4_NL's level table is rounded towards W itself, a Q4_0 one towards the
+    unquantized model's outputs. Layer 0 all IQ4_NL makes layer 1's inputs the same with and without
+    fp_targets; there attn_q (IQ4_NL) must come out byte for byte the same, attn_k (Q4_0) must not."""
+    files = {}
+    for flag in ("--fp-targets", "--no-fp-targets"):
+        out = tmp_path / f"{flag}.gguf"
+        args = ["-q", "quantize", str(tiny_gemma2), "--method", "gptq", "--nsamples", "8", "--seqlen", "32",
+                "--calib", str(CALIB_TEXT), "--format", "gguf", "--type", "q4_0", flag, "-o", str(out),
+                "--tensor-type", r"blk\.0\.=iq4_nl", "--tensor-type", r"blk\.1\.attn_q=iq4_nl"]  # fmt: skip
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 0, res.output
+        files[flag] = {t.name: (t.tensor_type, bytes(t.data)) for t in GGUFReader(out).tensors}
+    on, off = files["--fp-targets"], files["--no-fp-targets"]
+    assert on["blk.1.attn_q.weight"][0] == QT.IQ4_NL and on["blk.1.attn_k.weight"][0] == QT.Q4_0
+    assert all(on[n] == off[n] for n in on if n.startswith("blk.0."))
+    assert on["blk.1.attn_q.weight"] == off["blk.1.attn_q.weight"]
+    assert on["blk.1.attn_k.weight"] != off["blk.1.attn_k.weight"]

@@ -29,7 +29,7 @@ from quantkit.quant.hessian import Drift, Hessian
 from quantkit.quant.ldlq import ldlq_quantize
 from quantkit.quant.memory import peak_rss_gib, release_freed_memory
 from quantkit.quant.primitives import QuantizedWeight, rtn
-from quantkit.quant.recipes import QuantizeOptions
+from quantkit.quant.recipes import OWN_TARGET_TYPES, QuantizeOptions
 
 # true-sequential order; modules of one subset read the same input, so they share one Hessian
 SUBSETS = (
@@ -229,7 +229,9 @@ class LayerCalibrator:
             fac = inverse_factor(hess, o.damp, o.act_order, group)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
-                target = w.to(cal.device) if drift is None else fp_target(w, wds.pop(name), fac)
+                wd = wds.pop(name, None)
+                towards_fp = wd is not None and (grids[name] is None or grids[name].qtype not in OWN_TARGET_TYPES)
+                target = fp_target(w, wd, fac) if towards_fp else w.to(cal.device)
                 res = self._solve(target, fac, grids[name], imp, H_kept)
             self.emit(p + name, res.weight)
             self.model.set_linear(self.i, name, self._module(res.weight).to(cal.device))

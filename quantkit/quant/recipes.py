@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gguf import GGMLQuantizationType
+
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES
 from quantkit.formats.gguf.policy import FILE_TYPES
@@ -124,16 +126,33 @@ BEST_GPTQ: dict[str, Any] = {"act_order": True, "scale_search": "block", "fp_tar
 BEST_INT4_GRID: dict[str, Any] = {"sym": False, "scale_dtype": "float16"}
 
 
-# GPTQ into a codebook i-quant file (iq3_*, iq2_*, iq1_*: LDLQ) goes without fp_targets. Measured on the 270M's
-# iq3_xxs (the shipped calibration mix, 64 x 512; llama.cpp's KLD vs F32, 20 x 512 per domain, WikiText / code /
-# chat / French): with fp_targets 0.255 / 0.151 / 0.100 / 0.241, without 0.194 / 0.105 / 0.095 / 0.196, where
-# llama-quantize --imatrix has 0.235 / 0.218 / 0.204 / 0.222. fp_targets moves each target away from the
-# weights the run scales were fitted to. The iq2 / iq1 files follow the same solver (not yet measured apart).
+# fp_targets moves each linear's target from W to the weight that best reproduces the unquantized model. On
+# the grids whose values are a level table or a codebook (IQ4_NL / IQ4_XS, and the IQ3 / IQ2 / IQ1 types that
+# LDLQ writes) that target generalises worse than W itself: GPTQ rounds those linears towards W. On the IQ4
+# grids stronger damping (0.1 of mean diag H, against 0.01) then helps the worst domain again. Measured on
+# the 270M (the shipped calibration mix, 64 x 512; llama.cpp's KLD vs F32, 20 x 512 per domain, WikiText /
+# code / chat / French; llama-quantize --imatrix in brackets):
+#   iq3_xxs  with fp_targets 0.255 / 0.151 / 0.100 / 0.241, without 0.194 / 0.105 / 0.095 / 0.196
+#            [0.235 / 0.218 / 0.204 / 0.222]
+#   iq4_xs   with 0.082 / 0.045 / 0.036 / 0.079, without 0.070 / 0.046 / 0.040 / 0.072, without and with
+#            damp 0.1 0.066 / 0.044 / 0.041 / 0.064  [0.087 / 0.091 / 0.092 / 0.097]
+#   q3_k_m   (IQ4_NL on the 640-wide rows) with 0.091 / 0.048 / 0.039 / 0.100, without 0.078 / 0.055 / 0.048 /
+#            0.092  [0.104 / 0.115 / 0.129 / 0.145]
+# while on uniform grids fp_targets is the better setting: q4_0 0.117 / 0.060 / 0.048 / 0.118 with it, 0.118 /
+# 0.074 / 0.069 / 0.134 without. Rounding towards W is per linear (a q3_k_m file keeps fp_targets on its K-type
+# linears); a file whose every linear is on such a grid skips the unquantized forward altogether.
+LEVEL_TABLE_TYPES = frozenset({GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS})
+OWN_TARGET_TYPES = frozenset(CODEBOOK_TYPES) | LEVEL_TABLE_TYPES
+LEVEL_TABLE_DAMP = 0.1
+
+
 def gguf_defaults(gguf_type: str | None) -> dict[str, Any]:
     """What a ``quantize --format gguf --type gguf_type`` run changes in the defaults (no recipe named): a file
-    whose main type is a codebook i-quant goes without fp_targets."""
-    codebook = gguf_type in FILE_TYPES and FILE_TYPES[gguf_type][0] in CODEBOOK_TYPES
-    return {"fp_targets": False} if codebook else {}
+    whose main type is rounded towards W (``OWN_TARGET_TYPES``) goes without fp_targets, and an IQ4 file
+    damps H more."""
+    main = FILE_TYPES[gguf_type][0] if gguf_type in FILE_TYPES else None
+    out: dict[str, Any] = {"fp_targets": False} if main in OWN_TARGET_TYPES else {}
+    return out | ({"damp": LEVEL_TABLE_DAMP} if main in LEVEL_TABLE_TYPES else {})
 
 
 def best_defaults(method: str | None, bits: int | None, fast: bool = False) -> dict[str, Any]:
