@@ -265,12 +265,13 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
 @click.option(
     "--fp-targets/--no-fp-targets",
     default=None,
-    help="GPTQ towards the unquantized model's layer outputs (GPTQ v2; one more forward per layer). [default: on]",
+    help="GPTQ towards the unquantized model's layer outputs (GPTQ v2; one more forward per layer). "
+    "[default: on; off with --format gguf]",
 )
 @click.option(
     "--damp",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    help="GPTQ damping, fraction of mean diag(H). [default: 0.01]",
+    help="GPTQ damping, fraction of mean diag(H). [default: 0.01; 0.1 with --format gguf, codebook types aside]",
 )
 @click.option(
     "--scale-dtype",
