@@ -22,14 +22,8 @@ from bench_compare import llama_kld, sh  # noqa: E402
 
 from quantkit.formats.gguf.export import export_gguf, overhead_bytes  # noqa: E402
 from quantkit.formats.gguf.imatrix import read_imatrix  # noqa: E402
-from quantkit.formats.gguf.mix import (  # noqa: E402
-    TypeChoice,
-    budget_for,
-    choose,
-    describe,
-    measure,
-    mixable,
-)
+from quantkit.formats.gguf.knapsack import choose  # noqa: E402
+from quantkit.formats.gguf.mix import TypeChoice, budget_for, describe, measure, mixable  # noqa: E402
 from quantkit.formats.gguf.policy import plan_tensors  # noqa: E402
 from quantkit.io.checkpoint import open_checkpoint  # noqa: E402
 

@@ -23,7 +23,8 @@ from quantkit.cli import cli
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows
 from quantkit.formats.gguf.imatrix import ImportanceStats, read_imatrix, write_imatrix
-from quantkit.formats.gguf.mix import BINS, Budget, Choice, choose, pareto, parse_size, weight_loss
+from quantkit.formats.gguf.knapsack import BINS, Budget, Choice, choose, pareto
+from quantkit.formats.gguf.mix import parse_size, weight_loss
 from quantkit.formats.gguf.policy import parse_override, plan_tensors
 from quantkit.io.checkpoint import open_checkpoint
 

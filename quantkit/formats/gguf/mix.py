@@ -15,7 +15,7 @@ lever in small models (63% of the Gemma 3 270M's weights, 10% of Gemma 2 9B's): 
 it with the layers gave a 5.8-bit file of KLD 0.019 / 0.019 (Q5_1 embedding, layers near their imported
 types), where keeping it at the file type's Q8_0 and mixing the layers alone gave 7.2 bits and 0.144 / 0.108.
 Choice: the types minimising the summed loss within the budget, a knapsack solved by dynamic programming
-(``choose``). Overridden weights (``--tensor-type token_embd=q6_k`` keeps the embedding out of the mix) and
+(``knapsack.choose``). Overridden weights (``--tensor-type token_embd=q6_k`` keeps the embedding out of the mix) and
 norms keep their types; their bytes count against the budget.
 """
 
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.export import overhead_bytes
+from quantkit.formats.gguf.knapsack import Budget, Choice, choose
 from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
 from quantkit.io.checkpoint import Checkpoint
 
@@ -46,26 +47,10 @@ CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K,
 # without an importance matrix), the codebook i-quants, which reach below Q2_K's 2.625 bits per weight
 CODEBOOKS = (QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_M, QT.IQ1_S)
 NEEDS_WEIGHTS = (QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_S)  # encoders that take no unweighted rows (as libggml's)
-BINS = 1 << 15  # budget units of the knapsack
 EMBEDDING = "token_embd.weight"
 MEASURE_ROWS = 8192  # rows of a weight dequantized at a time to check the prediction
 SAMPLE_ROWS = 256  # rows of each weight quantized per candidate type to predict its loss
 SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """At most ``tensor_bytes`` for all tensors together; ``what`` names it in messages ('--target-bpw 3.5')."""
-
-    tensor_bytes: int
-    what: str
-
-
-@dataclass(frozen=True)
-class Choice:
-    qtype: QT
-    nbytes: int
-    loss: float  # predicted relative output error, tr((W - Q) D (W - Q)ᵀ) / tr(W D Wᵀ)
 
 
 def parse_size(text: str) -> int:
@@ -179,54 +164,6 @@ def _importance(importance: Mapping[str, np.ndarray] | None, t: PlannedTensor) -
     if importance is not None and t.gguf_name != EMBEDDING and (d is None or d.shape != (t.shape[1],)):
         raise QuantkitError(f"the importance matrix has no {t.shape[1]}-column entry for {t.gguf_name}")
     return d if d is not None and d.shape == (t.shape[1],) else None
-
-
-def pareto(options: Iterable[Choice]) -> list[Choice]:
-    """The choices no other beats on both bytes and loss, cheapest first."""
-    out: list[Choice] = []
-    for c in sorted(options, key=lambda c: (c.nbytes, c.loss)):
-        if not out or c.loss < out[-1].loss:
-            out.append(c)
-    return out
-
-
-def choose(options: Mapping[str, list[Choice]], budget: Budget, fixed_bytes: int) -> dict[str, Choice]:
-    """One choice per weight, minimising the summed loss with ``fixed_bytes`` + their bytes <= the budget: a
-    knapsack by dynamic programming over the free bytes in at most BINS units (each choice's bytes rounded up
-    to whole units, so the budget holds; optimal for budgets under BINS bytes, within a unit per weight
-    otherwise)."""
-    names = list(options)
-    opts = [pareto(options[n]) for n in names]
-    free = budget.tensor_bytes - fixed_bytes
-    least = sum(o[0].nbytes for o in opts)
-    if least > free:
-        raise QuantkitError(
-            f"{budget.what}: the smallest mix takes {fixed_bytes + least} bytes of tensors, "
-            f"over the {budget.tensor_bytes} allowed"
-        )
-    unit = max(1, math.ceil(free / BINS))
-    cap = free // unit
-    best = np.zeros(cap + 1)  # [cap + 1] least loss of the weights so far within b units
-    picks = np.zeros((len(names), cap + 1), dtype=np.int16)  # the choice that gave it
-    for i, o in enumerate(opts):
-        new = np.full(cap + 1, np.inf)
-        for k, c in enumerate(o):
-            cost = math.ceil(c.nbytes / unit)
-            if cost > cap:
-                break
-            cand = best[: cap + 1 - cost] + c.loss
-            better = cand < new[cost:]
-            new[cost:][better] = cand[better]
-            picks[i, cost:][better] = k
-        best = new
-    if not np.isfinite(best[cap]):  # rounding up left no room: the cheapest choices fit in bytes, not in units
-        return {n: o[0] for n, o in zip(names, opts, strict=True)}
-    out, b = {}, cap
-    for i in reversed(range(len(names))):
-        c = opts[i][picks[i, b]]
-        out[names[i]] = c
-        b -= math.ceil(c.nbytes / unit)
-    return out
 
 
 def plan_mix(
