@@ -15,8 +15,8 @@ lever in small models (63% of the Gemma 3 270M's weights, 10% of Gemma 2 9B's): 
 it with the layers gave a 5.8-bit file of KLD 0.019 / 0.019 (Q5_1 embedding, layers near their imported
 types), where keeping it at the file type's Q8_0 and mixing the layers alone gave 7.2 bits and 0.144 / 0.108.
 Choice: the types minimising the summed loss within the budget, a knapsack solved by dynamic programming
-(``knapsack.choose``). Overridden weights (``--tensor-type token_embd=q6_k`` keeps the embedding out of the mix) and
-norms keep their types; their bytes count against the budget.
+(``knapsack.choose``). Overridden weights (``--tensor-type token_embd=q6_k`` keeps the embedding out of the
+mix) and norms keep their types; their bytes count against the budget.
 """
 
 from __future__ import annotations
