@@ -106,18 +106,14 @@ def build(args: argparse.Namespace) -> dict:
             if not dest.is_file():
                 sh([str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix), str(f32), str(dest), llama_name(t)])
             files.append((t, "llama-quantize+imatrix", c, dest))
-            dest = out / f"quantkit-{c}-{t}.gguf"
-            if not dest.is_file():
-                sh(quantkit("quantize", str(model), "--format", "gguf", "--type", t, "--nsamples", str(args.nsamples),
-                            "--calib", spec, "-o", str(dest)), out / f"quantkit-{c}-{t}.log")  # fmt: skip
-            files.append((t, "quantkit gptq", c, dest))
-            for name, flags in variants(args.variant):
-                dest = out / f"quantkit-{c}-{t}-{name}.gguf"
+            for name, flags in [("", []), *variants(args.variant)]:  # the defaults, then each variant
+                stem = f"quantkit-{c}-{t}" + (f"-{name}" if name else "")
+                dest = out / f"{stem}.gguf"
                 if not dest.is_file():
                     sh(quantkit("quantize", str(model), "--format", "gguf", "--type", t, "--nsamples",
                                 str(args.nsamples), "--calib", spec, *flags, "-o", str(dest)),
-                       out / f"quantkit-{c}-{t}-{name}.log")  # fmt: skip
-                files.append((t, f"quantkit gptq {name}", c, dest))
+                       out / f"{stem}.log")  # fmt: skip
+                files.append((t, f"quantkit gptq {name}".rstrip(), c, dest))
         for b in [x for x in args.mixes.split(",") if x]:
             dest = out / f"quantkit-{c}-mix{b}.gguf"
             if not dest.is_file():

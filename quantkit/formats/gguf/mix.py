@@ -112,11 +112,10 @@ def mixable(plan: Sequence[PlannedTensor], overrides: Sequence[Override]) -> lis
             and not any(o.matches(t.gguf_name) for o in overrides)]  # fmt: skip
 
 
-def uses(t: PlannedTensor, plan: Sequence[PlannedTensor]) -> int:
-    """How many matmuls a weight's error reaches: two for a tied token embedding (the input lookup and the
-    output projection), else one."""
-    tied = t.gguf_name == EMBEDDING and not any(p.gguf_name == "output.weight" for p in plan)
-    return 2 if tied else 1
+def uses(t: PlannedTensor) -> int:
+    """How many matmuls a weight's error reaches: two for the token embedding, which Gemma ties to the output
+    projection (a GGUF of it has no output.weight), else one."""
+    return 2 if t.gguf_name == EMBEDDING else 1
 
 
 def types_for(t: PlannedTensor, codebooks: bool) -> list[QT]:
@@ -146,7 +145,7 @@ def measure(
         if not np.isfinite(w).all():
             raise QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
         d = _importance(importance, t)
-        n = uses(t, weights)
+        n = uses(t)
         opts = []
         for q in types_for(t, codebooks):
             p = PlannedTensor(t.gguf_name, t.hf_name, t.shape, q)
@@ -209,7 +208,7 @@ def measured_losses(
             w = ckpt.get_rows(p.hf_name, rows, torch.float32).numpy().astype(np.float64)  # [R, I]
             q = dequantize_rows(blocks[rows], t.tensor_type).reshape(w.shape)
             err, ref = err + float((((w - q) ** 2) @ d).sum()), ref + float(((w**2) @ d).sum())
-        out[name] = uses(p, plan.values()) * err / max(ref, 1e-30)
+        out[name] = uses(p) * err / max(ref, 1e-30)
     return out
 
 
