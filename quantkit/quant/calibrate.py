@@ -224,14 +224,15 @@ class LayerCalibrator:
             imp = None if imp is None else imp.clone()  # H's storage is reused by its factor
             H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
         with self.sol:
-            wds = {} if drift is None else drift.products(ws)  # D gone before the factor's two I x I buffers
+            # the linears GPTQ aims at the unquantized model (fp_targets): not those on a level table or codebook
+            towards_fp = {n for n, g in grids.items() if g is None or g.qtype not in OWN_TARGET_TYPES}
+            wds = {} if drift is None else drift.products({n: ws[n] for n in towards_fp})  # D gone before the factor
             group = 8 if any(isinstance(g, CodebookGrid) for g in grids.values()) else 1  # slabs stay together
             fac = inverse_factor(hess, o.damp, o.act_order, group)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
-                wd = wds.pop(name, None)
-                towards_fp = wd is not None and (grids[name] is None or grids[name].qtype not in OWN_TARGET_TYPES)
-                target = fp_target(w, wd, fac) if towards_fp else w.to(cal.device)
+                wd = wds.pop(name, None)  # (a Drift that kept W D itself holds every linear's)
+                target = fp_target(w, wd, fac) if wd is not None and name in towards_fp else w.to(cal.device)
                 res = self._solve(target, fac, grids[name], imp, H_kept)
             self.emit(p + name, res.weight)
             self.model.set_linear(self.i, name, self._module(res.weight).to(cal.device))
