@@ -8,7 +8,9 @@ maps losslessly onto Q4_0 blocks) serves both quantkit's evaluator and llama.cpp
 
 from __future__ import annotations
 
+import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,8 +33,12 @@ CALIB = {"nsamples": 16, "seqlen": 512, "calib": str(WIKI_VALID)}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("real270m")
+def workdir(tmp_path_factory) -> Iterator[Path]:
+    """About 4 GB of checkpoints and GGUF files, removed when this module is done rather than at the end of the
+    run, so the rest of the suite never needs room for them."""
+    path = tmp_path_factory.mktemp("real270m")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
