@@ -66,6 +66,12 @@ def open_reference(path: str | Path, ref: Checkpoint) -> Reference:
     return saved
 
 
+def eval_dtype(ref: Checkpoint, name: str = "auto", device: str = "cpu") -> str:
+    """The dtype the models are run in for scoring (eval-ppl's and the ladder's alike): ``name``, or for
+    "auto" bfloat16 where the checkpoint is bf16 and ``device`` has bf16 hardware, else float32."""
+    return compute_dtype(name, ref.dtype_of("model.embed_tokens.weight"), device)
+
+
 def _texts(tok: Tokenizer, specs, ctx: int, chunks: int | None) -> tuple[torch.Tensor, list[tuple[str, int]]]:
     """The text tokens [n, ctx] of every dataset stacked, and (label, chunk count) of each."""
     parts = [text_tokens(tok, path, ctx, chunks) for _, path in specs]
@@ -101,8 +107,7 @@ def run_eval(
     raw, datasets = _texts(tok, specs, ctx, opts.chunks or (saved.n_chunk if saved else None))
     if saved:
         check_tokens(saved, raw, f"{specs[0][1]} tokenized by {model_dir}'s tokenizer")
-    stored = ref.dtype_of("model.embed_tokens.weight")
-    dtype = "float32" if opts.exact else compute_dtype(opts.dtype, stored, opts.device)
+    dtype = "float32" if opts.exact else eval_dtype(ref, opts.dtype, opts.device)
     act = 4 if dtype == "float32" else 2
     n_models = len(quants) + (0 if saved else 1)
     need = eval_bytes(ref.config, raw.shape[0], ctx, opts.batch_size, act) * max(1, n_models)

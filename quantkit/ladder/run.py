@@ -21,6 +21,7 @@ from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.eval.evaluate import evaluate_many
 from quantkit.eval.report import open_quantized, plot, rows
+from quantkit.eval.session import eval_dtype
 from quantkit.formats.card import source_provenance
 from quantkit.formats.gguf.export import check_importance, gguf_file_bytes
 from quantkit.formats.gguf.policy import plan_tensors
@@ -28,6 +29,7 @@ from quantkit.io.atomic import ARTIFACT_MARKER, atomic_file, check_output
 from quantkit.io.budget import eval_bytes, refuse_if_over_memory
 from quantkit.io.calibration import calibration_digest, calibration_files, calibration_label, check_sources
 from quantkit.io.checkpoint import open_checkpoint
+from quantkit.io.dtypes import torch_dtype
 from quantkit.io.texts import default_evaluation_text, perplexity_chunks
 from quantkit.io.tokenizer import Tokenizer
 from quantkit.ladder.card import ladder_card
@@ -182,12 +184,15 @@ def _with_calib(job: TypeJob, calib_path: Path) -> TypeJob:
 def _report(ckpt, out: Path, jobs, settings, evaluation: EvalOptions, data: Path, ids, progress) -> dict[str, Any]:
     """Every type scored against one reference pass (evaluate_many) and its rows."""
     quants = [open_quantized(out / j.file_name, ckpt) for j in jobs]
-    results = evaluate_many(ckpt, ids, quants, batch_size=evaluation.batch_size, progress=progress)
+    dtype = eval_dtype(ckpt)  # eval-ppl's, so the report is the numbers eval-ppl gives on the same files
+    results = evaluate_many(
+        ckpt, ids, quants, dtype=torch_dtype(dtype), batch_size=evaluation.batch_size, progress=progress
+    )
     table = rows(quants, results)
     for row, job in zip(table, jobs, strict=True):
         row.update(name=job.qtype.upper(), type=job.qtype, file=job.file_name, method=job.method)
     first = results[0]
-    ev = {k: first[k] for k in ("chunks", "ctx", "tokens_scored", "seconds", "tokens_per_s", "mode")}
+    ev = {k: first[k] for k in ("chunks", "ctx", "tokens_scored", "seconds", "tokens_per_s", "mode")} | {"dtype": dtype}
     ev.update(dataset=str(data), dataset_name=data.name, dataset_sha256=digest(data.read_bytes()))
     prov = source_provenance(ckpt.path, ckpt.raw_config)  # a hub snapshot is named by its repo
     return {
