@@ -274,6 +274,11 @@ Example: quantkit quantize ./gemma-2-9b --bits 4 --group 128 -o ./gemma-2-9b-w4g
     help="GPTQ damping, fraction of mean diag(H). [default: 0.01; 0.1 with --format gguf, codebook types aside]",
 )
 @click.option(
+    "--hessian-shrink",
+    type=click.FloatRange(0, 1),
+    help="GPTQ solves with (1-S) H + S diag(H): 0 is GPTQ, 1 rounding weighted by diag(H) alone. [default: 0]",
+)
+@click.option(
     "--scale-dtype",
     type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
     help="Dtype of stored scales (auto: the checkpoint's; fp16 with --format gguf). "
@@ -393,7 +398,7 @@ def export(src, out, fmt, qtype, tensor_types, target_bpw, max_size, imatrix, ov
 
     With --target-bpw or --max-size, every decoder-layer weight (but those a --tensor-type names) gets the
     block type that minimises the summed predicted output error under that budget (docs/mixes.md); the
-    token embedding keeps --type's.
+    tied token embedding is chosen with them unless a --tensor-type names it.
 
     Example: quantkit export ./gemma-2-9b-w4g32 --format gguf --type q4_0 -o gemma-2-9b-q4_0.gguf
     """

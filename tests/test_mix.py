@@ -306,6 +306,23 @@ def test_gptq_mix_below_q2_k_takes_codebook_types(tiny_gemma2, tmp_path):
     assert (theirs - ours).abs().mean() <= 0.02 * ours.abs().mean()
 
 
+def test_a_mix_below_q2_k_without_calibration_takes_q1_0_and_q2_0(tiny_gemma3, tmp_path):
+    """Plain export at 2.5 bits per weight, below Q2_K's 2.625 and with no codebook type on offer (no
+    calibration): only the pinned llama.cpp's Q1_0 / Q2_0 reach it. The file keeps the budget, and llama.cpp
+    runs it as quantkit's forward does (the embedding included, whatever type it took)."""
+    from conftest import llama_and_quantkit_logits
+
+    out = tmp_path / "low.gguf"
+    r = _run(["export", tiny_gemma3, "--type", "q4_k_m", "--target-bpw", "2.5", "-o", out])
+    mixed = {t["type"] for t in r["mix"]["tensors"] if t["mixed"]}
+    assert mixed & {"Q1_0", "Q2_0"} and r["bits_per_weight"] <= 2.5
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    assert {t["name"]: t["type"] for t in r["mix"]["tensors"]} == stored
+    theirs, ours = llama_and_quantkit_logits(out)
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
+    assert (theirs - ours).abs().mean() <= 0.02 * ours.abs().mean()
+
+
 def test_sensitivity_reads_sampled_rows_alone(tiny_gemma2):
     """Checkpoint.get_rows (how the mix samples a weight, so a 9B embedding is never read whole): scattered and
     consecutive rows equal those rows of the whole tensor, in its dtype or cast."""

@@ -37,12 +37,17 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.export import overhead_bytes
 from quantkit.formats.gguf.knapsack import Budget, Choice, choose
+from quantkit.formats.gguf.layouts import block_size
 from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
 from quantkit.io.checkpoint import Checkpoint
 
 # the block types a mix picks from (quantkit encodes them all; llama.cpp loads them all)
 CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K, QT.Q5_0, QT.Q5_1, QT.Q5_K,
               QT.Q6_K, QT.Q8_0)  # fmt: skip
+# the pinned llama.cpp's Q1_0 (blocks of 128, 1.125 bits per weight) and Q2_0 (blocks of 64, 2.25): the only
+# types under 4.5 bits whose blocks divide a 640-wide row (the Gemma 3 270M's), so without them no budget
+# below ~4.1 bits per weight exists there. No fallback: a row they do not divide leaves them out.
+LOW_BIT = (QT.Q1_0, QT.Q2_0)
 # and where the mix is written with calibration (GPTQ, or export --imatrix: llama-quantize refuses most of these
 # without an importance matrix), the codebook i-quants, which reach below Q2_K's 2.625 bits per weight
 CODEBOOKS = (QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_M, QT.IQ1_S)
@@ -75,8 +80,9 @@ def budget_for(plan: Sequence[PlannedTensor], target_bpw: float | None, max_size
 
 def candidates(row_len: int, codebooks: bool = False) -> list[QT]:
     """The distinct types a row of ``row_len`` can take: each candidate (with ``codebooks``, the codebook
-    i-quants too) through the row-length fallback."""
+    i-quants too) through the row-length fallback, and Q1_0 / Q2_0 where their blocks divide the row."""
     out = [fallback_type(t, row_len) for t in CANDIDATES + (CODEBOOKS if codebooks else ())]
+    out += [t for t in LOW_BIT if row_len % block_size(t) == 0]
     return [t for t in dict.fromkeys(out) if t != QT.F16]
 
 
