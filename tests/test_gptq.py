@@ -117,3 +117,25 @@ def test_shared_factor_gives_the_same_result_as_a_fresh_one():
         w = torch.randn(64, 256, generator=torch.Generator().manual_seed(seed))
         a, b = gptq_quantize(w, fac, QuantSpec(4, 32, True)), gptq_quantize(w, H, QuantSpec(4, 32, True))
         assert torch.equal(a.weight.codes, b.weight.codes) and torch.equal(a.weight.scale, b.weight.scale)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32, True), QuantSpec(4, 128, False)], ids=str)
+def test_hessian_shrink_runs_from_gptq_to_weighted_rounding(spec):
+    """(1 - s) H + s diag(H): s = 0 leaves GPTQ as it was; s = 1 feeds no error to other columns, so the codes
+    are round-to-nearest's; in between, the output error (on the true H) lies between the two."""
+    from quantkit.quant.hessian import shrink_offdiagonal
+
+    x = _correlated_inputs()
+    H = 2 * x.T @ x / len(x)
+    w = torch.randn(64, 256)
+    err = {}
+    for s in (0.0, 0.5, 1.0):
+        Hs = H.clone()
+        shrink_offdiagonal(Hs, s)
+        assert torch.equal(Hs.diagonal(), H.diagonal())
+        assert torch.allclose(Hs - torch.diag(Hs.diagonal()), (1 - s) * (H - torch.diag(H.diagonal())))
+        res = gptq_quantize(w, Hs, spec, torch.bfloat16)
+        err[s] = output_error(w, res.weight.dequantize(), H)
+        if s == 1.0:
+            assert torch.equal(res.weight.codes, rtn(w, spec, torch.bfloat16).codes)
+    assert err[0.0] < err[0.5] < err[1.0], err

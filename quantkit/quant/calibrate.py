@@ -25,7 +25,7 @@ from quantkit.io.layout import layer_prefix
 from quantkit.model import LINEAR_NAMES, Gemma
 from quantkit.quant.gptq import GPTQResult, fp_target, gptq_quantize, inverse_factor, weighted_norms
 from quantkit.quant.grid_refine import gptq_refined
-from quantkit.quant.hessian import Drift, Hessian
+from quantkit.quant.hessian import Drift, Hessian, shrink_offdiagonal
 from quantkit.quant.ldlq import ldlq_quantize
 from quantkit.quant.memory import peak_rss_gib, release_freed_memory
 from quantkit.quant.primitives import QuantizedWeight, rtn
@@ -228,6 +228,7 @@ class LayerCalibrator:
             towards_fp = {n for n, g in grids.items() if g is None or g.qtype not in OWN_TARGET_TYPES}
             wds = {} if drift is None else drift.products({n: ws[n] for n in towards_fp})  # D gone before the factor
             group = 8 if any(isinstance(g, CodebookGrid) for g in grids.values()) else 1  # slabs stay together
+            shrink_offdiagonal(hess.H, o.hessian_shrink)
             fac = inverse_factor(hess, o.damp, o.act_order, group)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:

@@ -110,3 +110,12 @@ class Drift:
         out = {k: self.times(w) for k, w in weights.items()}
         self.D = None  # [I, I]: gone before the factor needs its two I x I buffers
         return out
+
+
+def shrink_offdiagonal(H: torch.Tensor, s: float) -> None:
+    """H [I, I] := (1 - s) H + s diag(H), in place (s = 0 leaves it as it is)."""
+    if s == 0.0:
+        return
+    diag = H.diagonal().clone()
+    H.mul_(1.0 - s)
+    H.diagonal().copy_(diag)

@@ -59,12 +59,17 @@ class QuantizeOptions:
     search_min_shrink: float = 0.5
     refine_iters: int = 0  # GPTQ: rounds of (least-squares scale refit, GPTQ on that grid); best pass kept
     fp_targets: bool = False  # GPTQ: match the unquantized model's layer outputs (GPTQ v2 / GPTAQ)
+    # GPTQ solves with (1 - s) H + s diag(H): s = 0 is GPTQ, s = 1 rounding weighted by diag(H) alone (no error
+    # fed to other columns). A shrinkage of the calibration's input covariance towards its diagonal.
+    hessian_shrink: float = 0.0
 
     def __post_init__(self):
         if self.method not in ("gptq", "rtn"):
             raise QuantkitError(f"--method {self.method!r}: choose gptq or rtn")
         if not 0.0 < self.damp < 1.0:
             raise QuantkitError(f"--damp {self.damp}: must be in (0, 1)")
+        if not 0.0 <= self.hessian_shrink <= 1.0:
+            raise QuantkitError(f"--hessian-shrink {self.hessian_shrink}: must be in [0, 1]")
         if self.calib_dtype not in COMPUTE_CHOICES:
             raise QuantkitError(f"calib_dtype {self.calib_dtype!r}: choose {', '.join(COMPUTE_CHOICES)}")
         if self.scale_dtype not in ("auto", "float16", "bfloat16", "float32"):
