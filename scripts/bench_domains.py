@@ -41,11 +41,13 @@ def llama_name(t: str) -> str:
     return LLAMA_TYPES.get(t, t.upper())
 
 
-def calib_spec(name: str) -> str:
+def calib_spec(name: str, sets: dict[str, str] | None = None) -> str:
     """A --calibs entry as a --calib value: 'wiki' is the full WikiText-2 validation when it is here, 'mix'
-    that with the shipped code, chat and multilingual texts, 'default' quantkit's default set as shipped."""
+    that with the shipped code, chat and multilingual texts, 'default' quantkit's default set as shipped, and a
+    name given by --calib-set NAME=SPEC that SPEC (a --calib value with commas and weights)."""
     wiki = str(WIKI_VALID) if WIKI_VALID.is_file() else "wiki"
-    return {"wiki": wiki, "mix": f"{wiki},code,chat,multilingual", "default": DEFAULT_CALIB}.get(name, name)
+    presets = {"wiki": wiki, "mix": f"{wiki},code,chat,multilingual", "default": DEFAULT_CALIB, **(sets or {})}
+    return presets.get(name, name)
 
 
 def windows_text(tok: Tokenizer, spec: str, nsamples: int, dest: Path) -> Path:
@@ -56,15 +58,20 @@ def windows_text(tok: Tokenizer, spec: str, nsamples: int, dest: Path) -> Path:
     return dest
 
 
-def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
-    """``--variant NAME=FLAGS`` entries as (name, quantize flags): solver settings scored beside the defaults."""
+def named(specs: list[str], option: str) -> list[tuple[str, str]]:
+    """``NAME=VALUE`` entries of a repeatable option, as (name, value)."""
     out = []
     for v in specs:
-        name, sep, flags = v.partition("=")
+        name, sep, value = v.partition("=")
         if not sep or not name.isidentifier():
-            raise SystemExit(f"--variant {v!r}: write NAME=FLAGS, e.g. nofp='--no-fp-targets'")
-        out.append((name, shlex.split(flags)))
+            raise SystemExit(f"{option} {v!r}: write NAME=VALUE, e.g. nofp='--no-fp-targets'")
+        out.append((name, value))
     return out
+
+
+def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``--variant NAME=FLAGS`` entries as (name, quantize flags): solver settings scored beside the defaults."""
+    return [(name, shlex.split(flags)) for name, flags in named(specs, "--variant")]
 
 
 def domain_path(name: str) -> Path:
@@ -94,8 +101,9 @@ def build(args: argparse.Namespace) -> dict:
                 refused.unlink()
         if plain.is_file() and not args.no_plain:
             files.append((t, "llama-quantize", "-", plain))
+    sets = dict(named(args.calib_set, "--calib-set"))
     for c in args.calibs.split(","):
-        spec = calib_spec(c)
+        spec = calib_spec(c, sets)
         text = windows_text(tok, spec, args.nsamples, out / f"calib-{c}.txt")
         imatrix = out / f"llama-{c}.imatrix.gguf"
         if not imatrix.is_file():
@@ -130,7 +138,7 @@ def build(args: argparse.Namespace) -> dict:
                 str(base), "--chunks", str(args.chunks), "-c", "512"], out / f"llama-base-{d}.log")  # fmt: skip
         for row, (_, _, _, p) in zip(rows, files, strict=True):
             row[d] = llama_kld(bin_dir, p, base, text, args.chunks, out / f"{p.stem}.{d}.kld.log")
-    calibs = {c: calib_spec(c) for c in args.calibs.split(",")}
+    calibs = {c: calib_spec(c, sets) for c in args.calibs.split(",")}
     return {"model": str(model), "nsamples": args.nsamples, "chunks": args.chunks, "rows": rows,
             "f32_bytes": f32.stat().st_size,
             "domains": args.domains.split(","), "calibs": calibs}  # fmt: skip
@@ -214,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         help="NAME=FLAGS: also quantize every type with these quantize flags (a solver sweep)",
+    )
+    ap.add_argument(
+        "--calib-set",
+        action="append",
+        default=[],
+        help="NAME=SPEC: a calibration for --calibs, e.g. wiki2='wiki:2,code,chat,multilingual' (both tools get it)",
     )
     ap.add_argument("--no-plain", action="store_true", help="score only the calibrated files (faster)")
     ap.add_argument("--json", action="store_true")
