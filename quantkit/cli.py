@@ -372,7 +372,9 @@ def _quantize_to_gguf(model_dir, out, opts, gguf_type, device, imatrix_out, mix)
 
     ckpt = open_checkpoint(model_dir)
     choice, imp = _type_choice(ckpt, gguf_type, **mix, gptq=opts.method == "gptq")
-    report = quantize_to_gguf(model_dir, out, opts, gguf_type, device, _progress(), imatrix_out, choice.types)
+    report = quantize_to_gguf(
+        model_dir, out, opts, gguf_type, device, _progress(), imatrix_out, choice.types, choice.searched
+    )
     report["gguf"] |= describe(choice, report["gguf"], ckpt, Path(out), imp and imp.vectors)
     if "mix" in report["gguf"]:
         click.echo(format_mix(report["gguf"]["mix"]), err=True)
@@ -418,7 +420,9 @@ def export(src, out, fmt, qtype, tensor_types, target_bpw, max_size, imatrix, ov
     need = gguf_file_bytes(ckpt, "q8_0" if mixing else qtype, imatrix is not None)  # a mix: at most Q8_0's bytes
     check_output(out, [src, *inputs[1:]], kind="file", overwrite=overwrite, need_bytes=need)
     choice, imp = _type_choice(ckpt, qtype, tensor_types, target_bpw, max_size, imatrix, encodes=True)
-    report = export_gguf(ckpt, out, qtype, progress=_progress(), imatrix=imp, types=choice.types)
+    report = export_gguf(
+        ckpt, out, qtype, progress=_progress(), imatrix=imp, types=choice.types, searched=choice.searched
+    )
     report |= describe(choice, report, ckpt, Path(out), imp and imp.vectors)
     _emit(report, as_json, _format_export(report))
 

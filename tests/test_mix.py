@@ -308,8 +308,9 @@ def test_gptq_mix_below_q2_k_takes_codebook_types(tiny_gemma2, tmp_path):
 
 def test_a_mix_below_q2_k_without_calibration_takes_q1_0_and_q2_0(tiny_gemma3, tmp_path):
     """Plain export at 2.5 bits per weight, below Q2_K's 2.625 and with no codebook type on offer (no
-    calibration): only the pinned llama.cpp's Q1_0 / Q2_0 reach it. The file keeps the budget, and llama.cpp
-    runs it as quantkit's forward does (the embedding included, whatever type it took)."""
+    calibration): only the pinned llama.cpp's Q1_0 / Q2_0 reach it. The file keeps the budget, its Q2_0
+    weights are on searched scales (predicted loss = the file's), and llama.cpp runs it as quantkit's forward
+    does (the embedding included, whatever type it took)."""
     from conftest import llama_and_quantkit_logits
 
     out = tmp_path / "low.gguf"
@@ -318,6 +319,17 @@ def test_a_mix_below_q2_k_without_calibration_takes_q1_0_and_q2_0(tiny_gemma3, t
     assert mixed & {"Q1_0", "Q2_0"} and r["bits_per_weight"] <= 2.5
     stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
     assert {t["name"]: t["type"] for t in r["mix"]["tensors"]} == stored
+    _check_measured(r["mix"], out, tiny_gemma3, None)
+    # Q2_0 weights go onto searched scales: below llama.cpp's own encoder's error on the same rows
+    ckpt, blocks = open_checkpoint(tiny_gemma3), {t.name: t for t in gguf.GGUFReader(out).tensors}
+    hf = {t.gguf_name: t.hf_name for t in plan_tensors(ckpt.config, "f32")}
+    q2 = [n for n, q in stored.items() if q == "Q2_0"]
+    assert q2
+    for name in q2:
+        w = ckpt.get(hf[name], torch.float32).numpy()
+        ours_q = dequantize_rows(np.asarray(blocks[name].data).view(np.uint8).reshape(w.shape[0], -1), QT.Q2_0)
+        llama_q = dequantize_rows(quantize_rows(w, QT.Q2_0), QT.Q2_0)
+        assert _relative(w, ours_q, np.ones(w.shape[1])) < 0.5 * _relative(w, llama_q, np.ones(w.shape[1]))
     theirs, ours = llama_and_quantkit_logits(out)
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
     assert (theirs - ours).abs().mean() <= 0.02 * ours.abs().mean()

@@ -197,6 +197,7 @@ def quantize_to_gguf(
     progress: bool = True,
     imatrix_out: str | Path | None = None,
     types: Mapping[str, GGMLQuantizationType] | None = None,
+    searched: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """``quantize --format gguf``: quantize into a hidden artifact beside ``out``, then write its codes into the
     GGUF's blocks (report["gguf"] is the export's report). The artifact resumes like any quantize output.
@@ -221,7 +222,9 @@ def quantize_to_gguf(
         report = quantize_checkpoint(model_dir, artifact, opts, device, progress)
     try:
         name = report["provenance"]["name"]
-        report["gguf"] = export_gguf(artifact, out, gguf_type, progress=progress, name=name, types=types)
+        report["gguf"] = export_gguf(
+            artifact, out, gguf_type, progress=progress, name=name, types=types, searched=searched
+        )
     finally:
         shutil.rmtree(artifact, ignore_errors=True)
     return report

@@ -20,6 +20,7 @@ from quantkit.formats.gguf.blocks import (
     NUMPY_QUANTIZERS,
     TORCH_QUANTIZERS,
     WEIGHTED,
+    NonFiniteError,
     dequantize_rows,
     q4_0_from_codes,
     q4_1_from_codes,
@@ -29,8 +30,10 @@ from quantkit.formats.gguf.blocks import (
     quantize_rows_weighted,
     row_bytes,
 )
+from quantkit.formats.gguf.grids import searched_blocks
 from quantkit.formats.gguf.policy import FLOAT_TYPES, TORCH_FLOATS, PlannedTensor
 from quantkit.io.checkpoint import Checkpoint
+from quantkit.io.tensorio import all_finite
 from quantkit.quant.primitives import QuantizedWeight
 
 CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the fp32 temporaries to ~64 MB
@@ -115,9 +118,16 @@ def encode_tensor(
     return data, entry | {"method": "lossless" if exact else "requantized", "exact": exact}
 
 
-def encode_rows(src: torch.Tensor, qtype: QT, qw: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+def encode_rows(
+    src: torch.Tensor, qtype: QT, qw: np.ndarray | None = None, searched: bool = False
+) -> tuple[np.ndarray, bool]:
     """Rows [R, n] in any float dtype -> (uint8 [R, row_bytes], whether they decode to exactly ``src``);
-    ``qw`` [n]: the importance, for the types that take one (llama-quantize --imatrix)."""
+    ``qw`` [n]: the importance, for the types that take one (llama-quantize --imatrix); ``searched``: rounded
+    onto quantkit's searched scales (``grids.searched_blocks``) instead of llama-quantize's encoder."""
+    if searched:
+        if not all_finite(src):
+            raise NonFiniteError("NaN or inf in the weights")
+        return searched_blocks(src, qtype, qw), False
     if qw is not None and qtype in WEIGHTED:
         return quantize_rows_weighted(src, qtype, qw), False
     if TORCH_FLOATS.get(qtype) == src.dtype:  # bf16 -> BF16 etc.: the stored bytes as they are

@@ -59,10 +59,11 @@ JOBS_PER_WORKER = 2  # jobs in flight per worker: one encoding, one read ahead
 
 
 def encode_job(
-    ckpt: Checkpoint, job: Job, src: torch.Tensor | None, qw: np.ndarray | None = None
+    ckpt: Checkpoint, job: Job, src: torch.Tensor | None, qw: np.ndarray | None = None, searched: bool = False
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The bytes of one job (``src``: its rows from read_job; ``qw``: its tensor's importance, or None) and the
-    facts its tensor's report entry needs (method, exact)."""
+    """The bytes of one job (``src``: its rows from read_job; ``qw``: its tensor's importance, or None;
+    ``searched``: onto quantkit's searched scales, ``encode_rows``) and the facts its tensor's report entry
+    needs (method, exact)."""
     t = job.tensor
     bad = QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
     # these quantizers see NaN/inf themselves
@@ -75,7 +76,7 @@ def encode_job(
         if src is None:
             data, entry = encode_tensor(ckpt, t, qw)
             return data, {"method": entry["method"], "exact": entry["exact"]}
-        data, exact = encode_rows(src, t.qtype, qw)
+        data, exact = encode_rows(src, t.qtype, qw, searched)
     except NonFiniteError:
         raise bad from None
     except CodebookOverflowError as e:  # libggml aborts on such weights
@@ -93,9 +94,11 @@ def write_tensor_data(
     workers: int,
     bar: Any,
     importance: dict[str, np.ndarray] | None = None,
+    searched: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """Encode every planned tensor and write its bytes (each padded to ``align``) to ``fout``, in order
-    (``importance``: GGUF name -> importance vector, for the tensors that have one)."""
+    (``importance``: GGUF name -> importance vector, for the tensors that have one; ``searched``: the GGUF
+    names rounded onto quantkit's searched scales)."""
     importance = importance or {}
     entries: list[dict[str, Any]] = []
     reader = ShardReader(ckpt)
@@ -112,8 +115,8 @@ def write_tensor_data(
             def submit(job: Job) -> Future:
                 """One thread reads the jobs in file order (sequential I/O, ahead of the encoders)."""
                 rows = reads.submit(read_job, ckpt, reader, job)
-                qw = importance.get(job.tensor.gguf_name)
-                return pool.submit(lambda: encode_job(ckpt, job, rows.result(), qw))
+                qw, name = importance.get(job.tensor.gguf_name), job.tensor.gguf_name
+                return pool.submit(lambda: encode_job(ckpt, job, rows.result(), qw, name in searched))
 
             results = in_order(plan_jobs(ckpt, plan, reader), submit, workers * JOBS_PER_WORKER)
             for job, (data, facts) in results:
@@ -152,12 +155,14 @@ def export_gguf(
     name: str | None = None,
     imatrix: str | Path | Importance | None = None,
     types: Mapping[str, QT] | None = None,
+    searched: frozenset[str] = frozenset(),
 ) -> dict:
     """Write ``src`` as a ``qtype`` GGUF at ``out_path`` (atomically) and return a report dict.
     ``workers``: encoding threads (0: one per usable core); ``name``: general.name (default: ``src``'s
     directory name); ``imatrix``: an importance-matrix GGUF (or its loaded ``Importance``), used as
     llama-quantize --imatrix uses it; ``types``: GGUF tensor name -> ggml type, in place of the file type's
-    (overrides, a budget mix; ``policy.retype``)."""
+    (overrides, a budget mix; ``policy.retype``); ``searched``: tensors rounded onto quantkit's searched
+    scales rather than as llama-quantize rounds them (a budget mix's Q2_0 weights)."""
     start = time.perf_counter()
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     cfg, out_path = ckpt.config, Path(out_path)
@@ -176,7 +181,7 @@ def export_gguf(
             fout = writer.fout[0]
             with _progress(sum(t.nbytes for t in plan), progress) as bar:
                 n = workers or default_workers()
-                entries = write_tensor_data(ckpt, plan, fout, writer.data_alignment, n, bar, importance)
+                entries = write_tensor_data(ckpt, plan, fout, writer.data_alignment, n, bar, importance, searched)
         finally:
             writer.close()
     report = _report(ckpt, out_path, qtype, plan, entries, time.perf_counter() - start)

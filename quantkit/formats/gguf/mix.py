@@ -36,9 +36,11 @@ from tqdm import tqdm
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.export import overhead_bytes
+from quantkit.formats.gguf.grids import searched_blocks
 from quantkit.formats.gguf.knapsack import Budget, Choice, choose
 from quantkit.formats.gguf.layouts import block_size
 from quantkit.formats.gguf.policy import Override, PlannedTensor, fallback_type, plan_tensors
+from quantkit.formats.gguf.stream import torch_threads
 from quantkit.io.checkpoint import Checkpoint
 
 # the block types a mix picks from (quantkit encodes them all; llama.cpp loads them all)
@@ -48,6 +50,9 @@ CANDIDATES = (QT.Q2_K, QT.Q3_K, QT.Q4_0, QT.Q4_1, QT.IQ4_NL, QT.IQ4_XS, QT.Q4_K,
 # types under 4.5 bits whose blocks divide a 640-wide row (the Gemma 3 270M's), so without them no budget
 # below ~4.1 bits per weight exists there. No fallback: a row they do not divide leaves them out.
 LOW_BIT = (QT.Q1_0, QT.Q2_0)
+# written onto quantkit's searched scales where GPTQ does not write them (grids.searched_blocks): llama.cpp's
+# Q2_0 encoder sets d = max |x| and leaves the level 2d unused; Q1_0's d = mean |x| is already least squares
+SEARCHED = (QT.Q2_0,)
 # and where the mix is written with calibration (GPTQ, or export --imatrix: llama-quantize refuses most of these
 # without an importance matrix), the codebook i-quants, which reach below Q2_K's 2.625 bits per weight
 CODEBOOKS = (QT.IQ3_S, QT.IQ3_XXS, QT.IQ2_S, QT.IQ2_XS, QT.IQ2_XXS, QT.IQ1_M, QT.IQ1_S)
@@ -101,9 +106,13 @@ def sampled_rows(n_rows: int, sample_rows: int = SAMPLE_ROWS) -> np.ndarray:
 def weight_loss(w: np.ndarray, qtype: QT, importance: np.ndarray | None, sample_rows: int = SAMPLE_ROWS) -> float:
     """Predicted relative output error of W float32 [O, I] round-to-nearest in ``qtype`` (importance: [I] or
     None), from ``sample_rows`` evenly spaced rows. The encoders that need importance weights (IQ2_XS,
-    IQ2_XXS, IQ1_S) get the importance, or unit weights without one."""
+    IQ2_XXS, IQ1_S) get the importance, or unit weights without one; Q2_0 is rounded onto searched scales,
+    as a mix writes it."""
     x = np.ascontiguousarray(w[sampled_rows(w.shape[0], sample_rows)], dtype=np.float32)  # [S, I]
-    if qtype in NEEDS_WEIGHTS:
+    if qtype in SEARCHED:
+        with torch_threads(1):  # many small element-wise passes: OpenMP's barriers cost more than they give
+            blocks = searched_blocks(torch.from_numpy(x), qtype, importance)
+    elif qtype in NEEDS_WEIGHTS:
         qw = np.ones(x.shape[1], np.float32) if importance is None else importance.astype(np.float32)
         blocks = quantize_rows_weighted(x, qtype, qw)
     else:
@@ -245,6 +254,12 @@ class TypeChoice:
     overrides: tuple[Override, ...]
     budget: Budget | None = None
     chosen: Mapping[str, Choice] | None = None
+
+    @property
+    def searched(self) -> frozenset[str]:
+        """The mixed Q2_0 weights, written onto quantkit's searched scales unless GPTQ writes them
+        (``grids.searched_blocks``: llama.cpp's own Q2_0 encoder has 3.5x the error)."""
+        return frozenset(n for n, c in (self.chosen or {}).items() if c.qtype in SEARCHED)
 
 
 def choose_types(
