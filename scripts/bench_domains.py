@@ -5,14 +5,17 @@ validation as its prose) and each GGUF type:
   1. the calibration windows quantkit draws (``nsamples`` x 512 tokens) are decoded back to text, one window
      per 512-token chunk, and that file is what ``llama-imatrix`` reads: both tools see the same tokens;
   2. ``llama-quantize --imatrix`` and ``quantkit quantize --format gguf --method gptq`` (the default
-     settings) write the type; a plain ``llama-quantize`` file is the baseline without calibration;
+     settings) write the type; a plain ``llama-quantize`` file is the baseline without calibration; with
+     ``--mixes B,...`` quantkit's budget mixes too, and with ``--peer TYPE/EMB`` llama-quantize + imatrix
+     files whose token embedding is EMB (the peers of a mix's size: llama.cpp's rules keep it Q8_0);
   3. ``llama-perplexity --kl-divergence`` scores every file against the F32 GGUF, separately on each domain
      (default: WikiText-2 test, and the shipped ``code``, ``chat`` and ``fr`` evaluation texts, none of
      which is in any calibration text), ``chunks`` x 512 tokens each.
 Prints one table (KLD mean per domain, and quantkit / llama.cpp+imatrix ratios) and writes results.json.
 
     python scripts/bench_domains.py [--types q4_0,q3_k_m] [--calibs wiki,mix] [--nsamples 64] [--chunks 20] \\
-        [--domains wiki,code,chat,fr] [--out build/domains]
+        [--domains wiki,code,chat,fr] [--out build/domains] [--mixes 2.5,3.0] [--peer iq2_m/q2_0] \\
+        [--variant NAME=FLAGS] [--calib-set NAME=SPEC]
 """
 
 from __future__ import annotations
@@ -122,6 +125,13 @@ def build(args: argparse.Namespace) -> dict:
                                 str(args.nsamples), "--calib", spec, *flags, "-o", str(dest)),
                        out / f"{stem}.log")  # fmt: skip
                 files.append((t, f"quantkit gptq {name}".rstrip(), c, dest))
+        for peer in args.peer:  # llama-quantize's own answer to a budget: a type with a smaller embedding
+            t, _, emb = peer.partition("/")
+            dest = out / f"llama-imatrix-{c}-{t}-emb-{emb}.gguf"
+            if not dest.is_file():
+                sh([str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix), "--token-embedding-type", emb,
+                    str(f32), str(dest), llama_name(t)])  # fmt: skip
+            files.append((f"{t} emb {emb}", "llama-quantize+imatrix", c, dest))
         for b in [x for x in args.mixes.split(",") if x]:
             dest = out / f"quantkit-{c}-mix{b}.gguf"
             if not dest.is_file():
@@ -216,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/domains")
     ap.add_argument("--mixes", default="", help="quantkit budget mixes, bits per weight (2.5,3.0,...)")
     ap.add_argument("--mix-type", default="q4_k_m", help="the mixes' --type (the token embedding's type)")
+    ap.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        help="TYPE/EMB: also llama-quantize + imatrix at TYPE with --token-embedding-type EMB (a mix's same-size peer)",
+    )
     ap.add_argument("--plot", help="write KLD against file size, one panel per domain, to this PNG/SVG")
     ap.add_argument(
         "--variant",
