@@ -460,11 +460,11 @@ def test_failed_export_leaves_no_file(tiny_gemma2, tmp_path, monkeypatch):
     dest = tmp_path / "model.gguf"
     real, calls = eg.encode_job, []
 
-    def failing(ckpt, job, src, qw=None):  # fails inside a worker thread, with later jobs already in flight
+    def failing(ckpt, job, src, *rest):  # fails inside a worker thread, with later jobs already in flight
         calls.append(job.tensor.gguf_name)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
-        return real(ckpt, job, src, qw)
+        return real(ckpt, job, src, *rest)
 
     monkeypatch.setattr(eg, "encode_job", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
