@@ -143,9 +143,11 @@ def build(args: argparse.Namespace) -> dict:
     for d in args.domains.split(","):
         text = domain_path(d)
         base = out / f"f32.{d}.kld-base.bin"
-        if not base.is_file():
+        if not base.is_file():  # written under another name, then renamed: a run beside this one never reads half
+            part = base.with_name(base.name + ".partial")
             sh([str(bin_dir / "llama-perplexity"), "-m", str(f32), "-f", str(text), "--kl-divergence-base",
-                str(base), "--chunks", str(args.chunks), "-c", "512"], out / f"llama-base-{d}.log")  # fmt: skip
+                str(part), "--chunks", str(args.chunks), "-c", "512"], out / f"llama-base-{d}.log")  # fmt: skip
+            part.rename(base)
         for row, (_, _, _, p) in zip(rows, files, strict=True):
             row[d] = llama_kld(bin_dir, p, base, text, args.chunks, out / f"{p.stem}.{d}.kld.log")
     calibs = {c: calib_spec(c, sets) for c in args.calibs.split(",")}
