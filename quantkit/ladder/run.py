@@ -192,8 +192,8 @@ def _report(ckpt, out: Path, jobs, settings, evaluation: EvalOptions, data: Path
     for row, job in zip(table, jobs, strict=True):
         row.update(name=job.qtype.upper(), type=job.qtype, file=job.file_name, method=job.method)
     first = results[0]
-    ev = {k: first[k] for k in ("chunks", "ctx", "tokens_scored", "seconds", "tokens_per_s", "mode")} | {"dtype": dtype}
-    ev.update(dataset=str(data), dataset_name=data.name, dataset_sha256=digest(data.read_bytes()))
+    ev = {k: first[k] for k in ("chunks", "ctx", "tokens_scored", "seconds", "tokens_per_s", "mode")}
+    ev.update(dtype=dtype, dataset=str(data), dataset_name=data.name, dataset_sha256=digest(data.read_bytes()))
     prov = source_provenance(ckpt.path, ckpt.raw_config)  # a hub snapshot is named by its repo
     return {
         "quantkit_version": __version__,

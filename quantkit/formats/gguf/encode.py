@@ -20,7 +20,6 @@ from quantkit.formats.gguf.blocks import (
     NUMPY_QUANTIZERS,
     TORCH_QUANTIZERS,
     WEIGHTED,
-    NonFiniteError,
     dequantize_rows,
     q4_0_from_codes,
     q4_1_from_codes,
@@ -33,7 +32,6 @@ from quantkit.formats.gguf.blocks import (
 from quantkit.formats.gguf.grids import searched_blocks
 from quantkit.formats.gguf.policy import FLOAT_TYPES, TORCH_FLOATS, PlannedTensor
 from quantkit.io.checkpoint import Checkpoint
-from quantkit.io.tensorio import all_finite
 from quantkit.quant.primitives import QuantizedWeight
 
 CHUNK_ELEMENTS = 1 << 24  # rows quantized per step: bounds the fp32 temporaries to ~64 MB
@@ -124,9 +122,7 @@ def encode_rows(
     """Rows [R, n] in any float dtype -> (uint8 [R, row_bytes], whether they decode to exactly ``src``);
     ``qw`` [n]: the importance, for the types that take one (llama-quantize --imatrix); ``searched``: rounded
     onto quantkit's searched scales (``grids.searched_blocks``) instead of llama-quantize's encoder."""
-    if searched:
-        if not all_finite(src):
-            raise NonFiniteError("NaN or inf in the weights")
+    if searched:  # the caller checks the rows are finite (encode_job)
         return searched_blocks(src, qtype, qw), False
     if qw is not None and qtype in WEIGHTED:
         return quantize_rows_weighted(src, qtype, qw), False

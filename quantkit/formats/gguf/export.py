@@ -66,8 +66,8 @@ def encode_job(
     needs (method, exact)."""
     t = job.tensor
     bad = QuantkitError(f"{ckpt.path}: tensor {t.hf_name!r} contains NaN or inf values")
-    # these quantizers see NaN/inf themselves
-    checked = (t.qtype in TORCH_QUANTIZERS or t.qtype in NUMPY_QUANTIZERS) and not t.is_norm
+    # these quantizers see NaN/inf themselves (the searched scales do not)
+    checked = (t.qtype in TORCH_QUANTIZERS or t.qtype in NUMPY_QUANTIZERS) and not t.is_norm and not searched
     if src is not None and not checked and not all_finite(src):
         raise bad
     if t.is_norm and src is not None:  # 1 + w in fp32, stored F32
@@ -115,7 +115,8 @@ def write_tensor_data(
             def submit(job: Job) -> Future:
                 """One thread reads the jobs in file order (sequential I/O, ahead of the encoders)."""
                 rows = reads.submit(read_job, ckpt, reader, job)
-                qw, name = importance.get(job.tensor.gguf_name), job.tensor.gguf_name
+                name = job.tensor.gguf_name
+                qw = importance.get(name)
                 return pool.submit(lambda: encode_job(ckpt, job, rows.result(), qw, name in searched))
 
             results = in_order(plan_jobs(ckpt, plan, reader), submit, workers * JOBS_PER_WORKER)
