@@ -14,10 +14,12 @@ time and its own peak RSS:
   6. quantize int4 g128 GPTQ on ``--nsamples`` x ``--seqlen`` tokens, last, optionally stopped after
      ``--gptq-timeout`` seconds; each layer's peak RSS so far (flat across layers when memory is bounded by
      one layer) and its time split: forward, Hessian accumulation, solver, diagnostics
+  7. ``--gguf-types T,...``: GPTQ straight into each GGUF type's blocks (``quantize --format gguf --type T``,
+     the GGUF defaults), the same per-layer split: the codebook types' solver against forward + Hessian
 
     python scripts/bench_9b_shape.py [--layers 42] [--nsamples 8] [--seqlen 512] [--chunks 2] \\
         [--threads N] [--llama-bin DIR] [--model EXISTING_DIR] [--workdir DIR] [--gptq-timeout S] \\
-        [--gptq-recipe NAME|plain] [--json]
+        [--gptq-recipe NAME|plain] [--gguf-types iq4_xs,iq3_m,iq2_m] [--json]
 
 Everything is written under a temporary directory in ``--workdir`` (default: the current directory) and
 deleted at the end; ``--model`` reuses a checkpoint written before (it is never deleted).
@@ -145,6 +147,13 @@ def run_steps(args: argparse.Namespace, work: Path, model: Path, env: dict) -> t
     q4_0.unlink(missing_ok=True)
     if "gptq" in steps:
         gptq_step(args, work, model, env, q, rows, extra)
+    for gtype in [t for t in args.gguf_types.split(",") if t]:
+        out = work / f"gptq.{gtype}.gguf"
+        r = step(f"quantize GPTQ -> GGUF {gtype.upper()} ({args.nsamples} x {args.seqlen} tokens)",
+                 [*q, "quantize", model, "--format", "gguf", "--type", gtype, "--method", "gptq", "--nsamples",
+                  args.nsamples, "--seqlen", args.seqlen, "--json", "-o", out])  # fmt: skip
+        extra.setdefault("gguf_layers", {})[gtype] = gptq_layers(json.loads(r["stdout"]))
+        out.unlink()
     return rows, extra
 
 
@@ -236,7 +245,10 @@ def table(args: argparse.Namespace, rows: list[dict], extra: dict) -> str:
         "",
         "GPTQ per layer (peak RSS so far; seconds: forward, Hessian, solver, diagnostics, layer; layer / (fwd+H)):",
     ]
-    return "\n".join(lines + layer_lines(extra["gptq_layers"]))
+    lines += layer_lines(extra.get("gptq_layers", []))
+    for gtype, layers in extra.get("gguf_layers", {}).items():
+        lines += [f"GPTQ -> GGUF {gtype.upper()} per layer (the same columns):", *layer_lines(layers)]
+    return "\n".join(lines)
 
 
 def layer_lines(layers: list[dict]) -> list[str]:
@@ -277,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the GPTQ step's recipe, or 'plain' for `--bits 4 --group 128 --method gptq` (symmetric, min-max "
         "groups, no act-order, no fp_targets)",
     )
+    ap.add_argument("--gguf-types", default="", help="also GPTQ into these GGUF types' blocks, one run each")
     ap.add_argument("--gptq-timeout", type=float, help="stop GPTQ after this many seconds (it runs last)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
