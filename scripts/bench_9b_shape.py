@@ -243,7 +243,8 @@ def table(args: argparse.Namespace, rows: list[dict], extra: dict) -> str:
     lines += [f"| {r['step']} | {r['seconds']:.0f} | {r['peak_rss_gib']:.2f} | {r['peer'] or '–'} |" for r in rows]
     lines += [
         "",
-        "GPTQ per layer (peak RSS so far; seconds: forward, Hessian, solver, diagnostics, layer; layer / (fwd+H)):",
+        "GPTQ per layer (peak RSS so far; seconds: forward, Hessian, GGUF grids, solver, diagnostics, layer; "
+        "layer / (fwd+H)):",
     ]
     lines += layer_lines(extra.get("gptq_layers", []))
     for gtype, layers in extra.get("gguf_layers", {}).items():
@@ -254,7 +255,8 @@ def table(args: argparse.Namespace, rows: list[dict], extra: dict) -> str:
 def layer_lines(layers: list[dict]) -> list[str]:
     return [
         f"  layer {r['layer']:2d}: {r['peak_rss_gib']:.2f} GiB | {r['forward_s']:.1f} {r['hessian_s']:.1f} "
-        f"{r['solver_s']:.1f} {r['diagnostics_s']:.1f} {r['layer_s']:.1f} | {r['ratio_to_forward_hessian']:.2f}"
+        f"{r.get('grid_s', 0.0):.1f} {r['solver_s']:.1f} {r['diagnostics_s']:.1f} {r['layer_s']:.1f} | "
+        f"{r['ratio_to_forward_hessian']:.2f}"
         for r in layers
     ]
 

@@ -125,3 +125,25 @@ def test_gptq_on_a_fixed_grid(qtype):
     assert res.sq_output_err == pytest.approx(out_err(res.weight.dequantize()), rel=1e-3)
     blocks = res.weight.blocks()  # the codes go into the type's blocks as they are
     assert np.array_equal(dequantize_rows(blocks, qtype).reshape(W.shape), res.weight.dequantize().numpy())
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q5_1, QT.Q4_K, QT.Q6_K, QT.IQ4_XS], ids=lambda q: q.name)
+def test_grid_search_in_chunks_on_threads_gives_the_one_pass_scales(qtype, monkeypatch):
+    """The search runs SEARCH_CHUNK groups at a time on a thread pool; every group is searched alone, so the
+    stored fields must be the same bits as one single-threaded pass over all the groups."""
+    import quantkit.formats.gguf.grids as grids
+
+    W, imp = _weights(72, 1024, 5)  # 2304 groups of 32: five chunks of 512
+    monkeypatch.setattr(grids, "SEARCH_CHUNK", 512)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chunked = choose_grid(W, qtype, imp)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(grids, "SEARCH_CHUNK", 1 << 40)
+    whole = choose_grid(W, qtype, imp)
+    assert chunked.fields.keys() == whole.fields.keys()
+    for k in whole.fields:
+        assert np.array_equal(chunked.fields[k], whole.fields[k]), k
+    assert torch.equal(chunked.s, whole.s) and torch.equal(chunked.b, whole.b)

@@ -105,9 +105,10 @@ class LayerCalibrator:
     def __init__(self, model: Gemma, i: int, cal: Calibration, emit: Emit):
         self.model, self.i, self.layer, self.cal, self.emit = model, i, model.layers[i], cal, emit
         self.stats: dict[str, dict[str, float | str]] = {}
-        self.seconds = dict.fromkeys(("forward_s", "hessian_s", "solver_s", "diagnostics_s"), 0.0)
+        self.seconds = dict.fromkeys(("forward_s", "hessian_s", "grid_s", "solver_s", "diagnostics_s"), 0.0)
         self.fwd, self.hes = _Timer(self.seconds, "forward_s"), _Timer(self.seconds, "hessian_s")
-        self.sol, self.dia = _Timer(self.seconds, "solver_s"), _Timer(self.seconds, "diagnostics_s")
+        self.grd, self.sol = _Timer(self.seconds, "grid_s"), _Timer(self.seconds, "solver_s")
+        self.dia = _Timer(self.seconds, "diagnostics_s")
         self.peaks: dict[str, float] = {}  # the process's peak RSS (GiB) once each subset is quantized
 
     @torch.no_grad()
@@ -213,8 +214,9 @@ class LayerCalibrator:
             for n in names:
                 cal.imatrix.add_from_hessian(self.i, n, hess.H, hess.n)
         w0 = next(iter(ws.values()))
-        with self.dia:  # the grids, tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
+        with self.grd:  # a GGUF type's fixed grid per linear (its scales), from W weighted by diag(H)
             grids = {n: self._grid(p + n, w, hess.H) for n, w in ws.items()}
+        with self.dia:  # tr(W H Wᵀ) and RTN's tr(D H Dᵀ) need H itself, before it is factored
             rtns = {n: _rtn(w, grids[n], o, cal.sdt) for n, w in ws.items()}
             norms = {
                 n: weighted_norms([w, w.float() - rtns[n].dequantize()], hess.H) for n, w in ws.items()
