@@ -131,17 +131,17 @@ def test_gptq_on_a_fixed_grid(qtype):
 def test_grid_search_in_chunks_on_threads_gives_the_one_pass_scales(qtype, monkeypatch):
     """The search runs SEARCH_CHUNK groups at a time on a thread pool; every group is searched alone, so the
     stored fields must be the same bits as one single-threaded pass over all the groups."""
-    import quantkit.formats.gguf.grids as grids
+    import quantkit.formats.gguf.grid_search as search
 
     W, imp = _weights(72, 1024, 5)  # 2304 groups of 32: five chunks of 512
-    monkeypatch.setattr(grids, "SEARCH_CHUNK", 512)
+    monkeypatch.setattr(search, "SEARCH_CHUNK", 512)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         chunked = choose_grid(W, qtype, imp)
     finally:
         torch.set_num_threads(threads)
-    monkeypatch.setattr(grids, "SEARCH_CHUNK", 1 << 40)
+    monkeypatch.setattr(search, "SEARCH_CHUNK", 1 << 40)
     whole = choose_grid(W, qtype, imp)
     assert chunked.fields.keys() == whole.fields.keys()
     for k in whole.fields:
