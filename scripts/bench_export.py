@@ -8,7 +8,13 @@ RSS, and checks that the two files' tensors are byte-identical (by per-tensor SH
 before the peer writes, so one quantized file is on disk at a time). Also times ``cat`` of the shards to
 /dev/null: reading the input is the floor under both. Build llama-quantize first: scripts/build_llamacpp.sh.
 
-    python scripts/bench_export.py [--layers 42] [--types q4_0,q8_0,q4_k_m] [--model DIR] [--keep] [--json]
+Every ``--type`` of quantkit's export that llama-quantize also writes can be timed. ``--imatrix FILE`` gives
+both tools the same importance matrix for every type; ``--imatrix random`` writes one first (random positive
+column weights for every linear: the random model has no text to compute one from), which the IQ2 / IQ1 /
+IQ3_XXS / Q2_K_S files need. The i-quants' codes are searched, not rounded: their bytes need not match.
+
+    python scripts/bench_export.py [--layers 42] [--types q4_0,q8_0,q4_k_m] [--imatrix random|FILE] \\
+        [--model DIR] [--keep] [--json]
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from make_tiny_checkpoint import tiny_config, train_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_QUANTIZE = ROOT / "build" / "llama.cpp" / "bin" / "llama-quantize"
-PEER_TYPES = {"q4_0": "Q4_0", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M", "q4_1": "Q4_1", "q5_0": "Q5_0", "q6_k": "Q6_K"}
+sys.path.insert(0, str(ROOT))
+from quantkit.formats.gguf.file_types import FILE_TYPE_NAMES, PURE  # noqa: E402
+
+# --type -> llama-quantize's name of the same file type (its LlamaFileType without MOSTLY_); pure types and
+# the float ones are not llama-quantize file types
+PEER_TYPES = {t: ft.removeprefix("MOSTLY_") for t, (_, ft) in FILE_TYPE_NAMES.items() if t not in PURE and t[0] in "qi"}
 GEN_ROWS = 1 << 12  # rows of random weights generated per step (the embedding: 4096 x 3584 fp32 = 59 MB)
 
 
@@ -160,10 +171,37 @@ _PY_PEER = (
 )
 
 
-def peer_command(binary: Path, src: Path, dst: Path, qtype: str, threads: int) -> list[str]:
-    """llama-quantize SRC DST TYPE NTHREADS, or its library call through llama-cpp-python."""
+def peer_command(
+    binary: Path, src: Path, dst: Path, qtype: str, threads: int, imatrix: Path | None = None
+) -> list[str]:
+    """llama-quantize [--imatrix FILE] SRC DST TYPE NTHREADS, or its library call through llama-cpp-python."""
     args = [str(src), str(dst), PEER_TYPES[qtype], str(threads)]
-    return [str(binary), *args] if binary.is_file() else [sys.executable, "-c", _PY_PEER, *args]
+    if binary.is_file():
+        return [str(binary), *(["--imatrix", str(imatrix)] if imatrix else []), *args]
+    if imatrix:
+        raise SystemExit("--imatrix needs the llama-quantize binary (scripts/build_llamacpp.sh)")
+    return [sys.executable, "-c", _PY_PEER, *args]
+
+
+def random_imatrix(model: Path, dest: Path, seed: int = 0) -> Path:
+    """An importance-matrix GGUF with random positive column weights (lognormal) for every linear of
+    ``model``: both tools read it, so the types that need one can be timed on random weights."""
+    from quantkit.formats.gguf.imatrix import ImportanceStats, gguf_weight_name, write_imatrix
+    from quantkit.model import LINEAR_NAMES
+
+    cfg = json.loads((model / "config.json").read_text())
+    widths = {  # each linear's input width
+        "self_attn.o_proj": cfg["num_attention_heads"] * cfg["head_dim"],
+        "mlp.down_proj": cfg["intermediate_size"],
+    }
+    rng, stats, chunks = np.random.default_rng(seed), ImportanceStats.empty(), 8
+    for layer in range(cfg["num_hidden_layers"]):
+        for module in LINEAR_NAMES:
+            n = widths.get(module, cfg["hidden_size"])
+            name = gguf_weight_name(layer, module)
+            stats.sums[name] = (rng.lognormal(0.0, 1.0, n) * 512 * chunks).astype(np.float32)
+            stats.counts[name] = 512 * chunks
+    return write_imatrix(dest, stats, "random", 512)
 
 
 def cat_seconds(files: list[Path]) -> float:
@@ -195,13 +233,19 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
     ]
     cat = {"shards_gib": gib(shards), "cat_shards_s": cat_seconds(shards), "cat_bf16_gguf_s": cat_seconds([bf16])}
     print(f"cat shards > /dev/null: {cat['cat_shards_s']:.1f} s ({cat['shards_gib']:.1f} GiB)", file=sys.stderr)
+    imatrix = None
+    if args.imatrix:
+        imatrix = (
+            random_imatrix(model, work / "random.imatrix.gguf") if args.imatrix == "random" else Path(args.imatrix)
+        )
+    with_imatrix = ["--imatrix", str(imatrix)] if imatrix else []
     for qtype in args.types.split(","):
         ours, peer = work / f"quantkit.{qtype}.gguf", work / f"llama-quantize.{qtype}.gguf"
-        mine = timed([*q, str(model), "--format", "gguf", "--type", qtype, "-o", str(ours)])
+        mine = timed([*q, str(model), "--format", "gguf", "--type", qtype, *with_imatrix, "-o", str(ours)])
         ours_digests = tensor_digests(ours)
         if not args.keep:
             ours.unlink()
-        other = timed(peer_command(Path(args.llama_quantize), bf16, peer, qtype, threads))
+        other = timed(peer_command(Path(args.llama_quantize), bf16, peer, qtype, threads, imatrix))
         same = compare_tensors(ours_digests, tensor_digests(peer))
         ratio = mine["seconds"] / other["seconds"]
         rows.append({"step": f"quantkit export {qtype}", **mine, "ratio": ratio, "bytes": same})
@@ -214,7 +258,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         if not args.keep:
             peer.unlink()
     peer = "llama-quantize" if Path(args.llama_quantize).is_file() else "llama-cpp-python llama_model_quantize"
-    return {"layers": args.layers, "model": str(model), "threads": threads, "peer": peer, **cat, "rows": rows}
+    return {"layers": args.layers, "model": str(model), "threads": threads, "peer": peer, "imatrix": args.imatrix,
+            **cat, "rows": rows}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=42)
     ap.add_argument("--types", default="q4_0,q8_0,q4_k_m")
     ap.add_argument("--model", help="reuse this checkpoint instead of writing a random one")
+    ap.add_argument("--imatrix", help="an importance matrix for both tools and every type, or 'random'")
     ap.add_argument("--llama-quantize", default=str(LLAMA_QUANTIZE))
     ap.add_argument("--workdir", default=str(ROOT / "build"), help="where the model and GGUFs go (20-45 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint and GGUFs")
@@ -250,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"GGUF export, Gemma 2 9B shapes, {args.layers} random bf16 layers, {res['threads']} threads, "
-        f"peer: {res['peer']}"
+        f"peer: {res['peer']}" + (f", importance matrix: {args.imatrix}" if args.imatrix else "")
     )
     print(
         f"floor: cat of the {res['shards_gib']:.1f} GiB of shards to /dev/null {res['cat_shards_s']:.1f} s "

@@ -135,3 +135,22 @@ def test_gptq_files_take_llama_quantizes_imatrix_rules(tiny_gemma2):
     hf = {t.hf_name: t.qtype for t in plan_tensors(ckpt.config, "iq3_xxs", imatrix=True)}
     got = gptq_block_types(ckpt, "iq3_xxs")
     assert got == {n: hf[n] for n in got} and "IQ3_XXS" in {q.name for q in got.values()}
+
+
+def test_output_errors_measured_on_a_sample_of_rows(files, tiny_gemma2, tmp_path, monkeypatch):
+    """The report's output errors on DIAGNOSTIC_ROWS evenly spaced rows of each linear: the same weights as
+    measuring every row (the diagnostics never touch them), each row's GPTQ error from the solver and the
+    ratios near the exact ones."""
+    import quantkit.quant.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "DIAGNOSTIC_ROWS", 16)
+    out = tmp_path / "sampled.gguf"
+    report = _cli("quantize", str(tiny_gemma2), *GPTQ, "--format", "gguf", "--type", "q4_0", "-o", str(out))
+    exact = files["q4_0-report"]["linears"]
+    a, b = gguf.GGUFReader(files["q4_0"]), gguf.GGUFReader(out)
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(a.tensors, b.tensors, strict=True))
+    assert min(s["error_rows"] for s in exact.values()) > 16  # measured whole there, sampled here
+    for name, s in report["linears"].items():
+        assert s["error_rows"] == 16
+        for key in ("output_rel_err", "rtn_output_rel_err"):  # estimates from 1/16 to 1/32 of the rows
+            assert 0.5 * exact[name][key] < s[key] < 2.0 * exact[name][key]

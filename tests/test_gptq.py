@@ -102,6 +102,8 @@ def test_free_output_error_equals_explicit_trace(spec, actorder):
     D = (w - res.weight.dequantize()).double()
     explicit = float(((D @ hess.H.double()) * D).sum())
     assert res.sq_output_err == pytest.approx(explicit, rel=1e-4)
+    rows = ((D @ hess.H.double()) * D).sum(1)  # each row's (D H Dᵀ)_rr
+    assert torch.allclose(res.row_sq_output_err, rows, rtol=1e-3, atol=1e-6 * float(rows.max()))
     den = float(((w.double() @ hess.H.double()) * w.double()).sum())
     assert output_error(w, res.weight.dequantize(), hess.H) == pytest.approx(explicit / den, rel=1e-4)
 

@@ -69,6 +69,7 @@ def test_ldlq_on_a_codebook(qtype, actorder, libggml):
     # measured 0.50-0.67 of the encoder's output error (IQ3_XXS, whose sign parity spans two slabs, highest)
     assert out_err(got) < 0.75 * out_err(rtn.dequantize())
     assert res.sq_output_err == pytest.approx(out_err(got), rel=1e-3)
+    assert float(res.row_sq_output_err.sum()) == pytest.approx(res.sq_output_err, rel=1e-9)
 
 
 def test_ldlq_needs_whole_slabs_in_act_order():

@@ -56,6 +56,7 @@ class GPTQResult:
     loss: float  # Σ (w - q)² / (2 d²), the paper's objective
     damp: float  # the damping fraction that made H positive definite
     sq_output_err: float  # tr(D H Dᵀ) with D = W - Q and the undamped H: the output error, free from the solver
+    row_sq_output_err: torch.Tensor  # float64 [O]: each row's share, (D H Dᵀ)_rr
 
 
 @dataclass(frozen=True)
@@ -195,44 +196,45 @@ def gptq_quantize(
     if actorder:
         W = W[:, perm]
 
-    codes = torch.zeros(o, n, dtype=torch.int8, device=dev)
+    # The loop keeps each block transposed, W1t [cols, O], so that a column is a contiguous row: on CPU the
+    # per-column steps then read O consecutive floats, not O cache lines. The arithmetic is the paper's.
+    codes_t = torch.zeros(n, o, dtype=torch.int8, device=dev)  # [I, O], perm order
     scales, zeros = [], []
-    sq_err = torch.zeros((), dtype=torch.float64, device=dev)  # ‖E‖², E the scaled errors
+    sq_err = torch.zeros(o, dtype=torch.float64, device=dev)  # ‖E‖² per row, E the scaled errors
+    if static and grid is None:
+        scale_t = scale_all.T.contiguous()  # [G, O]
+        zero_t = None if zero_all is None else zero_all.T.contiguous()
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, i1:i2].T.contiguous()  # [b, O]
+        Err1t = torch.zeros_like(W1t)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for t in range(i2 - i1):
             c = i1 + t
-            w = W1[:, t : t + 1]  # [O, 1]
+            w = W1t[t].unsqueeze(1)  # [O, 1], contiguous
             if grid is not None:
                 q, dq = grid_dev.quantize(w, group_of[c])
             else:
                 if static:
                     grp = group_of[c]
-                    scale, zero = (
-                        scale_all[:, grp : grp + 1],
-                        None if zero_all is None else zero_all[:, grp : grp + 1],
-                    )
+                    scale = scale_t[grp].unsqueeze(1)
+                    zero = None if zero_t is None else zero_t[grp].unsqueeze(1)
                 elif c % g == 0:  # parameters from the error-updated columns of this group (natural order)
                     h = _group_importance(importance, c, g)
-                    scale, zero = choose_group_params(W1[:, t : t + g], spec, scale_dtype, search, h)
+                    scale, zero = choose_group_params(W1t[t : t + g].T, spec, scale_dtype, search, h)
                     scales.append(scale)
                     zeros.append(zero)
                 q = quantize(w, scale, zero, spec)
                 dq = dequantize(q, scale, zero)
-            codes[:, c : c + 1] = q
-            d = Hinv1[t, t]
-            err = (w - dq) / d
-            W1[:, t:] -= err @ Hinv1[t : t + 1, t:]
-            Err1[:, t : t + 1] = err
-        sq_err += (Err1.double() ** 2).sum()
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            codes_t[c] = q.view(-1)
+            err = ((w - dq) / Hinv1[t, t]).view(-1)  # [O]
+            W1t[t:] -= Hinv1[t, t:, None] * err  # the rank-1 update, [b - t, O]
+            Err1t[t] = err
+        sq_err += Err1t.double().square_().sum(0)
+        W[:, i2:] -= Err1t.T @ Hinv[i1:i2, i2:]
     del W
 
-    invperm = torch.argsort(perm)
-    codes = codes[:, invperm]
+    codes = codes_t[torch.argsort(perm)].T.contiguous()  # [O, I], natural order
     if grid is not None:
         qw = GridWeight(grid, codes.cpu())
     else:
@@ -242,18 +244,19 @@ def gptq_quantize(
             scale = torch.cat(scales, dim=1)
             zero = None if spec.sym else torch.cat(zeros, dim=1)
         qw = QuantizedWeight(codes.cpu(), scale.cpu(), None if zero is None else zero.cpu(), spec)
-    return gptq_result(qw, W0, float(sq_err), fac)
+    return gptq_result(qw, W0, sq_err, fac)
 
 
-def gptq_result(qw, W0: torch.Tensor, sq_err: float, fac: InverseFactor) -> GPTQResult:
-    """The result of quantizing W0 [O, I] (overwritten) to ``qw``, from ‖E‖² (E the scaled errors).
+def gptq_result(qw, W0: torch.Tensor, sq_err: torch.Tensor, fac: InverseFactor) -> GPTQResult:
+    """The result of quantizing W0 [O, I] (overwritten) to ``qw``, from ‖E‖² per row (E the scaled errors,
+    float64 [O]).
 
     W0 - Q = E·U exactly, and U Hd Uᵀ = I, so tr(D Hd Dᵀ) = ‖E‖²; Hd = H + λI, plus 1 on dead inputs'
-    diagonal: the output error against the undamped H is ‖E‖² less those."""
+    diagonal: the output error against the undamped H is ‖E‖² less those, row by row."""
     D = W0.sub_(qw.dequantize().to(W0.device))  # [O, I]; its squares summed in fp64 a block of rows at a time
-    sq = sum(float(d.double().square_().sum()) for d in D.split(1024))
-    sq_out = sq_err - fac.lam * sq - float(D[:, fac.dead].double().square_().sum())
-    return GPTQResult(qw, sq_err / 2, fac.damp, max(sq_out, 0.0))
+    sq = torch.cat([d.double().square_().sum(1) for d in D.split(1024)])  # [O]
+    rows = (sq_err - fac.lam * sq - D[:, fac.dead].double().square_().sum(1)).clamp_min_(0.0)
+    return GPTQResult(qw, float(sq_err.sum()) / 2, fac.damp, float(rows.sum()), rows.cpu())
 
 
 def weighted_norms(Ws: list[torch.Tensor], H: torch.Tensor, rows: int = 2048) -> list[float]:

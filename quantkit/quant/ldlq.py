@@ -55,7 +55,7 @@ def ldlq_quantize(W: torch.Tensor, fac: InverseFactor, grid: CodebookGrid, block
     blocksize = max(8, blocksize // 8 * 8)
     Hinv = fac.U
     eye = torch.eye(k, dtype=torch.float32, device=dev)
-    sq_err = torch.zeros((), dtype=torch.float64, device=dev)
+    sq_err = torch.zeros(o, dtype=torch.float64, device=dev)  # ‖E‖² per row
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1 = W[:, i1:i2].clone()
@@ -71,10 +71,10 @@ def ldlq_quantize(W: torch.Tensor, fac: InverseFactor, grid: CodebookGrid, block
             E = (w - q) @ Ui
             W1[:, t + k :] -= E @ Hinv1[t : t + k, t + k :]
             Err1[:, t : t + k] = E
-        sq_err += (Err1.double() ** 2).sum()
+        sq_err += Err1.double().square_().sum(1)
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     del W
-    return gptq_result(CodebookWeight(grid, points.cpu(), bits.cpu()), W0, float(sq_err), fac)
+    return gptq_result(CodebookWeight(grid, points.cpu(), bits.cpu()), W0, sq_err, fac)
 
 
 class _Picker:

@@ -35,6 +35,19 @@ def nearest_codes(t: torch.Tensor, lo: int, hi: int, levels: Levels) -> torch.Te
     return torch.bucketize(t, (lv[:-1] + lv[1:]) / 2, right=True).to(t.dtype)
 
 
+def nearest_codes_and_levels(t: torch.Tensor, lo: int, hi: int, levels: Levels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nearest_codes(t)`` and what s multiplies for each (``level_of``), from one table lookup on CPU."""
+    if levels is None:
+        c = torch.round(t).clamp(lo, hi)
+        return c, c
+    if t.device.type == "cpu" and t.dtype == torch.float32:
+        lim, codes, vals = _nearest_tables(levels)
+        i = _table_index(t, lim)
+        return torch.from_numpy(codes[i]), torch.from_numpy(vals[i])
+    c = nearest_codes(t, lo, hi, levels)
+    return c, level_of(c, levels)
+
+
 @functools.cache
 def _nearest_tables(levels: tuple[int, ...]) -> tuple[int, np.ndarray, np.ndarray]:
     """(lim, codes, values): the code nearest t (ties to the upper one) is codes[floor(2t) + lim], its level
@@ -47,18 +60,34 @@ def _nearest_tables(levels: tuple[int, ...]) -> tuple[int, np.ndarray, np.ndarra
     return lim, codes.float().numpy(), lv[codes].numpy()
 
 
+def _table_index(t: torch.Tensor, lim: int) -> np.ndarray:
+    """floor(2t) clipped to [-lim, lim], plus lim: the row of ``_nearest_tables`` for every t (float32, CPU)."""
+    u = np.floor(t.detach().numpy() * 2)
+    return (np.clip(u, -lim, lim, out=u) + lim).astype(np.int32)
+
+
 def _nearest_by_table(t: torch.Tensor, levels: tuple[int, ...], values: bool) -> torch.Tensor:
     """The nearest level's code (``values``: its value) for every t, float32 on CPU (``_nearest_tables``)."""
     lim, codes, vals = _nearest_tables(levels)
-    u = np.floor(t.detach().numpy() * 2)
-    return torch.from_numpy((vals if values else codes)[(np.clip(u, -lim, lim, out=u) + lim).astype(np.int32)])
+    return torch.from_numpy((vals if values else codes)[_table_index(t, lim)])
+
+
+@functools.cache
+def _level_array(levels: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(levels, dtype=np.float32)
 
 
 def level_of(c: torch.Tensor, levels: Levels) -> torch.Tensor:
-    """What s multiplies for code c (float): c itself, or its level of a non-linear type."""
+    """What s multiplies for code c (float, or integer codes: then float32): c itself, or its level of a
+    non-linear type. On CPU by numpy's indexing (int8 codes index directly: 4x faster than torch's)."""
     if levels is None:
-        return c
-    return torch.tensor(levels, dtype=c.dtype, device=c.device)[c.long()]
+        return c if c.is_floating_point() else c.float()
+    if c.device.type == "cpu":
+        idx = c.numpy() if c.dtype in (torch.int8, torch.uint8) else c.numpy().astype(np.int32)
+        out = torch.from_numpy(_level_array(levels)[idx])
+        return out.to(c.dtype) if c.is_floating_point() else out
+    dt = c.dtype if c.is_floating_point() else torch.float32
+    return torch.tensor(levels, dtype=dt, device=c.device)[c.long()]
 
 
 # ------------------------------------------------------------------------------------------ grid search

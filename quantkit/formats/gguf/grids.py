@@ -44,7 +44,7 @@ from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.ggml_float import signed_absmax
-from quantkit.formats.gguf.grid_search import level_of, nearest_codes, search_in_chunks
+from quantkit.formats.gguf.grid_search import level_of, nearest_codes_and_levels, search_in_chunks
 from quantkit.formats.gguf.layouts import LAYOUTS, PACKERS, Layout, block_size, check_codes
 
 
@@ -66,19 +66,34 @@ class BlockGrid:
         s, b = self.s[:, groups], self.b[:, groups]
         if s.dim() == 1:
             s, b = s[:, None], b[:, None]
-        lay = self.layout
-        safe = torch.where(s == 0, torch.ones_like(s), s)
-        c = nearest_codes((w - b) / safe, lay.lo, lay.hi, lay.levels)
-        c = torch.where(s == 0, torch.zeros_like(c), c)
-        return c.to(torch.int8), s * level_of(c, lay.levels) + b
+        return _round_onto(w, s, b, self.layout)
+
+    def rtn_values(self, W: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Round-to-nearest of W's ``rows`` (W [O, I]) onto this grid: their values, float32 [r, I]."""
+        Wr = W[rows].float()
+        r, n = Wr.shape
+        g = self.layout.g
+        _, v = _round_onto(Wr.view(r, n // g, g), self.s[rows, :, None], self.b[rows, :, None], self.layout)
+        return v.view(r, n)
 
     def to(self, device: torch.device | str) -> BlockGrid:
         """This grid with s and b on ``device`` (the stored fields stay where they are: numpy)."""
         return replace(self, s=self.s.to(device), b=self.b.to(device))
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
-        g, levels = self.layout.g, self.layout.levels
-        return self.s.repeat_interleave(g, 1) * level_of(codes.float(), levels) + self.b.repeat_interleave(g, 1)
+        """float32 [O, I] from codes [O, I] (int8 or float)."""
+        o, n = codes.shape
+        g = self.layout.g
+        v = level_of(codes, self.layout.levels).view(o, n // g, g)  # [O, G, g]
+        return torch.addcmul(self.b[:, :, None], self.s[:, :, None], v).view(o, n)
+
+
+def _round_onto(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (int8) and values of w rounded to nearest onto (s, b), which broadcast against it."""
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    c, v = nearest_codes_and_levels((w - b) / safe, lay.lo, lay.hi, lay.levels)
+    c = torch.where(s == 0, torch.zeros_like(c), c)
+    return c.to(torch.int8), s * v + b  # s = 0: the value is b whatever v is
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
