@@ -11,7 +11,7 @@ before the peer writes, so one quantized file is on disk at a time). Also times 
 Every ``--type`` of quantkit's export that llama-quantize also writes can be timed. ``--imatrix FILE`` gives
 both tools the same importance matrix for every type; ``--imatrix random`` writes one first (random positive
 column weights for every linear: the random model has no text to compute one from), which the IQ2 / IQ1 /
-IQ3_XXS / Q2_K_S files need. The i-quants' codes are searched, not rounded: their bytes need not match.
+IQ3_XXS / Q2_K_S files need.
 
     python scripts/bench_export.py [--layers 42] [--types q4_0,q8_0,q4_k_m] [--imatrix random|FILE] \\
         [--model DIR] [--keep] [--json]
