@@ -148,6 +148,8 @@ def tensor_digests(path: Path) -> dict[str, tuple[str, str]]:
     other is written (at full depth two quantized 9B files and the inputs do not fit every disk)."""
     from gguf import GGUFReader
 
+    import quantkit.formats.gguf.ggml_types  # noqa: F401  (gguf-py learns the pinned llama.cpp's Q2_0)
+
     return {
         t.name: (t.tensor_type.name, hashlib.sha256(t.data.view(np.uint8).reshape(-1)).hexdigest())
         for t in GGUFReader(path).tensors
@@ -251,7 +253,8 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         rows.append({"step": f"quantkit export {qtype}", **mine, "ratio": ratio, "bytes": same})
         rows.append({"step": f"llama-quantize BF16 -> {PEER_TYPES[qtype]}", **other, "ratio": 1.0})
         print(
-            f"{qtype}: {mine['seconds']:.1f} s vs {other['seconds']:.1f} s ({ratio:.2f}x), "
+            f"{qtype}: {mine['seconds']:.1f} s vs {other['seconds']:.1f} s ({ratio:.2f}x), peak RSS "
+            f"{mine['peak_rss_gib']:.2f} vs {other['peak_rss_gib']:.2f} GiB, "
             f"{same['identical']}/{same['tensors']} tensors identical",
             file=sys.stderr,
         )
