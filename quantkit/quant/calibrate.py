@@ -52,14 +52,16 @@ def weight_rel_err(w: torch.Tensor, qw: QuantizedWeight | BlockWeight) -> float:
 DIAGNOSTIC_ROWS = 1024  # a linear's output errors in the report are measured on this many of its rows (at most)
 
 
-def diagnostic_rows(o: int) -> torch.Tensor | slice:
+def diagnostic_rows(o: int) -> torch.Tensor:
     """The rows of an [o, I] linear the report's output errors are measured on: all of them, or DIAGNOSTIC_ROWS
     evenly spaced ones. tr(W H Wᵀ) costs O I² per weight (a 9B down_proj's: 0.7 TFLOP); rows are alike
     enough for a sample of 1024 to give the relative errors to about a percent."""
-    return slice(None) if o <= DIAGNOSTIC_ROWS else torch.arange(DIAGNOSTIC_ROWS) * o // DIAGNOSTIC_ROWS
+    return torch.arange(o) if o <= DIAGNOSTIC_ROWS else torch.arange(DIAGNOSTIC_ROWS) * o // DIAGNOSTIC_ROWS
 
 
-def _rtn_error(w: torch.Tensor, grid: BlockGrid | CodebookGrid | None, o: QuantizeOptions, sdt: torch.dtype, rows):
+def _rtn_error(
+    w: torch.Tensor, grid: BlockGrid | CodebookGrid | None, o: QuantizeOptions, sdt: torch.dtype, rows: torch.Tensor
+) -> torch.Tensor:
     """W − RTN(W) on ``rows``, float32 [r, I]: the round-to-nearest baseline on the grid GPTQ uses (a codebook
     type's: its encoder's own choice)."""
     wr = w[rows].float()
@@ -67,7 +69,7 @@ def _rtn_error(w: torch.Tensor, grid: BlockGrid | CodebookGrid | None, o: Quanti
         return wr - rtn(wr, o.spec, sdt).dequantize()  # groups lie within a row: the same as RTN of all rows
     if isinstance(grid, CodebookGrid):
         return wr - grid.rtn().dequantize()[rows]
-    return wr - grid.rtn_values(w, rows)
+    return wr - grid.round_rows(w, rows)[1]
 
 
 @dataclass(frozen=True)
@@ -260,7 +262,7 @@ class LayerCalibrator:
                     "weight_rel_err": weight_rel_err(w, res.weight),
                     "output_rel_err": float(res.row_sq_output_err[rows[name]].sum()) / den if den > 0 else 0.0,
                     "rtn_output_rel_err": rtn_num / den if den > 0 else 0.0,
-                    "error_rows": w[rows[name]].shape[0],  # the output errors' rows (diagnostic_rows)
+                    "error_rows": len(rows[name]),  # the output errors' rows (diagnostic_rows)
                     "damp": res.damp,
                 }
                 if grids[name] is not None:

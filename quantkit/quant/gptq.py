@@ -55,8 +55,12 @@ class GPTQResult:
     weight: QuantizedWeight | GridWeight  # or a CodebookWeight (quant.ldlq)
     loss: float  # Σ (w - q)² / (2 d²), the paper's objective
     damp: float  # the damping fraction that made H positive definite
-    sq_output_err: float  # tr(D H Dᵀ) with D = W - Q and the undamped H: the output error, free from the solver
-    row_sq_output_err: torch.Tensor  # float64 [O]: each row's share, (D H Dᵀ)_rr
+    row_sq_output_err: torch.Tensor  # float64 [O]: (D H Dᵀ)_rr with D = W - Q and the undamped H, free from the solver
+
+    @property
+    def sq_output_err(self) -> float:
+        """tr(D H Dᵀ): the output error."""
+        return float(self.row_sq_output_err.sum())
 
 
 @dataclass(frozen=True)
@@ -256,7 +260,7 @@ def gptq_result(qw, W0: torch.Tensor, sq_err: torch.Tensor, fac: InverseFactor) 
     D = W0.sub_(qw.dequantize().to(W0.device))  # [O, I]; its squares summed in fp64 a block of rows at a time
     sq = torch.cat([d.double().square_().sum(1) for d in D.split(1024)])  # [O]
     rows = (sq_err - fac.lam * sq - D[:, fac.dead].double().square_().sum(1)).clamp_min_(0.0)
-    return GPTQResult(qw, float(sq_err.sum()) / 2, fac.damp, float(rows.sum()), rows.cpu())
+    return GPTQResult(qw, float(sq_err.sum()) / 2, fac.damp, rows.cpu())
 
 
 def weighted_norms(Ws: list[torch.Tensor], H: torch.Tensor, rows: int = 2048) -> list[float]:

@@ -48,6 +48,16 @@ def nearest_codes_and_levels(t: torch.Tensor, lo: int, hi: int, levels: Levels) 
     return c, level_of(c, levels)
 
 
+def round_onto(
+    w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lo: int, hi: int, levels: Levels
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (float; 0 where s = 0) and values s * level + b of w rounded to nearest onto (s, b), which
+    broadcast against w. Where s = 0 the value is b whatever the level."""
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    c, v = nearest_codes_and_levels((w - b) / safe, lo, hi, levels)
+    return torch.where(s == 0, torch.zeros_like(c), c), s * v + b
+
+
 @functools.cache
 def _nearest_tables(levels: tuple[int, ...]) -> tuple[int, np.ndarray, np.ndarray]:
     """(lim, codes, values): the code nearest t (ties to the upper one) is codes[floor(2t) + lim], its level
@@ -98,10 +108,8 @@ def _rounded_error(
 ) -> torch.Tensor:
     """Σ w (x - (s c + b))² with c the integer code nearest (x - b) / s: the error of rounding onto (s, b)
     (the level types': ``_search_levels``)."""
-    safe = torch.where(s == 0, torch.ones_like(s), s)[:, None]
-    c = nearest_codes((x - b[:, None]) / safe, lo, hi, None)
-    c = torch.where(s[:, None] == 0, torch.zeros_like(c), c)
-    return (w * (x - (s[:, None] * c + b[:, None])) ** 2).sum(-1)
+    _, value = round_onto(x, s[:, None], b[:, None], lo, hi, None)
+    return (w * (x - value) ** 2).sum(-1)
 
 
 def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor], ok: torch.Tensor) -> list[torch.Tensor]:

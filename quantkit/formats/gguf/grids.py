@@ -44,7 +44,7 @@ from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.ggml_float import signed_absmax
-from quantkit.formats.gguf.grid_search import level_of, nearest_codes_and_levels, search_in_chunks
+from quantkit.formats.gguf.grid_search import level_of, round_onto, search_in_chunks
 from quantkit.formats.gguf.layouts import LAYOUTS, PACKERS, Layout, block_size, check_codes
 
 
@@ -66,15 +66,23 @@ class BlockGrid:
         s, b = self.s[:, groups], self.b[:, groups]
         if s.dim() == 1:
             s, b = s[:, None], b[:, None]
-        return _round_onto(w, s, b, self.layout)
+        return self._round(w, s, b)
 
-    def rtn_values(self, W: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Round-to-nearest of W's ``rows`` (W [O, I]) onto this grid: their values, float32 [r, I]."""
+    def round_rows(
+        self, W: torch.Tensor, rows: torch.Tensor | slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Round-to-nearest of W's ``rows`` (W [O, I]) onto this grid, every column against its own group's
+        (s, b): codes int8 and values float32, [r, I]."""
         Wr = W[rows].float()
         r, n = Wr.shape
         g = self.layout.g
-        _, v = _round_onto(Wr.view(r, n // g, g), self.s[rows, :, None], self.b[rows, :, None], self.layout)
-        return v.view(r, n)
+        c, v = self._round(Wr.view(r, n // g, g), self.s[rows, :, None], self.b[rows, :, None])
+        return c.view(r, n), v.view(r, n)
+
+    def _round(self, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lay = self.layout
+        c, v = round_onto(w, s, b, lay.lo, lay.hi, lay.levels)
+        return c.to(torch.int8), v
 
     def to(self, device: torch.device | str) -> BlockGrid:
         """This grid with s and b on ``device`` (the stored fields stay where they are: numpy)."""
@@ -86,14 +94,6 @@ class BlockGrid:
         g = self.layout.g
         v = level_of(codes, self.layout.levels).view(o, n // g, g)  # [O, G, g]
         return torch.addcmul(self.b[:, :, None], self.s[:, :, None], v).view(o, n)
-
-
-def _round_onto(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (int8) and values of w rounded to nearest onto (s, b), which broadcast against it."""
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    c, v = nearest_codes_and_levels((w - b) / safe, lay.lo, lay.hi, lay.levels)
-    c = torch.where(s == 0, torch.zeros_like(c), c)
-    return c.to(torch.int8), s * v + b  # s = 0: the value is b whatever v is
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -194,8 +194,8 @@ class GridWeight:
 
 def rtn_on_grid(W: torch.Tensor, grid: BlockGrid) -> GridWeight:
     """Round-to-nearest of W [O, I] onto ``grid``: every column against its own group's (s, b)."""
-    codes, _ = grid.quantize(W.float(), torch.arange(W.shape[1]) // grid.layout.g)
-    return GridWeight(grid, codes.to(torch.int8))
+    codes, _ = grid.round_rows(W)
+    return GridWeight(grid, codes)
 
 
 def searched_blocks(W: torch.Tensor, qtype: QT, importance: np.ndarray | None = None) -> np.ndarray:
