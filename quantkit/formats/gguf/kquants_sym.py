@@ -49,13 +49,36 @@ def quantize_q6_k(x: np.ndarray, ws: Scratch | None = None, qw: np.ndarray | Non
 # ---------------------------------------------------------------------------------------------- Q3_K
 
 
+def _q3_pass(
+    x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray
+) -> np.ndarray:
+    """One pass of make_q3_quants over the columns given ([16, S] each, sums [S]), updated in place: each
+    element in order moves to its best code for the others' fit when the weighted fit improves. -> whether
+    each column changed, bool [S]."""
+    changed = np.zeros(x.shape[1], dtype=bool)
+    for i in range(16):
+        slx = sumlx - wx[i] * L[i]
+        sl2 = suml2 - (w[i] * L[i]) * L[i]
+        new = nearest_int((x[i] * sl2) / slx, -4, 3)
+        slx_new = slx + wx[i] * new
+        sl2_new = sl2 + (w[i] * new) * new
+        take = (slx > 0) & (new != L[i]) & (sl2_new > 0)
+        take &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
+        changed |= take
+        np.copyto(L[i], new, where=take)
+        np.copyto(sumlx, slx_new, where=take)
+        np.copyto(suml2, sl2_new, where=take)
+    return changed
+
+
 def _q3(x: np.ndarray, ws: Scratch) -> tuple[np.ndarray, np.ndarray]:
     """ggml make_q3_quants(nmax=4, do_rmse=true): weights x^2; codes from the signed largest value, then up
     to 5 passes that move one code at a time (in element order) while the weighted fit improves.
 
     x: [16, S] -> scale [S] (value = scale*c) and codes c float32 [16, S] in -4..3 (stored 0, c = -4, for
-    all-zero columns). A pass that changes nothing in a column leaves it as it was, so columns that C
-    stopped early take the remaining passes unchanged.
+    all-zero columns). As in C, a column leaves the loop after a pass that changed none of its codes (a
+    pass that changes nothing would change nothing again), so each later pass runs on the columns the
+    previous one changed: on Gaussian weights about a fifth, then a twentieth.
     """
     m = signed_absmax(x, 0)
     zero = np.abs(m) < GROUP_MAX_EPS
@@ -65,23 +88,14 @@ def _q3(x: np.ndarray, ws: Scratch) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         L = nearest_int((F32(-4) / m) * x, -4, 3)  # [16, S]
         sumlx, suml2 = dot(wx, L), dot(w, L, L)
-        for _ in range(5):
-            changed = False
-            for i in range(16):
-                slx = sumlx - wx[i] * L[i]
-                sl2 = suml2 - (w[i] * L[i]) * L[i]
-                new = nearest_int((x[i] * sl2) / slx, -4, 3)
-                slx_new = slx + wx[i] * new
-                sl2_new = sl2 + (w[i] * new) * new
-                take = (slx > 0) & (new != L[i]) & (sl2_new > 0)
-                take &= (slx_new * slx_new) * suml2 > (sumlx * sumlx) * sl2_new
-                if take.any():
-                    changed = True
-                    np.copyto(L[i], new, where=take)
-                    np.copyto(sumlx, slx_new, where=take)
-                    np.copyto(suml2, sl2_new, where=take)
-            if not changed:
+        active = np.flatnonzero(_q3_pass(x, w, wx, L, sumlx, suml2))
+        for _ in range(4):
+            if not active.size:
                 break
+            sub = [a[:, active] for a in (x, w, wx, L)] + [sumlx[active], suml2[active]]
+            changed = _q3_pass(*sub)
+            L[:, active], sumlx[active], suml2[active] = sub[3], sub[4], sub[5]
+            active = active[changed]
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     return np.where(zero, F32(0), scale), np.where(zero, F32(-4), L)
 
