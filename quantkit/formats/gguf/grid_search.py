@@ -1,8 +1,9 @@
 """The per-group grid search behind ``grids.choose_grid``, and rounding onto a type's codes or levels.
 
-For each group of g weights x with importance w, a candidate grid (s, b) is scored by Σ w (x - value)², every
-value the grid point nearest x; candidates stretch the group's range (or, for level tables, map its signed
-largest value onto levels near either end), each refitted by weighted least squares on its codes. Groups are
+For each group of g weights x with importance w, the grid (s, b) is searched to minimise Σ w (x - value)², every
+value the grid point nearest x: candidate codes stretch the group's range (or, for level tables, map its
+signed largest value onto levels near either end), each fitted by weighted least squares on its codes, and
+the best is refined by re-rounding and refitting. Groups are
 independent: ``search_in_chunks`` runs them a chunk at a time on a thread pool with the same bits as one pass.
 Shapes: x, w [N, g] (N groups) -> s, b [N].
 """
@@ -101,15 +102,50 @@ def level_of(c: torch.Tensor, levels: Levels) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ grid search
+#
+# Each candidate's codes are fitted by weighted least squares. An integer grid scores the fitted (s, b) by
+# the error of re-rounding onto it; a level table (IQ4, Q1_0), where each rounding is a table lookup, by the
+# fit's error on the candidate's own codes, which the fit's sums already give: at the least-squares optimum
+# Σ w (x - value)² = Σ w x² - s Σ w c x - b Σ w x (ggml's IQ4 search compares (Σ w c x)² / Σ w c², the same).
+# The winner then takes REFINE_STEPS of alternating re-rounding and refitting, each of which can only lower
+# its error. Measured against scoring by re-rounding without the refinement (the search before), on Gaussian
+# and Gemma 3 270M weights: IQ4_XS 1.7x faster with 0.1-0.4 % lower weighted error; the integer grids 1.0-1.4x
+# faster with 0.6-7 % lower (Q2_K 2.6 %; scoring its candidates by their own codes instead was 0.2-0.5 %
+# worse than before).
+
+REFINE_STEPS = 2
 
 
-def _rounded_error(
-    x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lo: int, hi: int
-) -> torch.Tensor:
-    """Σ w (x - (s c + b))² with c the integer code nearest (x - b) / s: the error of rounding onto (s, b)
-    (the level types': ``_search_levels``)."""
-    _, value = round_onto(x, s[:, None], b[:, None], lo, hi, None)
-    return (w * (x - value) ** 2).sum(-1)
+def _fit_sym(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wxx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Least-squares s of x ~ s c per group -> s, its error, whether it is valid (some w c² > 0); [N] each."""
+    wc = w * c
+    num, den = (wc * x).sum(-1), (wc * c).sum(-1)
+    s = num / den.clamp_min(1e-30)
+    return s, wxx - s * num, den > 0
+
+
+def _fit_asym(
+    x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, sums: tuple, b_le_zero: bool
+) -> tuple[torch.Tensor, ...]:
+    """Least-squares (s, b) of x ~ s c + b per group (b <= 0 where ``b_le_zero``: else refit s with b = 0);
+    ``sums`` = (Σ w, Σ w x, Σ w x²) [N] -> s, b, their error, whether they are valid (s > 0)."""
+    sw, swx, wxx = sums
+    wc = w * c
+    swc, swcc, swcx = wc.sum(-1), (wc * c).sum(-1), (wc * x).sum(-1)
+    det = sw * swcc - swc * swc
+    ok = det > 0
+    det = torch.where(ok, det, torch.ones_like(det))
+    s, b = (sw * swcx - swc * swx) / det, (swcc * swx - swc * swcx) / det
+    if b_le_zero:  # the K types store b as a min that is subtracted
+        pos = b > 0
+        s, b = torch.where(pos, swcx / swcc.clamp_min(1e-30), s), torch.where(pos, torch.zeros_like(b), b)
+    return s, b, wxx - s * swcx - b * swx, ok & (s > 0)
+
+
+def _rounded_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Σ w (x - (s c + b))² per group [N], c the code nearest (x - b) / s."""
+    c = _level_values(x, s, b, lay)
+    return (w * (x - torch.addcmul(b[:, None], s[:, None], c)).square()).sum(-1)
 
 
 def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor], ok: torch.Tensor) -> list[torch.Tensor]:
@@ -118,54 +154,56 @@ def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor], ok: torch.T
     return [torch.where(better, c, o) for c, o in zip(cand, best, strict=True)]
 
 
-def _search_sym(x: torch.Tensor, w: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Per group the scale s minimising Σ w (x - s c)², c = clamp(round(x / s), lo, hi). Candidates map the
-    signed largest-magnitude value m near the code lo (s = m / lo, the reference quantizers' choice, is the
-    first; where the positive codes reach further, as Q2_0's, m near hi too), each refitted by weighted least
-    squares on its codes and kept if re-rounding onto it is better. x, w [N, g] -> s [N] (0 for all-zero groups)."""
-    m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
-    zero_b = torch.zeros_like(m)
-    s0 = m / lo
-    best = [s0, zero_b, _rounded_error(x, w, s0, zero_b, lo, hi)]
-    safe_m = torch.where(m == 0, torch.ones_like(m), m)
-    ends = (lo, hi) if hi > -lo else (lo,)  # Q2_0's -1..2: m onto the longer, positive side too
-    for end in ends:
-        for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
-            target = end + 0.1 * t * (1 if end > 0 else -1)  # where m lands
-            c = torch.round(x * (target / safe_m)[:, None]).clamp(lo, hi)
-            num, den = (w * x * c).sum(-1), (w * c * c).sum(-1)
-            s = num / den.clamp_min(1e-30)
-            best = _keep_better(best, [s, zero_b, _rounded_error(x, w, s, zero_b, lo, hi)], den > 0)
-    return torch.where(m == 0, zero_b, best[0])
+def _refine(x: torch.Tensor, w: torch.Tensor, best: list[torch.Tensor], lay: Layout, sums: tuple) -> list[torch.Tensor]:
+    """REFINE_STEPS of rounding onto the best (s, b) and refitting on those codes (Lloyd's iteration: the
+    re-rounded error is at most the fit's, the refit's at most the rounded one's)."""
+    for _ in range(REFINE_STEPS):
+        s, b = best[0], best[1]
+        c = _level_values(x, s, b, lay)
+        if lay.sym:
+            fit = _fit_sym(x, w, c, sums[2])
+            cand = [fit[0], b, fit[1]]
+            ok = fit[2]
+        else:
+            *cand, ok = _fit_asym(x, w, c, sums, lay.super_block)
+        better = ok & (s != 0)
+        best = [torch.where(better, n, o) for n, o in zip(cand, best, strict=True)]
+    return best
 
 
-def _search_levels(x: torch.Tensor, w: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
-    """Per group the scale s minimising Σ w (x - s q)², q the level nearest x / s. Candidates map the signed
-    largest-magnitude value m onto levels near either end of the table (s = m / levels[0] is the first),
-    each refitted by weighted least squares on its levels and kept if re-rounding onto it is better.
+def _level_values(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """What s multiplies for x [N, g] rounded to nearest onto (s, b) [N]: the code, or its level."""
+    t = (x - b[:, None]) / torch.where(s == 0, torch.ones_like(s), s)[:, None]
+    if lay.levels is not None:
+        return _nearest_levels(t, lay.levels)
+    return nearest_codes(t, lay.lo, lay.hi, None)
+
+
+def _search_sym(x: torch.Tensor, w: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """Per group the scale s minimising Σ w (x - s q)², q the code (or a level type's level) nearest x / s.
+    Candidates map the signed largest-magnitude value m onto codes near the negative end (the codes of
+    s = m / lo, the reference quantizers' choice, are among them) and, where the positive side reaches
+    further (Q2_0's -1..2) or for level tables, near the positive end too.
     x, w [N, g] -> s [N] (0 for all-zero groups)."""
     m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
-    wx = w * x
-    wxx = (wx * x).sum(-1).double()  # [N]
-
-    def rounded_error(s: torch.Tensor) -> torch.Tensor:  # Σ w (x - s q)², expanded: one pass less per term
-        q = _nearest_levels(x / torch.where(s == 0, torch.ones_like(s), s)[:, None], levels)
-        sd = s.double()
-        return wxx - 2 * sd * (wx * q).sum(-1).double() + sd * sd * (w * q * q).sum(-1).double()
-
-    s0 = m / levels[0]
-    best = [s0, rounded_error(s0)]
+    zero_b = torch.zeros_like(m)
+    wxx = (w * x * x).sum(-1)
     safe_m = torch.where(m == 0, torch.ones_like(m), m)
-    for end in (levels[0], levels[-1]):
+    if lay.levels is not None:
+        ends, unit = (lay.levels[0], lay.levels[-1]), 1.0  # levels are integers ~ 10 apart
+    else:
+        ends, unit = ((lay.lo, lay.hi) if lay.hi > -lay.lo else (lay.lo,)), 0.1
+    best = [m / ends[0], zero_b, torch.full_like(m, torch.inf)]
+    for end in ends:
         for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
-            q = _nearest_levels(x * ((end + t) / safe_m)[:, None], levels)
-            wq = w * q
-            num, den = (wq * x).sum(-1), (wq * q).sum(-1)
-            s = num / den.clamp_min(1e-30)
-            err = rounded_error(s)
-            better = (den > 0) & (err < best[1])
-            best = [torch.where(better, s, best[0]), torch.where(better, err, best[1])]
-    return torch.where(m == 0, torch.zeros_like(m), best[0])
+            target = end + unit * t * (1 if end > 0 else -1)  # where m lands
+            c = _level_values(x * (target / safe_m)[:, None], torch.ones_like(m), zero_b, lay)
+            s, err, ok = _fit_sym(x, w, c, wxx)
+            if lay.levels is None:
+                err = _rounded_error(x, w, s, zero_b, lay)
+            best = _keep_better(best, [s, zero_b, err], ok)
+    best = _refine(x, w, best, lay, (None, None, wxx))
+    return torch.where(m == 0, zero_b, best[0])
 
 
 def _nearest_levels(t: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
@@ -175,40 +213,32 @@ def _nearest_levels(t: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
     return level_of(nearest_codes(t, 0, len(levels) - 1, levels), levels)
 
 
-def _search_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, offset_le_zero: bool):
-    """Per group (s >= 0, b) minimising Σ w (x - (s c + b))², c = clamp(round((x - b) / s), 0, nmax).
-    Candidates stretch the [min, max] range (the min-max grid is the first), each refitted by weighted least
-    squares on its codes; K types store the offset as a non-negative min that is subtracted, so there b <= 0.
-    x, w [N, g] -> s, b [N]."""
+def _search_asym(x: torch.Tensor, w: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (s >= 0, b) minimising Σ w (x - (s c + b))², c = clamp(round((x - b) / s), 0, hi).
+    Candidates stretch the [min, max] range (the min-max grid is among them); K types store the offset as a
+    non-negative min that is subtracted, so there b <= 0. x, w [N, g] -> s, b [N]."""
+    nmax = lay.hi
     lo, hi = x.amin(-1), x.amax(-1)
-    if offset_le_zero:
+    if lay.super_block:
         lo = lo.clamp(max=0.0)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    s0 = (hi - lo) / nmax
-    best = [s0, lo, _rounded_error(x, w, s0, lo, 0, nmax)]
-    sw, swx = w.sum(-1), (w * x).sum(-1)
+    wx = w * x
+    sums = (w.sum(-1), wx.sum(-1), (wx * x).sum(-1))
+    best = [(hi - lo) / nmax, lo, torch.full_like(lo, torch.inf)]
     for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
         c = torch.round((x - lo[:, None]) * ((nmax + 0.1 * t) / span)[:, None]).clamp(0, nmax)
-        swc, swcc, swcx = (w * c).sum(-1), (w * c * c).sum(-1), (w * c * x).sum(-1)
-        det = sw * swcc - swc * swc
-        ok = det > 0
-        det = torch.where(ok, det, torch.ones_like(det))
-        s, b = (sw * swcx - swc * swx) / det, (swcc * swx - swc * swcx) / det
-        if offset_le_zero:  # refit the scale alone with the offset pinned at 0
-            pos = b > 0
-            s, b = torch.where(pos, swcx / swcc.clamp_min(1e-30), s), torch.where(pos, torch.zeros_like(b), b)
-        best = _keep_better(best, [s, b, _rounded_error(x, w, s, b, 0, nmax)], ok & (s > 0))
+        s, b, _, ok = _fit_asym(x, w, c, sums, lay.super_block)
+        best = _keep_better(best, [s, b, _rounded_error(x, w, s, b, lay)], ok)
+    best = _refine(x, w, best, lay, sums)
     flat = hi <= lo
     return torch.where(flat, torch.zeros_like(best[0]), best[0]), torch.where(flat, lo, best[1])
 
 
 def _search(x: torch.Tensor, w: torch.Tensor, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Each group's (s, b) for the layout's kind of grid; x, w [N, g] -> s, b [N]."""
-    if lay.levels is not None:
-        return _search_levels(x, w, lay.levels), torch.zeros(x.shape[0])
-    if lay.sym:
-        return _search_sym(x, w, lay.lo, lay.hi), torch.zeros(x.shape[0])
-    return _search_asym(x, w, lay.hi, offset_le_zero=lay.super_block)
+    if lay.sym or lay.levels is not None:
+        return _search_sym(x, w, lay), torch.zeros(x.shape[0])
+    return _search_asym(x, w, lay)
 
 
 def search_in_chunks(x: torch.Tensor, w: torch.Tensor, lay: Layout):
