@@ -197,27 +197,28 @@ def gptq_quantize(
         scale_all, zero_all = fixed or choose_group_params(W, spec, scale_dtype, search, importance)
     perm, Hinv = fac.perm, fac.U
     group_of = (perm // g).tolist()  # column c's group, read once (no device sync per column)
-    if actorder:
-        W = W[:, perm]
-
-    # The loop keeps each block transposed, W1t [cols, O], so that a column is a contiguous row: on CPU the
-    # per-column steps then read O consecutive floats, not O cache lines. The arithmetic is the paper's.
+    # The loop keeps W transposed, Wt [I, O] in perm order, so that a column is a contiguous row: on CPU the
+    # per-column steps then read O consecutive floats, not O cache lines, and both updates run in place as
+    # BLAS calls (addr_, addmm_) on contiguous rows. The arithmetic is the paper's.
+    Wt = (W[:, perm] if actorder else W).T.contiguous()
+    del W
     codes_t = torch.zeros(n, o, dtype=torch.int8, device=dev)  # [I, O], perm order
     scales, zeros = [], []
     sq_err = torch.zeros(o, dtype=torch.float64, device=dev)  # ‖E‖² per row, E the scaled errors
     if static and grid is None:
         scale_t = scale_all.T.contiguous()  # [G, O]
         zero_t = None if zero_all is None else zero_all.T.contiguous()
+    round_column = grid_dev.column_rounder() if grid is not None else None
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        W1t = W[:, i1:i2].T.contiguous()  # [b, O]
-        Err1t = torch.zeros_like(W1t)
+        W1t = Wt[i1:i2]  # [b, O], a view
+        Err1t = torch.empty_like(W1t)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for t in range(i2 - i1):
             c = i1 + t
-            w = W1t[t].unsqueeze(1)  # [O, 1], contiguous
-            if grid is not None:
-                q, dq = grid_dev.quantize(w, group_of[c])
+            w = W1t[t]  # [O], contiguous
+            if round_column is not None:
+                q, dq = round_column(w, group_of[c])
             else:
                 if static:
                     grp = group_of[c]
@@ -228,15 +229,14 @@ def gptq_quantize(
                     scale, zero = choose_group_params(W1t[t : t + g].T, spec, scale_dtype, search, h)
                     scales.append(scale)
                     zeros.append(zero)
-                q = quantize(w, scale, zero, spec)
-                dq = dequantize(q, scale, zero)
+                q = quantize(w[:, None], scale, zero, spec)
+                dq = dequantize(q, scale, zero).view(-1)
             codes_t[c] = q.view(-1)
-            err = ((w - dq) / Hinv1[t, t]).view(-1)  # [O]
-            W1t[t:] -= Hinv1[t, t:, None] * err  # the rank-1 update, [b - t, O]
-            Err1t[t] = err
+            err = torch.div(w - dq, Hinv1[t, t], out=Err1t[t])  # [O]
+            W1t[t + 1 :].addr_(Hinv1[t, t + 1 :], err, alpha=-1.0)  # the rank-1 update, [b - t - 1, O]
         sq_err += Err1t.double().square_().sum(0)
-        W[:, i2:] -= Err1t.T @ Hinv[i1:i2, i2:]
-    del W
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1t, alpha=-1.0)  # [I - i2, O]
+    del Wt
 
     codes = codes_t[torch.argsort(perm)].T.contiguous()  # [O, I], natural order
     if grid is not None:

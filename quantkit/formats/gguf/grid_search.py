@@ -50,13 +50,19 @@ def nearest_codes_and_levels(t: torch.Tensor, lo: int, hi: int, levels: Levels) 
 
 
 def round_onto(
-    w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lo: int, hi: int, levels: Levels
+    w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, lo: int, hi: int, levels: Levels, s_nonzero: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (float; 0 where s = 0) and values s * level + b of w rounded to nearest onto (s, b), which
-    broadcast against w. Where s = 0 the value is b whatever the level."""
-    safe = torch.where(s == 0, torch.ones_like(s), s)
-    c, v = nearest_codes_and_levels((w - b) / safe, lo, hi, levels)
-    return torch.where(s == 0, torch.zeros_like(c), c), s * v + b
+    broadcast against w (b None: 0). Where s = 0 the value is b whatever the level; ``s_nonzero``: the
+    caller knows no s is 0 (the two passes that handle it are skipped)."""
+    t = w if b is None else w - b
+    if s_nonzero:
+        c, v = nearest_codes_and_levels(t / s, lo, hi, levels)
+    else:
+        c, v = nearest_codes_and_levels(t / torch.where(s == 0, torch.ones_like(s), s), lo, hi, levels)
+        c = torch.where(s == 0, torch.zeros_like(c), c)
+    v = s * v
+    return c, v if b is None else v + b
 
 
 @functools.cache

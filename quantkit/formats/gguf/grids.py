@@ -36,6 +36,7 @@ Shapes: W [O, I]; s, b [O, I/g]; codes [O, I]; blocks uint8 [O, I/block * type_b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -83,6 +84,22 @@ class BlockGrid:
         lay = self.layout
         c, v = round_onto(w, s, b, lay.lo, lay.hi, lay.levels)
         return c.to(torch.int8), v
+
+    def column_rounder(self) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
+        """``(w [O], group) -> (codes, values) [O]``: one column of W rounded onto its group's (s, b), as
+        ``quantize`` rounds it, for GPTQ's column loop: s and b are read as contiguous rows of their
+        transposes [G, O], and a group with no zero scale skips their handling."""
+        lay = self.layout
+        st = self.s.T.contiguous()
+        bt = None if lay.sym else self.b.T.contiguous()
+        nonzero = (st != 0).all(1).tolist()
+
+        def round_column(w: torch.Tensor, grp: int) -> tuple[torch.Tensor, torch.Tensor]:
+            b = None if bt is None else bt[grp]
+            c, v = round_onto(w, st[grp], b, lay.lo, lay.hi, lay.levels, nonzero[grp])
+            return c.to(torch.int8), v
+
+        return round_column
 
     def to(self, device: torch.device | str) -> BlockGrid:
         """This grid with s and b on ``device`` (the stored fields stay where they are: numpy)."""
