@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from quantkit.formats.packed import linear as packed
 from quantkit.formats.packed.linear import CastLinear, dense_linear
-from quantkit.quant.gptq import fp_target, gptq_quantize, inverse_factor
+from quantkit.quant.gptq import factor_hessian, fp_target, gptq_quantize
 from quantkit.quant.hessian import Drift, Hessian
 from quantkit.quant.primitives import QuantSpec
 from quantkit.quant.quantize import quantize_checkpoint
@@ -37,7 +37,7 @@ def test_no_drift_gives_w_itself():
     h, d = _stats(x, x)
     assert torch.count_nonzero(d.D) == 0
     W = torch.randn(32, 128)
-    assert torch.equal(fp_target(W, d.times(W), inverse_factor(h, 0.01, actorder=True)), W)
+    assert torch.equal(fp_target(W, d.times(W), factor_hessian(h, 0.01, actorder=True)), W)
 
 
 def test_target_is_the_least_squares_weight():
@@ -46,7 +46,7 @@ def test_target_is_the_least_squares_weight():
     x = x_fp + 0.2 * _correlated(2048, 96, 2)
     h, d = _stats(x_fp, x)
     W = torch.randn(16, 96, dtype=torch.float64)
-    Ws = fp_target(W.float(), d.times(W.float()), inverse_factor(h, 1e-6)).double()
+    Ws = fp_target(W.float(), d.times(W.float()), factor_hessian(h, 1e-6)).double()
     grad = (Ws @ x.double().T - W @ x_fp.double().T) @ x.double()  # [O, I]
     assert grad.norm() < 1e-3 * (W @ x_fp.double().T @ x.double()).norm()
 
@@ -61,7 +61,7 @@ def test_lowers_error_against_the_unquantized_outputs():
         return float(((x_fp @ W.T - x @ qw.dequantize().T) ** 2).sum())
 
     plain = gptq_quantize(W, h.H, SPEC, actorder=True)  # H left unchanged
-    fac = inverse_factor(h, 0.01, actorder=True)
+    fac = factor_hessian(h, 0.01, actorder=True)
     v2 = gptq_quantize(fp_target(W, d.times(W), fac), fac, SPEC)
     assert err(v2.weight) < 0.8 * err(plain.weight)
 

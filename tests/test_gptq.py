@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.quant.gptq import gptq_quantize, inverse_factor, output_error
+from quantkit.quant.gptq import factor_hessian, gptq_quantize, output_error
 from quantkit.quant.hessian import Hessian
 from quantkit.quant.primitives import QuantSpec, rtn
 
@@ -67,13 +67,14 @@ def test_dead_inputs_and_damping_retry():
 
 
 @pytest.mark.parametrize("actorder", [False, True])
-def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(actorder):
+def test_hessian_factor_is_the_inverse_of_the_papers_factor(actorder):
+    """R = U⁻¹ for U the upper Cholesky factor of Hd⁻¹ that the paper's GPTQ runs on."""
     x = _correlated_inputs()
     x[:, 7] = 0.0  # a dead input
     hess = Hessian(256)
     hess.add(x)
     H = hess.H.clone()
-    fac = inverse_factor(hess, 0.01, actorder)
+    fac = factor_hessian(hess, 0.01, actorder)
     assert hess.H is None  # taken: its storage is reused
     Hd = H.double()
     Hd[7, 7] = 1.0
@@ -82,8 +83,9 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(actor
     Hd += lam * torch.eye(256, dtype=torch.float64)
     want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
     assert fac.lam == pytest.approx(lam, rel=1e-6)
-    assert torch.allclose(fac.U.double(), want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
-    assert torch.equal(fac.U, torch.triu(fac.U))
+    U = torch.linalg.inv(fac.R.double())
+    assert torch.allclose(U, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert torch.equal(fac.R, torch.triu(fac.R))
     if actorder:
         assert torch.equal(fac.perm, torch.argsort(torch.diag(H).masked_fill(H.diag() == 0, 1.0), descending=True))
 
@@ -114,7 +116,7 @@ def test_shared_factor_gives_the_same_result_as_a_fresh_one():
     hess = Hessian(256)
     hess.add(x)
     H = hess.H.clone()
-    fac = inverse_factor(hess)
+    fac = factor_hessian(hess)
     for seed in range(3):
         w = torch.randn(64, 256, generator=torch.Generator().manual_seed(seed))
         a, b = gptq_quantize(w, fac, QuantSpec(4, 32, True)), gptq_quantize(w, H, QuantSpec(4, 32, True))

@@ -1,12 +1,12 @@
 """The calibration's statistics, computed in less than one GEMM each: H from its upper triangle, the drift as
-W D directly for a subset of few rows, and the inverse factor by halves; each against the plain product."""
+W D directly for a subset of few rows, and the factor of H; each against the plain product."""
 
 from __future__ import annotations
 
 import torch
 
 from quantkit.quant import hessian
-from quantkit.quant.gptq import fp_target, inverse_factor, weighted_norms
+from quantkit.quant.gptq import factor_hessian, fp_target, weighted_norms
 from quantkit.quant.hessian import Drift, Hessian
 
 N_IN = hessian.BLOCK + 300  # two column blocks: the upper-triangle path and its mirror
@@ -43,21 +43,22 @@ def test_direct_drift_products_equal_w_times_d():
     assert full.D is None  # released once the products are taken
 
 
-def test_inverse_factor_by_halves_is_the_inverse_cholesky_factor():
+def test_hessian_factor_reproduces_the_damped_hessian():
     x = _rows(2 * N_IN, 4)
     h = Hessian(N_IN)
     h.add(x.float())
     H = h.H.double().clone()
-    fac = inverse_factor(h, 0.01, actorder=True)
+    fac = factor_hessian(h, 0.01, actorder=True)
     Hd = H[fac.perm][:, fac.perm] + fac.lam * torch.eye(N_IN, dtype=torch.float64)
-    U = fac.U.double()
-    assert torch.equal(U, U.triu())
-    err = (U.T @ U @ Hd - torch.eye(N_IN, dtype=torch.float64)).abs().max()
-    assert err < 1e-3, err
+    R = fac.R.double()
+    assert torch.equal(R, R.triu())
+    err = (R @ R.T - Hd).abs().max() / Hd.abs().max()
+    assert err < 1e-5, err
 
 
 def test_triangular_products_fp_target_and_norms_equal_the_plain_formulas():
-    """fp_target's M Uᵀ U and weighted_norms' tr(W H Wᵀ) read only triangles; both against the full products."""
+    """fp_target's M Hd⁻¹ (two triangular solves) and weighted_norms' tr(W H Wᵀ) (H's upper triangle only)
+    against the plain products."""
     x = _rows(2 * N_IN, 5)
     h = Hessian(N_IN)
     h.add(x.float())
@@ -67,7 +68,7 @@ def test_triangular_products_fp_target_and_norms_equal_the_plain_formulas():
     want = float(torch.trace(W.double() @ H @ W.double().T))
     assert abs(got - want) < 1e-5 * abs(want)
     WD = torch.randn(64, N_IN, generator=torch.Generator().manual_seed(7))
-    fac = inverse_factor(h, 0.01)
+    fac = factor_hessian(h, 0.01)
     Hd = H + fac.lam * torch.eye(N_IN, dtype=torch.float64)
     want_t = W.double() + WD.double() @ torch.linalg.inv(Hd)
     got_t = fp_target(W, WD, fac).double()

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES, choose_codebook_grid
-from quantkit.quant.gptq import inverse_factor
+from quantkit.quant.gptq import factor_hessian
 from quantkit.quant.hessian import Hessian
 from quantkit.quant.ldlq import ldlq_quantize
 
@@ -37,7 +37,7 @@ def _correlated_hessian(i: int, seed: int) -> torch.Tensor:
 def _factor(H: torch.Tensor, actorder: bool, group: int = 8):
     hess = Hessian(H.shape[0], "cpu")
     hess.H = H.clone()
-    return inverse_factor(hess, 0.01, actorder, group)
+    return factor_hessian(hess, 0.01, actorder, group)
 
 
 @pytest.mark.parametrize("actorder", [False, True], ids=["natural", "actorder"])

@@ -23,7 +23,7 @@ from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linea
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.io.layout import layer_prefix
 from quantkit.model import LINEAR_NAMES, Gemma
-from quantkit.quant.gptq import GPTQResult, fp_target, gptq_quantize, inverse_factor, weighted_norms
+from quantkit.quant.gptq import GPTQResult, fp_target, gptq_quantize, factor_hessian, weighted_norms
 from quantkit.quant.grid_refine import gptq_refined
 from quantkit.quant.hessian import Drift, Hessian, shrink_offdiagonal
 from quantkit.quant.ldlq import ldlq_quantize
@@ -248,7 +248,7 @@ class LayerCalibrator:
             wds = {} if drift is None else drift.products({n: ws[n] for n in towards_fp})  # D gone before the factor
             group = 8 if any(isinstance(g, CodebookGrid) for g in grids.values()) else 1  # slabs stay together
             shrink_offdiagonal(hess.H, o.hessian_shrink)
-            fac = inverse_factor(hess, o.damp, o.act_order, group)  # one factor for the whole subset
+            fac = factor_hessian(hess, o.damp, o.act_order, group)  # one factor for the whole subset
         for name, w in ws.items():
             with self.sol:
                 wd = wds.pop(name, None)  # (a Drift that kept W D itself holds every linear's)

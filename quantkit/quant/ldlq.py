@@ -3,11 +3,12 @@ Quantization of Large Language Models With Guarantees", 2023; Tseng et al., "QuI
 
 A codebook type stores ``dim`` consecutive weights of a row as one point (``CodebookGrid``), so GPTQ's
 column-by-column rounding becomes slab-by-slab: the ``k = dim`` columns of a slab are chosen jointly, then
-their error is fed forward to the columns not yet chosen, as GPTQ feeds one column's. With U the upper
-Cholesky factor of H⁻¹ (``InverseFactor``) and U_ss its k x k diagonal block at the slab, GPTQ's scaled
-errors of the slab are E = (w − q) U_ss⁻¹, the rest of the row moves by −E U_s,rest, and the objective
-‖E‖² = (w − q) M (w − q)ᵀ with M = U_ss⁻¹ U_ss⁻ᵀ (the inverse of the remaining columns' H⁻¹ block): each
-row's point is the one of least error in that metric, not the nearest.
+their error is fed forward to the columns not yet chosen, as GPTQ feeds one column's. With H = R Rᵀ
+(``HessianFactor``, R upper triangular) and R_ss its k x k diagonal block at the slab, the slab's target is
+w̃ = w + A R_ss⁻¹ with A = Σ_{j before s} (w_j − q_j) R_js (``gptq``'s form, a slab at a time), its scaled
+errors are E = (w̃ − q) R_ss, and the objective ‖E‖² = (w̃ − q) M (w̃ − q)ᵀ with M = R_ss R_ssᵀ (the inverse
+of the remaining columns' H⁻¹ block): each row's point is the one of least error in that metric, not the
+nearest.
 
 For the sign types, with σ the signs of the (error-updated) w, q = s σ ⊙ p (s the run's scale, p a point):
 
@@ -18,7 +19,7 @@ For the sign types, with σ the signs of the (error-updated) w, q = s σ ⊙ p (
 too (err changes by 4 s p_j (v_j − s u_j), v = σ ⊙ M w, u = (σσᵀ ⊙ M, diagonal 0) p), and the best is kept;
 IQ3_XXS's 4-weight slabs settle the parity of their 8-weight sign byte in its second half. IQ1's points have
 no signs: err(p) = s² (p+δ)ᵀ M (p+δ) − 2 s (p+δ)ᵀ M w, with IQ1_M's shift δ = ±1/8 chosen per slab and
-IQ1_S's fixed per run with the scales. Act-order moves runs of 8 columns together (``inverse_factor``'s
+IQ1_S's fixed per run with the scales. Act-order moves runs of 8 columns together (``factor_hessian``'s
 ``group``), so a slab is always k consecutive columns.
 """
 
@@ -28,53 +29,50 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.codebook_grid import DELTA, CodebookGrid, CodebookWeight
-from quantkit.quant.gptq import GPTQResult, InverseFactor, gptq_result
+from quantkit.quant.gptq import GPTQResult, HessianFactor, gptq_result
 
 ROWS = 2048  # rows scored together: the flip scores are [ROWS, k G] float32
 
 
-def ldlq_quantize(W: torch.Tensor, fac: InverseFactor, grid: CodebookGrid, blocksize: int = 128) -> GPTQResult:
-    """Quantize W [O, I] onto ``grid`` against the Hessian whose ``InverseFactor`` is ``fac``."""
+def ldlq_quantize(W: torch.Tensor, fac: HessianFactor, grid: CodebookGrid, blocksize: int = 128) -> GPTQResult:
+    """Quantize W [O, I] onto ``grid`` against the Hessian whose ``HessianFactor`` is ``fac``."""
     sp = grid.spec
     k, n = sp.dim, W.shape[1]
-    perm = fac.perm
+    perm, R = fac.perm, fac.R
     if fac.actorder and not bool((perm.reshape(-1, 8) == perm.reshape(-1, 8)[:, :1] + torch.arange(8)).all()):
-        raise QuantkitError(f"{sp.qtype.name}: act-order must keep runs of 8 columns (inverse_factor group=8)")
-    dev = fac.U.device
+        raise QuantkitError(f"{sp.qtype.name}: act-order must keep runs of 8 columns (factor_hessian group=8)")
+    dev = R.device
     W = W.detach().to(dev, torch.float32, copy=True)
     W[:, fac.dead] = 0.0
-    W0 = W.clone()
-    if fac.actorder:
-        W = W[:, perm]
-    o = W.shape[0]
+    # Wt [I, O] in perm order; each slab's rows become its differences w − q once chosen (as in gptq)
+    Wt = (W[:, perm] if fac.actorder else W).T.contiguous()
+    del W
+    o = Wt.shape[1]
     table = grid.table(dev)  # [G, k]
     pick = _Picker(grid, table, dev)
     points = torch.zeros(o, n // k, dtype=torch.int64, device=dev)
     bits = torch.zeros(o, n // 8, dtype=torch.int64, device=dev)
     starts = perm[::k].tolist()  # the natural column each slab starts at, in processing order
     blocksize = max(8, blocksize // 8 * 8)
-    Hinv = fac.U
-    eye = torch.eye(k, dtype=torch.float32, device=dev)
+    R_ss = R.unfold(0, k, k).unfold(1, k, k).diagonal(dim1=0, dim2=1).permute(2, 0, 1)  # [I/k, k, k]
+    eye = torch.eye(k, dtype=torch.float32, device=dev).expand_as(R_ss)
+    R_inv = torch.linalg.solve_triangular(R_ss, eye, upper=True)  # [I/k, k, k]
     sq_err = torch.zeros(o, dtype=torch.float64, device=dev)  # ‖E‖² per row
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        A = R[:i1, i1:i2].T @ Wt[:i1] if i1 else torch.zeros(i2 - i1, o, device=dev)  # [b, O]
+        R1 = R[i1:i2, i1:i2]
         for t in range(0, i2 - i1, k):
-            c = starts[(i1 + t) // k]
-            Ui = torch.linalg.solve_triangular(Hinv1[t : t + k, t : t + k], eye, upper=True)  # U_ss⁻¹
-            w = W1[:, t : t + k]
-            q, pt, b = pick(w, Ui @ Ui.T, c, bits[:, c // 8])
+            s = (i1 + t) // k  # the slab, in processing order
+            c = starts[s]
+            Ds = Wt[i1 + t : i1 + t + k]  # [k, O]: w, then w − q
+            w = (Ds + R_inv[s].T @ A[t : t + k]).T  # the targets w̃ [O, k]
+            q, pt, b = pick(w, R_ss[s] @ R_ss[s].T, c, bits[:, c // 8])
             points[:, c // k] = pt
             bits[:, c // 8] = b
-            E = (w - q) @ Ui
-            W1[:, t + k :] -= E @ Hinv1[t : t + k, t + k :]
-            Err1[:, t : t + k] = E
-        sq_err += Err1.double().square_().sum(1)
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    del W
-    return gptq_result(CodebookWeight(grid, points.cpu(), bits.cpu()), W0, sq_err, fac)
+            sq_err += ((w - q) @ R_ss[s]).double().square_().sum(1)  # E = (w̃ − q) R_ss
+            A[t + k :].addmm_(R1[t : t + k, t + k :].T, Ds.sub_(q.T))
+    return gptq_result(CodebookWeight(grid, points.cpu(), bits.cpu()), Wt, sq_err, fac)
 
 
 class _Picker:
