@@ -23,7 +23,7 @@ from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linea
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.io.layout import layer_prefix
 from quantkit.model import LINEAR_NAMES, Gemma
-from quantkit.quant.gptq import GPTQResult, fp_target, gptq_quantize, factor_hessian, weighted_norms
+from quantkit.quant.gptq import GPTQResult, factor_hessian, fp_target, gptq_quantize, weighted_norms
 from quantkit.quant.grid_refine import gptq_refined
 from quantkit.quant.hessian import Drift, Hessian, shrink_offdiagonal
 from quantkit.quant.ldlq import ldlq_quantize
@@ -50,13 +50,17 @@ def weight_rel_err(w: torch.Tensor, qw: QuantizedWeight | BlockWeight) -> float:
 
 
 DIAGNOSTIC_ROWS = 1024  # a linear's output errors in the report are measured on this many of its rows (at most)
+DIAGNOSTIC_WIDTH = 4096  # longer rows are sampled fewer, down to DIAGNOSTIC_ROWS / 4 (``diagnostic_rows``)
 
 
-def diagnostic_rows(o: int) -> torch.Tensor:
-    """The rows of an [o, I] linear the report's output errors are measured on: all of them, or DIAGNOSTIC_ROWS
-    evenly spaced ones. tr(W H Wᵀ) costs O I² per weight (a 9B down_proj's: 0.7 TFLOP); rows are alike
-    enough for a sample of 1024 to give the relative errors to about a percent."""
-    return torch.arange(o) if o <= DIAGNOSTIC_ROWS else torch.arange(DIAGNOSTIC_ROWS) * o // DIAGNOSTIC_ROWS
+def diagnostic_rows(o: int, i: int) -> torch.Tensor:
+    """The rows of an [o, i] linear the report's output errors are measured on: all of them, or evenly spaced
+    ones. tr(W H Wᵀ) costs rows · i² (a whole 9B down_proj's: 0.7 TFLOP), so rows longer than DIAGNOSTIC_WIDTH
+    get fewer, as many as cost what DIAGNOSTIC_ROWS rows of that width do, but at least a quarter of them (a
+    9B down_proj: 256 of 14336-wide rows, 105 GFLOP per product). Rows are alike enough for 1024 to give the
+    relative errors to about a percent, 256 to about two."""
+    n = max(DIAGNOSTIC_ROWS // 4, min(DIAGNOSTIC_ROWS, DIAGNOSTIC_ROWS * DIAGNOSTIC_WIDTH**2 // i**2))
+    return torch.arange(o) if o <= n else torch.arange(n) * o // n
 
 
 def _rtn_error(
@@ -233,7 +237,7 @@ class LayerCalibrator:
         with self.grd:  # a GGUF type's fixed grid per linear (its scales), from W weighted by diag(H)
             grids = {n: self._grid(p + n, w, hess.H) for n, w in ws.items()}
         with self.dia:  # tr(W H Wᵀ) and RTN's tr(D H Dᵀ) on the diagnostic rows need H, before it is factored
-            rows = {n: diagnostic_rows(w.shape[0]) for n, w in ws.items()}
+            rows = {n: diagnostic_rows(*w.shape) for n, w in ws.items()}
             norms = {
                 n: weighted_norms([w[rows[n]], _rtn_error(w, grids[n], o, cal.sdt, rows[n])], hess.H)
                 for n, w in ws.items()
