@@ -9,8 +9,8 @@ factorisation gives without inverting anything (the "LDLQ" form of QuIP, which p
     column k's target  w̃_k = w_k + A_k / R_kk,    A_k = Σ_{j<k} (w_j − q_j) R_jk,
     its scaled error   E_k = (w̃_k − q_k) R_kk = A_k + (w_k − q_k) R_kk,
 
-where w are the original columns and q the chosen ones. GPTQ's push form, w̃_k = w_k − Σ_{j<k} E_j U_jk /
-U_jj, is the same number. With lazy batches, A of a block of columns is one GEMM against the finished
+where w are the original columns and q the chosen ones. GPTQ's push form, w̃_k = w_k − Σ_{j<k} E_j U_jk,
+is the same number. With lazy batches, A of a block of columns is one GEMM against the finished
 columns' differences w − q, and inside the block each difference is pushed to the later columns' A.
 
 Each column is rounded onto one of three kinds of grid:
@@ -18,7 +18,7 @@ Each column is rounded onto one of three kinds of grid:
                                                        GPTQ is then exactly RTN)
     the same grid with searched or given scales        ``scale_search`` chooses them (``fixed``: given, as
                                                        the scale refit passes them), ``primitives.quantize``
-    a ggml block type's fixed grid                     ``BlockGrid.quantize`` (``grid``: GPTQ into GGUF blocks)
+    a ggml block type's fixed grid                     ``BlockGrid.column_rounder`` (``grid``: GPTQ into GGUF blocks)
 """
 
 from __future__ import annotations

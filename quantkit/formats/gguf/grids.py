@@ -29,7 +29,7 @@ with s (and b) derived from the block's stored fields exactly as the decoder com
 ``choose_grid`` picks those fields from the original weights, each group's scale (and offset) searched
 (``grid_search``) to minimise the importance-weighted squared error Σ_j w_j (x_j - value_j)² (w = the diagonal
 of GPTQ's Hessian, i.e. llama.cpp's imatrix statistic), then quantizes the K types' sub-block scales onto
-their 6/8-bit grids. GPTQ then rounds column by column on that fixed grid (``BlockGrid.quantize``) and
+their 6/8-bit grids. GPTQ then rounds column by column on that fixed grid (``BlockGrid.column_rounder``) and
 ``pack`` writes its codes into the blocks without rounding again: decoding the bytes gives exactly s * c + b.
 Shapes: W [O, I]; s, b [O, I/g]; codes [O, I]; blocks uint8 [O, I/block * type_bytes].
 """
@@ -62,13 +62,6 @@ class BlockGrid:
     def layout(self) -> Layout:
         return LAYOUTS[self.qtype]
 
-    def quantize(self, w: torch.Tensor, groups: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Codes and values of columns ``w`` [O, n] whose groups are ``groups`` (indices into s's columns)."""
-        s, b = self.s[:, groups], self.b[:, groups]
-        if s.dim() == 1:
-            s, b = s[:, None], b[:, None]
-        return self._round(w, s, b)
-
     def round_rows(
         self, W: torch.Tensor, rows: torch.Tensor | slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +80,7 @@ class BlockGrid:
 
     def column_rounder(self) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
         """``(w [O], group) -> (codes, values) [O]``: one column of W rounded onto its group's (s, b), as
-        ``quantize`` rounds it, for GPTQ's column loop: s and b are read as contiguous rows of their
+        ``round_rows`` rounds it, for GPTQ's column loop: s and b are read as contiguous rows of their
         transposes [G, O], and a group with no zero scale skips their handling."""
         lay = self.layout
         st = self.s.T.contiguous()
