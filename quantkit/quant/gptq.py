@@ -121,6 +121,14 @@ def _act_order(diag: torch.Tensor, group: int) -> torch.Tensor:
     return (runs[:, None] * group + torch.arange(group, device=diag.device)).reshape(-1)
 
 
+def pulled(R: torch.Tensor, Dt: torch.Tensor, i1: int, i2: int) -> torch.Tensor:
+    """A [i2 - i1, O] = Σ_{j<i1} (w_j − q_j) R_jk for the block's columns k: the finished columns' part of their
+    targets, one GEMM (Dt [I, O]: rows below i1 hold the differences w − q)."""
+    if i1 == 0:
+        return torch.zeros(i2, Dt.shape[1], dtype=Dt.dtype, device=Dt.device)
+    return R[:i1, i1:i2].T @ Dt[:i1]
+
+
 def _group_importance(importance: torch.Tensor | None, c: int, g: int) -> torch.Tensor | None:
     """The search weights of the group starting at column c: diag [I] -> [g], H blocks [G, g, g] -> [1, g, g]."""
     if importance is None:
@@ -193,8 +201,7 @@ def gptq_quantize(
     round_column = grid_dev.column_rounder() if grid is not None else None
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        # A [b, O]: Σ_{j<k} (w_j − q_j) R_jk for the block's columns k, the finished columns' part in one GEMM
-        A = R[:i1, i1:i2].T @ Wt[:i1] if i1 else torch.zeros(i2 - i1, o, device=dev)
+        A = pulled(R, Wt, i1, i2)
         Err1t = torch.empty_like(A)
         R1 = R[i1:i2, i1:i2]
         for t in range(i2 - i1):

@@ -29,7 +29,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.codebook_grid import DELTA, CodebookGrid, CodebookWeight
-from quantkit.quant.gptq import GPTQResult, HessianFactor, gptq_result
+from quantkit.quant.gptq import GPTQResult, HessianFactor, gptq_result, pulled
 
 ROWS = 2048  # rows scored together: the flip scores are [ROWS, k G] float32
 
@@ -60,7 +60,7 @@ def ldlq_quantize(W: torch.Tensor, fac: HessianFactor, grid: CodebookGrid, block
     sq_err = torch.zeros(o, dtype=torch.float64, device=dev)  # ‖E‖² per row
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        A = R[:i1, i1:i2].T @ Wt[:i1] if i1 else torch.zeros(i2 - i1, o, device=dev)  # [b, O]
+        A = pulled(R, Wt, i1, i2)  # [b, O]
         R1 = R[i1:i2, i1:i2]
         for t in range(0, i2 - i1, k):
             s = (i1 + t) // k  # the slab, in processing order

@@ -123,11 +123,12 @@ REFINE_STEPS = 2
 
 
 def _fit_sym(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wxx: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Least-squares s of x ~ s c per group -> s, its error, whether it is valid (some w c² > 0); [N] each."""
+    """Least-squares s of x ~ s c per group -> s, b (zeros), their error, whether they are valid (some
+    w c² > 0); [N] each: the same fields as ``_fit_asym``'s."""
     wc = w * c
     num, den = (wc * x).sum(-1), (wc * c).sum(-1)
     s = num / den.clamp_min(1e-30)
-    return s, wxx - s * num, den > 0
+    return s, torch.zeros_like(s), wxx - s * num, den > 0
 
 
 def _fit_asym(
@@ -148,10 +149,13 @@ def _fit_asym(
     return s, b, wxx - s * swcx - b * swx, ok & (s > 0)
 
 
-def _rounded_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """Σ w (x - (s c + b))² per group [N], c the code nearest (x - b) / s."""
+def _rounded_error(
+    x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, lay: Layout
+) -> torch.Tensor:
+    """Σ w (x - (s c + b))² per group [N], c the code nearest (x - b) / s (b None: 0)."""
     c = _level_values(x, s, b, lay)
-    return (w * (x - torch.addcmul(b[:, None], s[:, None], c)).square()).sum(-1)
+    v = s[:, None] * c if b is None else torch.addcmul(b[:, None], s[:, None], c)
+    return (w * (x - v).square()).sum(-1)
 
 
 def _keep_better(best: list[torch.Tensor], cand: list[torch.Tensor], ok: torch.Tensor) -> list[torch.Tensor]:
@@ -164,22 +168,24 @@ def _refine(x: torch.Tensor, w: torch.Tensor, best: list[torch.Tensor], lay: Lay
     """REFINE_STEPS of rounding onto the best (s, b) and refitting on those codes (Lloyd's iteration: the
     re-rounded error is at most the fit's, the refit's at most the rounded one's)."""
     for _ in range(REFINE_STEPS):
-        s, b = best[0], best[1]
-        c = _level_values(x, s, b, lay)
+        s = best[0]
         if lay.sym:
-            fit = _fit_sym(x, w, c, sums[2])
-            cand = [fit[0], b, fit[1]]
-            ok = fit[2]
+            *cand, ok = _fit_sym(x, w, _level_values(x, s, None, lay), sums[2])
         else:
-            *cand, ok = _fit_asym(x, w, c, sums, lay.super_block)
+            *cand, ok = _fit_asym(x, w, _level_values(x, s, best[1], lay), sums, lay.super_block)
         better = ok & (s != 0)
         best = [torch.where(better, n, o) for n, o in zip(cand, best, strict=True)]
     return best
 
 
-def _level_values(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor, lay: Layout) -> torch.Tensor:
-    """What s multiplies for x [N, g] rounded to nearest onto (s, b) [N]: the code, or its level."""
-    t = (x - b[:, None]) / torch.where(s == 0, torch.ones_like(s), s)[:, None]
+def _level_values(x: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, lay: Layout) -> torch.Tensor:
+    """What s multiplies for x [N, g] rounded to nearest onto (s, b) [N] (b None: 0): the code, or its level."""
+    t = x if b is None else x - b[:, None]
+    return _nearest_values(t / torch.where(s == 0, torch.ones_like(s), s)[:, None], lay)
+
+
+def _nearest_values(t: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """The code nearest t (clamped to the layout's range), or for a level table the level nearest t."""
     if lay.levels is not None:
         return _nearest_levels(t, lay.levels)
     return nearest_codes(t, lay.lo, lay.hi, None)
@@ -203,11 +209,10 @@ def _search_sym(x: torch.Tensor, w: torch.Tensor, lay: Layout) -> torch.Tensor:
     for end in ends:
         for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
             target = end + unit * t * (1 if end > 0 else -1)  # where m lands
-            c = _level_values(x * (target / safe_m)[:, None], torch.ones_like(m), zero_b, lay)
-            s, err, ok = _fit_sym(x, w, c, wxx)
+            s, b, err, ok = _fit_sym(x, w, _nearest_values(x * (target / safe_m)[:, None], lay), wxx)
             if lay.levels is None:
-                err = _rounded_error(x, w, s, zero_b, lay)
-            best = _keep_better(best, [s, zero_b, err], ok)
+                err = _rounded_error(x, w, s, None, lay)
+            best = _keep_better(best, [s, b, err], ok)
     best = _refine(x, w, best, lay, (None, None, wxx))
     return torch.where(m == 0, zero_b, best[0])
 

@@ -70,13 +70,11 @@ class BlockGrid:
         Wr = W[rows].float()
         r, n = Wr.shape
         g = self.layout.g
-        c, v = self._round(Wr.view(r, n // g, g), self.s[rows, :, None], self.b[rows, :, None])
-        return c.view(r, n), v.view(r, n)
-
-    def _round(self, w: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layout
-        c, v = round_onto(w, s, b, lay.lo, lay.hi, lay.levels)
-        return c.to(torch.int8), v
+        c, v = round_onto(
+            Wr.view(r, n // g, g), self.s[rows, :, None], self.b[rows, :, None], lay.lo, lay.hi, lay.levels
+        )
+        return c.to(torch.int8).view(r, n), v.view(r, n)
 
     def column_rounder(self) -> Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]:
         """``(w [O], group) -> (codes, values) [O]``: one column of W rounded onto its group's (s, b), as

@@ -92,9 +92,10 @@ def _q3(x: np.ndarray, ws: Scratch) -> tuple[np.ndarray, np.ndarray]:
         for _ in range(4):
             if not active.size:
                 break
-            sub = [a[:, active] for a in (x, w, wx, L)] + [sumlx[active], suml2[active]]
-            changed = _q3_pass(*sub)
-            L[:, active], sumlx[active], suml2[active] = sub[3], sub[4], sub[5]
+            xa, wa, wxa, La = (a[:, active] for a in (x, w, wx, L))  # copies, written back below
+            slx, sl2 = sumlx[active], suml2[active]
+            changed = _q3_pass(xa, wa, wxa, La, slx, sl2)
+            L[:, active], sumlx[active], suml2[active] = La, slx, sl2
             active = active[changed]
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     return np.where(zero, F32(0), scale), np.where(zero, F32(-4), L)
