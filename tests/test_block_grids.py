@@ -147,3 +147,27 @@ def test_grid_search_in_chunks_on_threads_gives_the_one_pass_scales(qtype, monke
     for k in whole.fields:
         assert np.array_equal(chunked.fields[k], whole.fields[k]), k
     assert torch.equal(chunked.s, whole.s) and torch.equal(chunked.b, whole.b)
+
+
+@pytest.mark.parametrize(
+    "qtype", [QT.Q4_0, QT.Q5_1, QT.Q2_K, QT.Q4_K, QT.Q6_K, QT.IQ4_XS, QT.Q2_0], ids=lambda q: q.name
+)
+def test_refinement_never_raises_a_groups_weighted_error(qtype):
+    """The Lloyd steps after the search (what round-to-nearest grids take; GPTQ's take none) re-round onto a
+    group's (s, b) and refit on those codes: each group's weighted error after them is at most before, and
+    lower in total."""
+    from quantkit.formats.gguf.grid_search import REFINE_STEPS, round_onto, search_in_chunks
+
+    W, imp = _weights(64, 512, 6)
+    lay = LAYOUTS[qtype]
+    x = W.reshape(-1, lay.g)
+    w = imp.reshape(1, -1).expand(W.shape).reshape(-1, lay.g)
+
+    def group_err(refine: int) -> torch.Tensor:
+        s, b = search_in_chunks(x, w, lay, refine)
+        _, v = round_onto(x, s[:, None], b[:, None], lay.lo, lay.hi, lay.levels)
+        return (w * (x - v).square()).sum(-1).double()
+
+    before, after = group_err(0), group_err(REFINE_STEPS)
+    assert bool((after <= before * (1 + 1e-5) + 1e-12).all())
+    assert float(after.sum()) < float(before.sum())

@@ -280,11 +280,11 @@ class LayerCalibrator:
 
     def _grid(self, path: str, w: torch.Tensor, H: torch.Tensor) -> BlockGrid | CodebookGrid | None:
         """The fixed ggml grid this linear is rounded onto when the target is a GGUF type (else None),
-        chosen from the original weights weighted by diag(H)."""
+        chosen from the original weights weighted by diag(H) (a scalar grid without the Lloyd steps)."""
         qtype = self.cal.block_types.get(path + ".weight")
         if qtype in CODEBOOK_TYPES:
             return choose_codebook_grid(w, qtype, H.diagonal())
-        return None if qtype is None else choose_grid(w, qtype, H.diagonal())
+        return None if qtype is None else choose_grid(w, qtype, H.diagonal(), refine=0)
 
     def _solve(self, w: torch.Tensor, fac, grid: BlockGrid | CodebookGrid | None, imp, H_kept) -> GPTQResult:
         """GPTQ of one linear: onto ``grid`` (a GGUF type's), else on the recipe's grid (searched scales,

@@ -45,7 +45,7 @@ from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
 from quantkit.formats.gguf.ggml_float import signed_absmax
-from quantkit.formats.gguf.grid_search import level_of, round_onto, search_in_chunks
+from quantkit.formats.gguf.grid_search import REFINE_STEPS, level_of, round_onto, search_in_chunks
 from quantkit.formats.gguf.layouts import LAYOUTS, PACKERS, Layout, block_size, check_codes
 
 
@@ -112,9 +112,11 @@ def _nearest(t: torch.Tensor) -> torch.Tensor:
     return torch.round(t)  # half to even, as ggml's nearest_int
 
 
-def choose_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor | None = None) -> BlockGrid:
+def choose_grid(
+    W: torch.Tensor, qtype: QT, importance: torch.Tensor | None = None, refine: int = REFINE_STEPS
+) -> BlockGrid:
     """The fixed grid of ``qtype`` for W [O, I], searched on the original weights weighted by ``importance``
-    [I] (diag of the Hessian; None: unit weights)."""
+    [I] (diag of the Hessian; None: unit weights), with ``refine`` Lloyd steps (GPTQ's grids take none)."""
     if qtype not in LAYOUTS:
         raise QuantkitError(f"{qtype.name}: no calibration-aware grid for this type")
     lay = LAYOUTS[qtype]
@@ -127,7 +129,7 @@ def choose_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor | None = No
     imp = imp + 1e-8 * imp.mean().clamp_min(1e-30)  # no zero weights: every value keeps a say
     x = W.reshape(-1, lay.g)  # [O*I/g, g]
     w = imp.reshape(1, -1).expand(o, i).reshape(-1, lay.g)
-    s, b = search_in_chunks(x, w, lay)
+    s, b = search_in_chunks(x, w, lay, refine)
     s, b = s.reshape(o, -1), b.reshape(o, -1)
     if not lay.super_block:
         fields = {"d": s.to(torch.float16).numpy()}
