@@ -127,7 +127,7 @@ def best_neighbours(cb: Codebook, key: np.ndarray, xv: np.ndarray, wv: np.ndarra
     each such batch dense, coordinate-major: [dim, Mn, n] (4x fewer strided passes than [Mn, n, dim]:
     measured 1.6x faster)."""
     cnt = cb.count[key]
-    order = np.argsort(cnt, kind="stable")
+    order = np.argsort(cnt.astype(np.int16), kind="stable")  # counts <= 2048: numpy's radix sort, 15x faster
     cnt = cnt[order]
     cuts = [0, *(np.flatnonzero(cnt[1:] != cnt[:-1]) + 1).tolist(), cnt.size]
     best = np.empty(key.size, dtype=np.int64)
