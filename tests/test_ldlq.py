@@ -1,6 +1,7 @@
 """GPTQ onto the codebook i-quants (block LDLQ, ``quantkit.quant.ldlq``): the grid is llama-quantize
---imatrix's own blocks, the chosen points decode exactly (gguf-py and libggml) to what GPTQ fed forward, and
-the output error is well below the encoder's on the same scales."""
+--imatrix's own blocks (from a third of its trial scales, at the same error), the chosen points decode
+exactly (gguf-py and libggml) to what GPTQ fed forward, and the output error is well below the encoder's on
+the same scales."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from quantkit.errors import QuantkitError
+from quantkit.formats.gguf import codebook_grid
 from quantkit.formats.gguf.blocks import dequantize_rows, quantize_rows_weighted
 from quantkit.formats.gguf.codebook_grid import CODEBOOK_TYPES, choose_codebook_grid
 from quantkit.quant.gptq import factor_hessian
@@ -42,10 +44,11 @@ def _factor(H: torch.Tensor, actorder: bool, group: int = 8):
 
 @pytest.mark.parametrize("actorder", [False, True], ids=["natural", "actorder"])
 @pytest.mark.parametrize("qtype", CODEBOOK_TYPES, ids=lambda q: q.name)
-def test_ldlq_on_a_codebook(qtype, actorder, libggml):
+def test_ldlq_on_a_codebook(qtype, actorder, libggml, monkeypatch):
     from quantkit.formats.gguf.reference import dequantize_rows_ref
 
     W, H = _weights(24, 512, 4), _correlated_hessian(512, 5)
+    monkeypatch.setattr(codebook_grid, "TRIAL_STRIDE", 1)  # every trial scale: llama-quantize's own blocks
     grid = choose_codebook_grid(W, qtype, H.diagonal())
     # the grid's own points are the encoder's with diag(H) as the imatrix (IQ3_S: libggml skips the slots of
     # an all-zero run, which quantkit writes; the all-zero row is compared apart)
@@ -70,6 +73,23 @@ def test_ldlq_on_a_codebook(qtype, actorder, libggml):
     assert out_err(got) < 0.75 * out_err(rtn.dequantize())
     assert res.sq_output_err == pytest.approx(out_err(got), rel=1e-3)
     assert float(res.row_sq_output_err.sum()) == pytest.approx(res.sq_output_err, rel=1e-9)
+
+
+@pytest.mark.parametrize("qtype", [QT.IQ3_XXS, QT.IQ3_S, QT.IQ2_XXS, QT.IQ2_XS, QT.IQ2_S], ids=lambda q: q.name)
+def test_gptq_grids_take_a_third_of_the_trial_scales_at_the_encoders_error(qtype, monkeypatch):
+    """GPTQ keeps only the run scales, which every third trial scale (``TRIAL_STRIDE``) finds about as well:
+    the encoder's own choice on them has at most 1 % more weighted error than with every trial."""
+    W, H = _weights(64, 512, 7), _correlated_hessian(512, 8)
+    imp = H.diagonal()
+    coarse = choose_codebook_grid(W, qtype, imp)
+    monkeypatch.setattr(codebook_grid, "TRIAL_STRIDE", 1)
+    exact = choose_codebook_grid(W, qtype, imp)
+
+    def weighted(grid) -> float:
+        return float((imp * (W - grid.rtn().dequantize()) ** 2).sum())
+
+    assert not torch.equal(coarse.scale, exact.scale)  # the stride is in force
+    assert weighted(coarse) < 1.01 * weighted(exact)
 
 
 def test_ldlq_needs_whole_slabs_in_act_order():

@@ -20,8 +20,9 @@ fp16 d and the run's few-bit l, and points of ``dim`` consecutive weights from t
 The points' coordinates are gguf-py's decoding tables (IQ3_XXS: 4 .. 62, IQ3_S: 1 .. 15, IQ2: 8, 25, 43), so
 a value is computed exactly as the decoders compute it. ``choose_codebook_grid`` fixes every run's s (its d and
 l) from the original weights with the type's own encoder, diag(H) as its importance (llama-quantize --imatrix's
-blocks); GPTQ then chooses the points, the signs and IQ1_M's shifts, and ``CodebookWeight.blocks`` writes them
-with that d and l: decoding the bytes gives exactly ``CodebookWeight.dequantize``.
+blocks; IQ3 / IQ2 with every third trial scale, ``TRIAL_STRIDE``); GPTQ then chooses the points, the signs
+and IQ1_M's shifts, and ``CodebookWeight.blocks`` writes them with that d and l: decoding the bytes gives
+exactly ``CodebookWeight.dequantize``.
 Shapes: W [O, I]; s [O, I / run]; points [O, I / dim]; bits [O, I / 8] (bit i: weight 8j + i negative, or for
 IQ1 the 8 weights' shift is -1/8).
 """
@@ -47,6 +48,11 @@ from quantkit.formats.gguf.stream import default_workers
 SUPER = 256  # weights per block of every codebook type
 CHUNK = 1024  # super-blocks per encoder pass (the encoders' own chunking in blocks.py)
 DELTA = float(gq.IQ1_S.delta)  # IQ1's shift, 1/8
+# GPTQ keeps only the encoder's run scales, and the IQ3 / IQ2 encoders reach the same ones with every third
+# of llama.cpp's trial scales (the same range): on two Gemma 3 270M down_proj weights the weighted error of
+# the encoder's own choice moved by at most 0.2 % (IQ3_XXS 0.02226 -> 0.02222, IQ3_S 0.01491 -> 0.01490,
+# IQ2_XS 0.06759 -> 0.06758), in 2.2-2.9x less time. Every fifth (a narrower range) was 3-4 % worse.
+TRIAL_STRIDE = 3
 
 
 def _scale_xxs(d: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
@@ -97,14 +103,15 @@ def _table(qtype: QT) -> torch.Tensor:
 
 
 def _fields(x: np.ndarray, qtype: QT, qw: np.ndarray) -> dict[str, np.ndarray]:
-    """The type's encoder on super-blocks x, importance qw [B, 256] -> its block fields [B, ...]."""
+    """The type's encoder on super-blocks x, importance qw [B, 256] -> its block fields [B, ...] (IQ3 / IQ2:
+    every TRIAL_STRIDE-th trial scale)."""
     if qtype in (QT.IQ3_XXS, QT.IQ3_S):
-        return iquants_codebook.codebook_fields(x, qtype, None, qw)
+        return iquants_codebook.codebook_fields(x, qtype, None, qw, TRIAL_STRIDE)
     if qtype == QT.IQ1_S:
         return iquants_iq1.iq1_s_fields(x, qw)
     if qtype == QT.IQ1_M:
         return iquants_iq1.iq1_m_fields(x, qw)
-    return iquants_iq2.iq2_fields(x, qtype, None, qw)
+    return iquants_iq2.iq2_fields(x, qtype, None, qw, TRIAL_STRIDE)
 
 
 def _bytes_to_bits(signs: np.ndarray, parity: bool) -> np.ndarray:
@@ -133,7 +140,8 @@ class CodebookGrid:
         return _table(self.qtype).to(device)
 
     def rtn(self) -> CodebookWeight:
-        """The encoder's own points and signs on this grid (llama-quantize --imatrix's choice)."""
+        """The encoder's own points and signs on this grid (llama-quantize --imatrix's choice; IQ3 / IQ2 from a
+        third of its trial scales)."""
         o, i = self.shape
         f, sp = self.fields, self.spec
         points = torch.from_numpy(f["points"].astype(np.int64).reshape(o, i // sp.dim))
@@ -151,7 +159,8 @@ class CodebookGrid:
 
 def choose_codebook_grid(W: torch.Tensor, qtype: QT, importance: torch.Tensor) -> CodebookGrid:
     """The run scales of ``qtype`` for W [O, I]: the type's encoder on the original weights, importance
-    [I] (diag of the Hessian) as llama-quantize's imatrix, super-block chunk by chunk."""
+    [I] (diag of the Hessian) as llama-quantize's imatrix, super-block chunk by chunk (IQ3 / IQ2: every
+    TRIAL_STRIDE-th trial scale)."""
     sp = SPECS[qtype]
     o, i = W.shape
     if i % SUPER:

@@ -17,7 +17,7 @@ Arrays are [n, S] with a run's elements on axis 0; a run's groups are [n / dim, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -59,6 +59,16 @@ class Codebook:
     @property
     def dim(self) -> int:
         return self.levels.shape[1]
+
+
+def coarser(cb: Codebook, stride: int) -> Codebook:
+    """``cb`` trying every ``stride``-th trial scale over the same range (``trials`` a multiple of ``stride``):
+    what GPTQ's codebook grids use, where only the run scales are kept (``codebook_grid``)."""
+    if stride == 1:
+        return cb
+    if cb.trials % stride:
+        raise ValueError(f"{cb.qtype.name}: {cb.trials} trials are not a multiple of {stride}")
+    return replace(cb, trials=cb.trials // stride, step=cb.step * stride)
 
 
 def grid_levels(cls: type) -> np.ndarray:

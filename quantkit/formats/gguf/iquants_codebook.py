@@ -28,6 +28,7 @@ from quantkit.formats.gguf.codebook_search import (
     Codebook,
     CodebookOverflowError,
     build_tables,
+    coarser,
     grid_levels,
     points,
     search_runs,
@@ -60,12 +61,15 @@ def codebook(qtype: QT) -> Codebook:
     return Codebook(qtype, kmax=8, step=0.2, trials=trials, eps=eps, fudge=fudge, **flags, **tables)
 
 
-def codebook_fields(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> dict:
+def codebook_fields(
+    x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None, stride: int = 1
+) -> dict:
     """float32 [B, 256] super-blocks -> the IQ3_XXS / IQ3_S block fields ``PACK[qtype]`` writes: fp16 d [B],
     points [B, 8 runs, 8 groups], sign bytes [B, 8, 4], 4-bit run scales [B, 8] (IQ3_S: and which runs are
     written [B, 8]). ``qw`` [B, 256]: an importance (llama-quantize --imatrix): weights qw * sqrt(sigma2 + x^2),
-    sigma2 = 2 sum(x^2) / 256 per super-block, as for IQ4_XS."""
-    cb = codebook(qtype)
+    sigma2 = 2 sum(x^2) / 256 per super-block, as for IQ4_XS. ``stride`` > 1: every stride-th trial scale only
+    (``coarser``; no longer libggml's bytes)."""
+    cb = coarser(codebook(qtype), stride)
     ws = ws or Scratch()
     B = x.shape[0]
     xs = columns(x, 32, ws)

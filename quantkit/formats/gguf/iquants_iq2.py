@@ -24,7 +24,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from quantkit.formats.gguf.codebook_search import Codebook, build_tables, grid_levels, points, search_runs, super_scales
+from quantkit.formats.gguf.codebook_search import (
+    Codebook,
+    build_tables,
+    coarser,
+    grid_levels,
+    points,
+    search_runs,
+    super_scales,
+)
 from quantkit.formats.gguf.ggml_float import F32, GROUP_MAX_EPS, Scratch, columns, dot
 from quantkit.formats.gguf.iquants import importance_weights
 from quantkit.formats.gguf.layouts import fp16_bytes
@@ -75,10 +83,13 @@ def _weights(x: np.ndarray, qtype: QT, qw: np.ndarray | None, ws: Scratch) -> np
     return np.repeat(F32(0.25) * sigma2, 256 // run) + xs * xs
 
 
-def iq2_fields(x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None) -> dict:
+def iq2_fields(
+    x: np.ndarray, qtype: QT, ws: Scratch | None = None, qw: np.ndarray | None = None, stride: int = 1
+) -> dict:
     """float32 [B, 256] super-blocks (``qw`` [B, 256]: the importance) -> the block fields ``PACK[qtype]``
-    writes: fp16 d [B], points [B, runs, groups], sign bytes [B, runs, groups], 4-bit run scales [B, runs]."""
-    cb = codebook(qtype)
+    writes: fp16 d [B], points [B, runs, groups], sign bytes [B, runs, groups], 4-bit run scales [B, runs].
+    ``stride`` > 1: every stride-th trial scale only (``coarser``; no longer libggml's bytes)."""
+    cb = coarser(codebook(qtype), stride)
     ws = ws or Scratch()
     B, run = x.shape[0], RUN[qtype]
     with np.errstate(over="ignore"):  # huge weights: inf squares, as in C (the search then refuses them)
