@@ -14,7 +14,7 @@ For the sign types, with σ the signs of the (error-updated) w, q = s σ ⊙ p (
 
     err(p) = s² pᵀ (σσᵀ ⊙ M) p − 2 s pᵀ (σ ⊙ M w)      (+ wᵀ M w)
 
-— the quadratic term is one GEMM of the rows' σσᵀ ⊙ M [O, k²] against the points' p pᵀ [G, k²]. Where the
+— the quadratic term is one GEMM of the rows' σσᵀ ⊙ M against the points' p pᵀ (their upper triangles). Where the
 7-bit types need an even count of negatives and σ has an odd one, every single flip j of the slab is scored
 too (err changes by 4 s p_j (v_j − s u_j), v = σ ⊙ M w, u = (σσᵀ ⊙ M, diagonal 0) p), and the best is kept;
 IQ3_XXS's 4-weight slabs settle the parity of their 8-weight sign byte in its second half. IQ1's points have
@@ -80,8 +80,9 @@ class _Picker:
     bits so far [O]) -> values q [O, k], points [O], the new bits [O]``.
 
     The error divided by the row's scale s > 0 (the argmin is the same) is linear in the point's monomials:
-    e(p) = s pᵀ A p − 2 vᵀ p = [s vec(A), −2 v] · [vec(p pᵀ), p], so every row's candidates are scored by one
-    GEMM of [rows, k² + k] against the points' [k² + k, G], with no pass over [rows, G] but the argmin.
+    e(p) = s pᵀ A p − 2 vᵀ p = [s c_ij A_ij, −2 v] · [p_i p_j, p] over i <= j (A is symmetric: c_ij = 2 off
+    the diagonal, 1 on it), so every row's candidates are scored by one GEMM of [rows, T + k] against the
+    points' [T + k, G], T = k (k + 1) / 2, with no pass over [rows, G] but the argmin.
     A flip of sign j negates row and column j of A = σσᵀ ⊙ M off its diagonal, and v_j: one more left row per
     option (rows with an odd count only)."""
 
@@ -93,10 +94,12 @@ class _Picker:
             self.C = torch.cat([table + DELTA, table - DELTA])  # [2G, k]: shift +1/8, then -1/8
             self.minus = grid.run_minus().to(dev) if self.sp.qtype.name == "IQ1_S" else None
         else:
-            P2 = (table[:, :, None] * table[:, None, :]).reshape(G, k * k)  # [G, k²]
-            self.rhs = torch.cat([P2, table], 1).T.contiguous()  # [k² + k, G]
+            self.iu = torch.triu_indices(k, k, device=dev)  # [2, T]: the pairs i <= j
+            self.c = torch.where(self.iu[0] == self.iu[1], 1.0, 2.0)  # [T]
+            P2 = table[:, self.iu[0]] * table[:, self.iu[1]]  # [G, T]
+            self.rhs = torch.cat([P2, table], 1).T.contiguous()  # [T + k, G]
             self.f = 1.0 - 2.0 * torch.eye(k, device=dev)  # [k (option j), k]: sign j flipped
-            self.ff = (self.f[:, :, None] * self.f[:, None, :]).reshape(k, k * k)  # [k, k²]
+            self.ff = self.f[:, self.iu[0]] * self.f[:, self.iu[1]]  # [k, T]
 
     def __call__(self, w, M, c, prior):
         s = self.scale[:, c // self.sp.run]  # [O]
@@ -124,7 +127,8 @@ class _Picker:
         """IQ3 / IQ2: signs from w, the point by the M-metric; with parity, the best single flip where odd."""
         G, k = self.P.shape
         sigma = torch.where(w < 0, -1.0, 1.0)  # [O, k]
-        A = ((sigma[:, :, None] * sigma[:, None, :]) * M).reshape(-1, k * k)  # [O, k²]
+        i, j = self.iu
+        A = (sigma[:, i] * sigma[:, j]) * (M[i, j] * self.c)  # [O, T]: c_ij (σσᵀ ⊙ M)_ij, i <= j
         v = sigma * (w @ M)  # [O, k]
         shift = c % 8  # where the slab's signs go in its 8-weight byte
         odd = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
