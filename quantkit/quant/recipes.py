@@ -146,7 +146,10 @@ BEST_INT4_GRID: dict[str, Any] = {"sym": False, "scale_dtype": "float16"}
 #   iq3_xxs  0.255 / 0.151 / 0.100 / 0.241, none 0.194 / 0.105 / 0.095 / 0.196 (damp 0.1 not measured)
 #            [0.235 / 0.218 / 0.204 / 0.222]: worst 1.09x -> 0.88x
 # The price is paid on the easier domains (q4_0 on code 0.27x -> 0.38x). The codebook files (LDLQ) keep damp
-# 0.01, their damping not yet measured. The packed int4 path keeps fp_targets (measured on its own recipe).
+# 0.01: with shrink 0.25, damp 0.1 moved their worst domain by 0.01-0.02 (iq2_m WikiText / French / code / chat
+# 0.253 / 0.247 / 0.151 / 0.147 -> 0.251 / 0.238 / 0.161 / 0.155 [0.362 / 0.381 / 0.337 / 0.328]; iq3_xxs
+# 0.186 / 0.175 -> 0.182 / 0.172), a tie paid for on code and chat. The packed int4 path keeps fp_targets
+# (measured on its own recipe).
 # With ``--fp-targets`` asked for, a linear on a level table or codebook (OWN_TARGET_TYPES) still rounds
 # towards W: that was the setting where fp_targets lost in every domain (iq3_xxs) or the worst (iq4_xs).
 LEVEL_TABLE_TYPES = frozenset({GGMLQuantizationType.IQ4_NL, GGMLQuantizationType.IQ4_XS})
