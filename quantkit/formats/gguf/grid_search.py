@@ -199,8 +199,8 @@ def _nearest_values(t: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 def _search_sym(x: torch.Tensor, w: torch.Tensor, lay: Layout, refine: int) -> torch.Tensor:
     """Per group the scale s minimising Σ w (x - s q)², q the code (or a level type's level) nearest x / s.
-    Candidates map the signed largest-magnitude value m onto codes near the negative end (the codes of
-    s = m / lo, the reference quantizers' choice, are among them) and, where the positive side reaches
+    Candidates map the signed largest-magnitude value m onto codes near the negative end (s = m / lo, the
+    reference quantizers' choice, is the first) and, where the positive side reaches
     further (Q2_0's -1..2) or for level tables, near the positive end too.
     x, w [N, g] -> s [N] (0 for all-zero groups)."""
     m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
@@ -211,7 +211,8 @@ def _search_sym(x: torch.Tensor, w: torch.Tensor, lay: Layout, refine: int) -> t
         ends, unit = (lay.levels[0], lay.levels[-1]), 1.0  # levels are integers ~ 10 apart
     else:
         ends, unit = ((lay.lo, lay.hi) if lay.hi > -lay.lo else (lay.lo,)), 0.1
-    best = [m / ends[0], zero_b, torch.full_like(m, torch.inf)]
+    s0 = m / ends[0]  # the reference quantizers' scale: m exactly on the first end, nothing clipped
+    best = [s0, zero_b, _rounded_error(x, w, s0, None, lay)]
     for end in ends:
         for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
             target = end + unit * t * (1 if end > 0 else -1)  # where m lands
@@ -232,7 +233,7 @@ def _nearest_levels(t: torch.Tensor, levels: tuple[int, ...]) -> torch.Tensor:
 
 def _search_asym(x: torch.Tensor, w: torch.Tensor, lay: Layout, refine: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group (s >= 0, b) minimising Σ w (x - (s c + b))², c = clamp(round((x - b) / s), 0, hi).
-    Candidates stretch the [min, max] range (the min-max grid is among them); K types store the offset as a
+    Candidates stretch the [min, max] range (the min-max grid itself is the first); K types store the offset as a
     non-negative min that is subtracted, so there b <= 0. x, w [N, g] -> s, b [N]."""
     nmax = lay.hi
     lo, hi = x.amin(-1), x.amax(-1)
@@ -241,7 +242,8 @@ def _search_asym(x: torch.Tensor, w: torch.Tensor, lay: Layout, refine: int) -> 
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     wx = w * x
     sums = (w.sum(-1), wx.sum(-1), (wx * x).sum(-1))
-    best = [(hi - lo) / nmax, lo, torch.full_like(lo, torch.inf)]
+    s0 = (hi - lo) / nmax  # the min-max grid: nothing clipped
+    best = [s0, lo, _rounded_error(x, w, s0, lo, lay)]
     for t in range(-SEARCH_STEPS, SEARCH_STEPS + 1):
         c = torch.round((x - lo[:, None]) * ((nmax + 0.1 * t) / span)[:, None]).clamp(0, nmax)
         s, b, _, ok = _fit_asym(x, w, c, sums, lay.super_block)
