@@ -199,8 +199,8 @@ def _nearest_values(t: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 def _search_sym(x: torch.Tensor, w: torch.Tensor, lay: Layout, refine: int) -> torch.Tensor:
     """Per group the scale s minimising Σ w (x - s q)², q the code (or a level type's level) nearest x / s.
-    Candidates map the signed largest-magnitude value m onto codes near the negative end (s = m / lo, the
-    reference quantizers' choice, is the first) and, where the positive side reaches
+    Candidates map the signed largest-magnitude value m onto codes near the negative end (m on that end
+    itself, the reference quantizers' choice, is the first) and, where the positive side reaches
     further (Q2_0's -1..2) or for level tables, near the positive end too.
     x, w [N, g] -> s [N] (0 for all-zero groups)."""
     m = torch.from_numpy(signed_absmax(x.numpy(), 1))  # [N]
