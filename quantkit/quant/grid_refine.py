@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from quantkit.quant.descent import refit_affine
 from quantkit.quant.gptq import GPTQResult, gptq_quantize, output_error
 from quantkit.quant.primitives import QuantSpec
 from quantkit.quant.scale_search import ScaleSearch
@@ -20,23 +21,15 @@ def refit_scales(
     W: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, H: torch.Tensor
 ) -> torch.Tensor:
     """Least-squares group scales for fixed codes. W, codes [O, I], scale/zero [O, G], H [I, I] -> scale [O, G]
-    in scale's dtype (rows whose system is singular or gives a non-positive scale keep the old one)."""
-    o, i = W.shape
-    G = scale.shape[1]
-    g = i // G
+    in scale's dtype (rows whose system is singular or whose fit is no better keep the old scales, and so does
+    a non-positive scale): ``descent.refit_affine`` with the codes less their zero points as the levels."""
+    g = W.shape[1] // scale.shape[1]
     c = codes.double()
     if zero is not None:
         c = c - zero.double().repeat_interleave(g, dim=1)
-    cg = c.reshape(o, G, g)
-    Hd = H.double()
-    HC = torch.einsum("obh,bhi->obi", cg, Hd.reshape(G, g, i))  # [O, G, I]: Σ_{j in b} c_j H_ji
-    M = (HC.reshape(o, G, G, g) * cg[:, None]).sum(-1)  # [O, G, G] = AᵀHA
-    rhs = ((W.double() @ Hd).reshape(o, G, g) * cg).sum(-1)  # [O, G] = AᵀHw
-    ridge = 1e-6 * M.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)  # [O]
-    M = M + ridge[:, None, None] * torch.eye(G, dtype=M.dtype, device=M.device)
-    s, info = torch.linalg.solve_ex(M, rhs)  # [O, G]
-    ok = (info == 0)[:, None] & (s > 0) & torch.isfinite(s)
-    return torch.where(ok, s, scale.double()).to(scale.dtype)
+    s, _, _ = refit_affine(W, c, None, H, scale, None, lambda t: t.to(scale.dtype).double())
+    s = s.to(scale.device)
+    return torch.where(s > 0, s, scale.double()).to(scale.dtype)
 
 
 def gptq_refined(
