@@ -90,7 +90,7 @@ def test_super_block_scales_are_not_refitted():
 
 @pytest.mark.parametrize("affine", [False, True])
 def test_refit_affine_is_least_squares(affine):
-    """Row by row, refit_affine's unrounded floats are torch.linalg.lstsq's minimiser of ‖Lᵀ(w − A p)‖²
+    """Row by row, refit_affine's unrounded floats converge to torch.linalg.lstsq's minimiser of ‖Lᵀ(w − A p)‖²
     (H = L Lᵀ), A [I, K·G] holding u (and v) in each block's columns."""
     W, H = _problem(o=6, i=256, seed=2)
     o, i, G = *W.shape, 8
@@ -98,7 +98,7 @@ def test_refit_affine_is_least_squares(affine):
     U = torch.randint(-8, 8, (o, i), generator=gen).float()
     V = -torch.randint(0, 4, (o, i), generator=gen).float() if affine else None
     d0, m0 = torch.full((o, G), 1e-3), torch.zeros(o, G) if affine else None
-    d, m, _ = refit_affine(W, U, V, H, d0, m0)
+    d, m, _ = refit_affine(W, U, V, H, d0, m0, iters=4 * G)  # conjugate gradients run to convergence
     L = torch.linalg.cholesky(H.double())
     block = torch.arange(i) // (i // G)
     for r in range(o):
@@ -107,9 +107,9 @@ def test_refit_affine_is_least_squares(affine):
         if affine:
             A[torch.arange(i), G + block] = V[r].double()
         want = torch.linalg.lstsq(L.T @ A, L.T @ W[r].double()[:, None]).solution[:, 0]
-        torch.testing.assert_close(d[r], want[:G], rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(d[r], want[:G], rtol=1e-4, atol=1e-8)  # float32 products
         if affine:
-            torch.testing.assert_close(m[r], want[G:], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(m[r], want[G:], rtol=1e-4, atol=1e-8)
 
 
 def test_refit_keeps_a_row_it_cannot_improve():

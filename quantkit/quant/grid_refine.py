@@ -27,7 +27,8 @@ def refit_scales(
     c = codes.double()
     if zero is not None:
         c = c - zero.double().repeat_interleave(g, dim=1)
-    s, _, _ = refit_affine(W, c, None, H, scale, None, lambda t: t.to(scale.dtype).double())
+    G = scale.shape[1]  # conjugate gradients to convergence: the refit is the least-squares solution itself
+    s, _, _ = refit_affine(W, c, None, H, scale, None, lambda t: t.to(scale.dtype).double(), iters=4 * G)
     s = s.to(scale.device)
     return torch.where(s > 0, s, scale.double()).to(scale.dtype)
 

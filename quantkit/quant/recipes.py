@@ -172,9 +172,12 @@ GGUF_SHRINK = 0.25
 # After GPTQ, two sweeps of coordinate descent over the codes in GPTQ's own metric (damped, shrunk H), then the
 # single-scale blocks' fp16 d (and m) refitted by least squares (quant.descent). Same setup, WikiText / French
 # (llama-quantize --imatrix in brackets):
-#   q4_0     0.113 / 0.120 -> 0.104 / 0.112  [0.191 / 0.223]: worst 0.59x -> 0.54x
+#   q4_0     0.1125 / 0.1227 -> 0.1037 / 0.1116  [0.191 / 0.223]: worst 0.59x -> 0.54x (the codes alone:
+#            0.1094 / 0.1144)
 #   q3_k_m   0.0706 / 0.0894 -> 0.0671 / 0.0831  [0.104 / 0.145]: worst 0.68x -> 0.645x (6 sweeps: 0.0673 /
-#            0.0817; 2 sweeps in H itself, undamped: 0.0703 / 0.0886; the refit alone: 0.0709 / 0.0863)
+#            0.0817; 2 sweeps in H itself, undamped: 0.0703 / 0.0886; the codes alone: 0.0703 / 0.0872; the
+#            scales alone: 0.0709 / 0.0863)
+#   q2_k     0.1690 / 0.1770 -> 0.1637 / 0.1688  [0.308 / 0.334]: worst 0.55x -> 0.53x
 # On level tables it tied in the worst domain, so linears on IQ4_NL / IQ4_XS keep GPTQ's codes
 # (calibrate._descends): iq4_xs (all its linears IQ4_NL / IQ4_XS) 0.0625 / 0.0680 -> 0.0613 / 0.0645
 # [0.087 / 0.097], iq3_xxs (IQ4_NL, Q5_0 attn_v, codebook o / down) 0.1835 / 0.1723 -> 0.1875 / 0.1653
