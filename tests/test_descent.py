@@ -18,10 +18,9 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from quantkit.cli import cli
 from quantkit.formats.gguf.grids import choose_grid
-from quantkit.quant.calibrate import _unshrunk
 from quantkit.quant.descent import coordinate_descent, refit_affine, refit_block_scales
 from quantkit.quant.gptq import factor_hessian, gptq_quantize
-from quantkit.quant.hessian import Hessian, shrink_offdiagonal
+from quantkit.quant.hessian import Hessian, shrink_offdiagonal, unshrunk_row_errors
 from quantkit.quant.primitives import QuantSpec
 
 # every scalar grid that gguf-py decodes: single-scale blocks, affine blocks, level tables, K super-blocks
@@ -123,7 +122,7 @@ def test_refit_keeps_a_row_it_cannot_improve():
 
 
 def test_row_errors_in_a_shrunk_metric_convert_back_to_h():
-    """GPTQ solved in (1 − s) H + s diag(H) reports its row errors there; ``_unshrunk`` gives e H eᵀ."""
+    """GPTQ solved in (1 − s) H + s diag(H) reports its row errors there; ``unshrunk_row_errors`` gives e H eᵀ."""
     W, H = _problem(o=16, i=256, seed=5)
     s = 0.25
     hess = Hessian(H.shape[0], "cpu")
@@ -132,7 +131,7 @@ def test_row_errors_in_a_shrunk_metric_convert_back_to_h():
     grid = choose_grid(W, QT.Q4_0, H.diagonal(), refine=0)
     res = gptq_quantize(W, factor_hessian(hess, 0.1, True), QuantSpec(4, 32), grid=grid)
     e = W - res.weight.dequantize()
-    got = _unshrunk(res.row_sq_output_err, e, H.diagonal(), s)
+    got = unshrunk_row_errors(res.row_sq_output_err, e, H.diagonal(), s)
     torch.testing.assert_close(got, _err(W, res.weight.dequantize(), H), rtol=1e-4, atol=1e-6)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from gguf import GGMLQuantizationType
@@ -23,14 +23,14 @@ from quantkit.formats.packed.linear import CastLinear, PackedLinear, dense_linea
 from quantkit.io.checkpoint import Checkpoint
 from quantkit.io.layout import layer_prefix
 from quantkit.model import LINEAR_NAMES, Gemma
-from quantkit.quant.descent import coordinate_descent, refit_block_scales
+from quantkit.quant.descent import GPTQMetric, descends
 from quantkit.quant.gptq import GPTQResult, factor_hessian, fp_target, gptq_quantize, weighted_norms
 from quantkit.quant.grid_refine import gptq_refined
-from quantkit.quant.hessian import Drift, Hessian, shrink_offdiagonal
+from quantkit.quant.hessian import Drift, Hessian, shrink_offdiagonal, unshrunk_row_errors
 from quantkit.quant.ldlq import ldlq_quantize
 from quantkit.quant.memory import peak_rss_gib, release_freed_memory
 from quantkit.quant.primitives import QuantizedWeight, rtn
-from quantkit.quant.recipes import LEVEL_TABLE_TYPES, OWN_TARGET_TYPES, QuantizeOptions
+from quantkit.quant.recipes import OWN_TARGET_TYPES, QuantizeOptions
 
 # true-sequential order; modules of one subset read the same input, so they share one Hessian
 SUBSETS = (
@@ -88,45 +88,6 @@ class Calibration:
     block_types: Mapping[str, GGMLQuantizationType] = field(default_factory=dict)  # HF weight name -> ggml
     # type, when the target is a GGUF (each linear is then rounded onto that type's grid)
     imatrix: ImportanceStats | None = None  # collects the importance matrix when one is written
-
-
-@dataclass(frozen=True)
-class _Metric:
-    """GPTQ's own metric Hm = (1 − s) H + s diag(H) + λ I (``hessian_shrink`` s, damping λ), in which the
-    coordinate descent after GPTQ goes on (``quant.descent``)."""
-
-    Hm: torch.Tensor  # [I, I]
-    lam: float
-
-    @staticmethod
-    def of(H: torch.Tensor, shrink: float, lam: float) -> _Metric:
-        """From a copy of H [I, I], made into Hm in place."""
-        shrink_offdiagonal(H, shrink)
-        H.diagonal().add_(lam)
-        return _Metric(H, lam)
-
-    def descend(self, w: torch.Tensor, res: GPTQResult, sweeps: int) -> GPTQResult:
-        """GPTQ's result for the target w [O, I], its codes descended and its block scales (single-scale types)
-        refitted in Hm; the row errors, like GPTQ's, in Hm without the damping: e Hm eᵀ − λ ‖e‖²."""
-        w = w.to(self.Hm.device, torch.float32)
-        gw, in_m = coordinate_descent(w, res.weight, self.Hm, sweeps)  # in_m [O]: e Hm eᵀ
-        if not gw.grid.layout.super_block:
-            gw, in_m = refit_block_scales(w, gw, self.Hm)
-        sq = (w.cpu() - gw.dequantize()).square_().sum(1, dtype=torch.float64)
-        return replace(res, weight=gw, row_sq_output_err=(in_m - self.lam * sq).clamp_min(0.0))
-
-
-def _descends(grid: BlockGrid | CodebookGrid | None) -> bool:
-    """Whether GPTQ's codes on ``grid`` go on to the descent (``descent_sweeps``): uniform scalar grids. Level
-    tables (IQ4_NL / IQ4_XS) keep GPTQ's: there it tied in the worst held-out domain (quant/recipes.py), and
-    codebook slabs are LDLQ's."""
-    return type(grid) is BlockGrid and grid.qtype not in LEVEL_TABLE_TYPES
-
-
-def _unshrunk(rows_err: torch.Tensor, e: torch.Tensor, diag: torch.Tensor, s: float) -> torch.Tensor:
-    """Row errors e Hs eᵀ in the shrunk Hs = (1 − s) H + s diag(H) -> e H eᵀ = (e Hs eᵀ − s Σ_j H_jj e_j²) / (1 − s);
-    e [r, I], diag [I], s < 1."""
-    return (rows_err - s * (e.double().square() @ diag.double())) / (1.0 - s)
 
 
 class _Timer:
@@ -288,8 +249,8 @@ class LayerCalibrator:
             H_kept = hess.H.clone() if o.refine_iters else None  # the refit needs H after the factor
             shrunk = 0.0 < o.hessian_shrink < 1.0 and not (o.refine_iters and not any(grids.values()))
             diag = hess.H.diagonal().clone().cpu() if shrunk else None  # (the refit solves with H itself)
-            descends = o.descent_sweeps > 0 and o.hessian_shrink < 1 and any(map(_descends, grids.values()))
-            H_m = hess.H.clone() if descends else None  # made GPTQ's metric, for the descent after GPTQ
+            descent = o.descent_sweeps > 0 and o.hessian_shrink < 1 and any(map(descends, grids.values()))
+            H_m = hess.H.clone() if descent else None  # made GPTQ's metric, for the descent after GPTQ
         with self.sol:
             # the linears GPTQ aims at the unquantized model (fp_targets): not those on a level table or codebook
             towards_fp = {n for n, g in grids.items() if g is None or g.qtype not in OWN_TARGET_TYPES}
@@ -297,7 +258,7 @@ class LayerCalibrator:
             group = 8 if any(isinstance(g, CodebookGrid) for g in grids.values()) else 1  # slabs stay together
             shrink_offdiagonal(hess.H, o.hessian_shrink)
             fac = factor_hessian(hess, o.damp, o.act_order, group)  # one factor for the whole subset
-            metric = None if H_m is None else _Metric.of(H_m, o.hessian_shrink, fac.lam)
+            metric = None if H_m is None else GPTQMetric.of(H_m, o.hessian_shrink, fac.lam)
         for name, w in ws.items():
             with self.sol:
                 wd = wds.pop(name, None)  # (a Drift that kept W D itself holds every linear's)
@@ -310,7 +271,7 @@ class LayerCalibrator:
                 out_err = res.row_sq_output_err[rows[name]]  # in the metric GPTQ solved in
                 if diag is not None:  # back to H
                     e = target[rows[name]].cpu().float() - res.weight.dequantize()[rows[name]]
-                    out_err = _unshrunk(out_err, e, diag, o.hessian_shrink)
+                    out_err = unshrunk_row_errors(out_err, e, diag, o.hessian_shrink)
                 self.stats[p + name] = {
                     "weight_rel_err": weight_rel_err(w, res.weight),
                     "output_rel_err": float(out_err.sum()) / den if den > 0 else 0.0,
@@ -336,7 +297,7 @@ class LayerCalibrator:
         return None if qtype is None else choose_grid(w, qtype, H.diagonal(), refine=0)
 
     def _solve(
-        self, w: torch.Tensor, fac, grid: BlockGrid | CodebookGrid | None, imp, H_kept, metric: _Metric | None
+        self, w: torch.Tensor, fac, grid: BlockGrid | CodebookGrid | None, imp, H_kept, metric: GPTQMetric | None
     ) -> GPTQResult:
         """GPTQ of one linear: onto ``grid`` (a GGUF type's; then descended in GPTQ's ``metric``, when given),
         else on the recipe's grid (searched scales, optionally refitted)."""
@@ -345,7 +306,7 @@ class LayerCalibrator:
             return ldlq_quantize(w, fac, grid, o.blocksize)
         if grid is not None:
             res = gptq_quantize(w, fac, o.spec, sdt, o.blocksize, grid=grid)
-            return metric.descend(w, res, o.descent_sweeps) if metric and _descends(grid) else res
+            return metric.descend(w, res, o.descent_sweeps) if metric and descends(grid) else res
         if o.refine_iters:
             return gptq_refined(w, H_kept, o.spec, sdt, o.blocksize, o.damp, o.act_order, o.search, o.refine_iters)
         return gptq_quantize(w, fac, o.spec, sdt, o.blocksize, search=o.search, importance=imp)

@@ -23,12 +23,16 @@ points on them are taken.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
+from quantkit.formats.gguf.codebook_grid import CodebookGrid
 from quantkit.formats.gguf.grid_search import level_of
-from quantkit.formats.gguf.grids import GridWeight
+from quantkit.formats.gguf.grids import BlockGrid, GridWeight
+from quantkit.quant.gptq import GPTQResult
+from quantkit.quant.hessian import shrink_offdiagonal
+from quantkit.quant.recipes import LEVEL_TABLE_TYPES
 
 REFIT_ITERS = 2  # conjugate-gradient iterations of the block-scale refit, each one product with H: on 640- and
 # 2048-wide Q4_0 weights two leave the error within 3e-5 of the exact solution's (four: 1e-8), less than the fp16
@@ -170,3 +174,36 @@ def refit_block_scales(W: torch.Tensor, gw: GridWeight, H: torch.Tensor) -> tupl
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(t.dtype)
+
+
+def descends(grid: BlockGrid | CodebookGrid | None) -> bool:
+    """Whether GPTQ's codes on ``grid`` go on to the descent (``descent_sweeps``): uniform scalar grids. Level
+    tables (IQ4_NL / IQ4_XS) keep GPTQ's: there it tied in the worst held-out domain (quant/recipes.py), and
+    codebook slabs are LDLQ's."""
+    return type(grid) is BlockGrid and grid.qtype not in LEVEL_TABLE_TYPES
+
+
+@dataclass(frozen=True)
+class GPTQMetric:
+    """GPTQ's own metric Hm = (1 − s) H + s diag(H) + λ I (``hessian_shrink`` s, damping λ), in which the
+    descent after GPTQ goes on."""
+
+    Hm: torch.Tensor  # [I, I]
+    lam: float
+
+    @staticmethod
+    def of(H: torch.Tensor, shrink: float, lam: float) -> GPTQMetric:
+        """From a copy of H [I, I], made into Hm in place."""
+        shrink_offdiagonal(H, shrink)
+        H.diagonal().add_(lam)
+        return GPTQMetric(H, lam)
+
+    def descend(self, w: torch.Tensor, res: GPTQResult, sweeps: int) -> GPTQResult:
+        """GPTQ's result for the target w [O, I], its codes descended and its block scales (single-scale types)
+        refitted in Hm; the row errors, like GPTQ's, in Hm without the damping: e Hm eᵀ − λ ‖e‖²."""
+        w = w.to(self.Hm.device, torch.float32)
+        gw, in_m = coordinate_descent(w, res.weight, self.Hm, sweeps)  # in_m [O]: e Hm eᵀ
+        if not gw.grid.layout.super_block:
+            gw, in_m = refit_block_scales(w, gw, self.Hm)
+        sq = (w.cpu() - gw.dequantize()).square_().sum(1, dtype=torch.float64)
+        return replace(res, weight=gw, row_sq_output_err=(in_m - self.lam * sq).clamp_min(0.0))

@@ -119,3 +119,9 @@ def shrink_offdiagonal(H: torch.Tensor, s: float) -> None:
     diag = H.diagonal().clone()
     H.mul_(1.0 - s)
     H.diagonal().copy_(diag)
+
+
+def unshrunk_row_errors(rows: torch.Tensor, e: torch.Tensor, diag: torch.Tensor, s: float) -> torch.Tensor:
+    """Row errors e Hs eᵀ in the shrunk Hs = (1 − s) H + s diag(H) (``shrink_offdiagonal``) -> e H eᵀ =
+    (e Hs eᵀ − s Σ_j H_jj e_j²) / (1 − s), float64; rows [r], e [r, I], diag [I] = diag(H), s < 1."""
+    return (rows.double() - s * (e.double().square() @ diag.double())) / (1.0 - s)
