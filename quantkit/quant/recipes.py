@@ -179,7 +179,7 @@ GGUF_SHRINK = 0.25
 #            scales alone: 0.0709 / 0.0863)
 #   q2_k     0.1690 / 0.1770 -> 0.1637 / 0.1688  [0.308 / 0.334]: worst 0.55x -> 0.53x
 # On level tables it tied in the worst domain, so linears on IQ4_NL / IQ4_XS keep GPTQ's codes
-# (calibrate._descends): iq4_xs (all its linears IQ4_NL / IQ4_XS) 0.0625 / 0.0680 -> 0.0613 / 0.0645
+# (descent.descends): iq4_xs (all its linears IQ4_NL / IQ4_XS) 0.0625 / 0.0680 -> 0.0613 / 0.0645
 # [0.087 / 0.097], iq3_xxs (IQ4_NL, Q5_0 attn_v, codebook o / down) 0.1835 / 0.1723 -> 0.1875 / 0.1653
 # [0.235 / 0.223]. A sweep costs about one GPTQ pass.
 GGUF_DESCENT_SWEEPS = 2
